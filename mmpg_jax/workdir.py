@@ -1,0 +1,46 @@
+"""The self-describing workdir: a writability check, config.json, metrics.jsonl."""
+import json
+import os
+import time
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be used."""
+
+
+def prepare(workdir: str) -> str:
+  """Creates the workdir and proves it is writable before any work is done."""
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(
+        f"workdir {workdir!r} is not a writable directory ({e.strerror or e}). Pass a --workdir "
+        f"that you can write to; nothing was started.") from e
+  return workdir
+
+
+def write_json(path: str, obj) -> None:
+  """Writes atomically (temp file + rename), so a crash never leaves half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, stage: str, step: int, **metrics):
+    row = {"stage": stage, "step": int(step), "time": time.time(),
+           **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")

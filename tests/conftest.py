@@ -1,0 +1,39 @@
+"""Test setup: 8 simulated CPU accelerators (set before anything imports jax), tiny data."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+
+@pytest.fixture(scope="session")
+def smoke_config():
+  import moving_digits_qa
+  return moving_digits_qa.get_config("smoke")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def bench(smoke_config, data_dir):
+  from mmpg_jax.data import pipeline
+  return pipeline.prepare(smoke_config.data, data_dir)
+
+
+@pytest.fixture(scope="session")
+def model_and_params(smoke_config):
+  from mmpg_jax import models, train
+  from mmpg_jax.data import moving_digits as md
+  model = models.build(smoke_config.model, md.NUM_ANSWERS, len(md.VOCAB))
+  return model, train.init_params(model, smoke_config.data, 0)

@@ -1,0 +1,77 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmpg_jax import costs, evaluate
+from mmpg_jax import params as P
+from mmpg_jax.adapt import baselines, device
+
+
+def test_em_recovers_a_shifted_label_prior():
+  # A calibrated source model under a uniform prior; the target prior is skewed.
+  rng = np.random.default_rng(0)
+  k, n = 4, 4000
+  target = np.array([0.7, 0.1, 0.1, 0.1])
+  y = rng.choice(k, n, p=target)
+  noisy = rng.random(n) < 0.4                                # x = y, or a random other class
+  x = np.where(noisy, (y + rng.integers(1, k, n)) % k, y)
+  lik = np.full((n, k), 0.4 / (k - 1))
+  lik[np.arange(n), x] = 0.6                                 # p(x | y) as a function of y
+  source = np.full(k, 0.25)
+  post = lik * source / (lik * source).sum(1, keepdims=True)   # source posteriors
+  est = device.em_prior(jnp.asarray(post), jnp.asarray(source), 200, 0.0)
+  np.testing.assert_allclose(est, target, atol=0.03)
+  # smoothing pulls the estimate towards the source prior
+  est_s = device.em_prior(jnp.asarray(post[:20]), jnp.asarray(source), 50, 1e6)
+  np.testing.assert_allclose(est_s, source, atol=1e-3)
+
+
+def _feats(model, params, cfg, n, seed):
+  rng = np.random.default_rng(seed)
+  d = cfg.data
+  video = rng.integers(0, 255, (n, d.frames, d.size, d.size), dtype=np.uint8)
+  question = rng.integers(1, 20, (n, d.question_len)).astype(np.int32)
+  f = device.encode(model, params, video, question)
+  f["answer"] = jnp.asarray(rng.integers(0, 14, n), jnp.int32)
+  f["qtype"] = jnp.zeros(n, jnp.int32)
+  return f
+
+
+def test_finetune_changes_only_the_selected_leaves_and_lowers_the_loss(smoke_config,
+                                                                       model_and_params):
+  model, params = model_and_params
+  f = _feats(model, params, smoke_config, 12, 0)
+  leaves = ["answer_head/.*"]
+  out = device.finetune(model, params, leaves, f, objective="cross_entropy", optimizer="adam",
+                        lr=1e-2, steps=30)
+  before, after = P.flatten(params), P.flatten(out)
+  for path in before:
+    same = np.array_equal(before[path], after[path])
+    assert same != path.startswith("answer_head/"), path
+  ce = lambda p: float(device.OBJECTIVES["cross_entropy"](model, p, f))
+  assert ce(out) < ce(params)
+
+
+def test_vmapped_evaluation_equals_a_loop_over_devices(smoke_config, model_and_params):
+  model, params = model_and_params
+  devs = [{"support": _feats(model, params, smoke_config, 10, s),
+           "query": _feats(model, params, smoke_config, 8, 100 + s)} for s in range(3)]
+  stacked = jax.tree.map(lambda *x: np.stack(x), *devs)
+  cm = costs.CostModel(model, params, smoke_config.data)
+  method = baselines.fta(model, cm, smoke_config, 5)
+  hp = {"lr": 0.05, "steps": 3}
+  vm = evaluate.Evaluator(model, device_chunk=2).per_device_accuracy(method, params, stacked, hp)
+  loop = [float(device.accuracy(model, method.adapt(params, d, hp), d["query"])) for d in devs]
+  np.testing.assert_allclose(vm, loop, atol=1e-6)
+
+
+def test_costs_are_measured_and_scale_with_the_work(smoke_config, model_and_params):
+  model, params = model_and_params
+  cm = costs.CostModel(model, params, smoke_config.data)
+  assert cm.encode(2) > 0 and abs(cm.encode(4) / cm.encode(2) - 2) < 0.2
+  m = baselines.fta(model, cm, smoke_config, 5)
+  c5, c20 = m.cost({"lr": 0.1, "steps": 5}), m.cost({"lr": 0.1, "steps": 20})
+  assert c20.device_flops > c5.device_flops > 0
+  assert (c5.device_backward_passes, c5.labels_used_per_device) == (25, 5)
+  g = baselines.global_method().cost({})
+  assert g.device_flops == 0 and g.uplink_bytes == 0 and g.labels_used_per_device == 0
