@@ -77,6 +77,22 @@ def get_config(arg: str = ""):
   c.baselines.oracle = mlc.ConfigDict(dict(
       learning_rates=(1e-3, 3e-3), steps=(100,), leaves=c.dynamic_leaves))
 
+  # CDC-MMPG. ADR: which frame elements a device uploads as anchors.
+  c.adr = mlc.ConfigDict(dict(
+      selector="herding", k=16,                       # default: 16 of 224 frame elements
+      ablations=("uniform", "kcenter", "kmeanspp", "random", "all"),
+      k_sweep=(1, 2, 4, 8, 16)))
+  # FDA: the cloud hypernetwork and its episodic meta-training over fresh meta devices.
+  c.fda = mlc.ConfigDict(dict(
+      edit_leaves=c.dynamic_leaves, prior_bias_leaf="answer_head/out/bias",
+      hidden=128, code_dim=128, num_queries=4, layer_dim=64, rank=2, full_delta_max=256,
+      em_iterations=10, clip=3.0,
+      meta_devices=1536, meta_query_size=16, devices_per_step=16,
+      train_ks=(1, 2, 4, 8, 16, 0),                   # anchor budget per episode; 0 = all
+      num_steps=1500, learning_rate=1e-3, warmup_steps=100, weight_decay=1e-4, grad_clip=1.0,
+      aux_weight=1.0, edit_penalty=1e-3,
+      eval_every=100, log_every=100, checkpoint_every=250))
+
   c.eval = mlc.ConfigDict(dict(device_chunk=32))
   c.comm_dtype = "float32"              # dtype of what crosses the network
 
@@ -91,4 +107,8 @@ def get_config(arg: str = ""):
     c.baselines.tent.update(dict(learning_rates=(1e-3,), steps=(2,)))
     c.baselines.prior_em.update(dict(iterations=3, smoothing=(2.0,), scales=(1.0,)))
     c.baselines.oracle.update(dict(learning_rates=(1e-2,), steps=(3,)))
+    c.adr.update(dict(k=2, k_sweep=(1, 2)))
+    c.fda.update(dict(hidden=16, code_dim=16, layer_dim=8, meta_devices=8, meta_query_size=4,
+                      devices_per_step=4, train_ks=(1, 2, 0), num_steps=4, warmup_steps=1,
+                      eval_every=2, log_every=2, checkpoint_every=2))
   return c

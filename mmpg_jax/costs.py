@@ -86,6 +86,28 @@ class CostModel:
     return self._cache[key]
 
 
+  def adr(self, selector: str, k: int) -> float:
+    """Selecting anchors from the context's frame elements."""
+    key = ("adr", selector, k)
+    if key not in self._cache:
+      from mmpg_jax.adapt import adr
+      n, t = self.cfg.context_size, self.cfg.frames
+      d = self.model.embed_dim
+      frames = jnp.zeros((n, t, d))
+      self._cache[key] = flops(
+          lambda f, key: adr.select(adr.frame_elements(f), k, selector, key), frames,
+          jax.random.key(0))
+    return self._cache[key]
+
+  def merge(self, edit_shape) -> float:
+    """Materialising and merging an edit into the device model's parameters."""
+    key = ("merge", str(jax.tree.structure(edit_shape)))
+    if key not in self._cache:
+      edit = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), edit_shape)
+      self._cache[key] = flops(lambda p, e: P.apply_edit(p, e, 1.0), self.params, edit)
+    return self._cache[key]
+
+
 def inference_flops_per_sample(cost_model) -> float:
   return (cost_model.encode(1) + cost_model.forward(1))
 

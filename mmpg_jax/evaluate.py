@@ -44,6 +44,7 @@ def encode_split(model, params, devices: dict, chunk: int = 512) -> dict:
     if "answer" in data:
       feats["answer"] = data["answer"]
     out[role] = feats
+  out["device_id"] = np.asarray(devices["device_id"])
   return out
 
 
@@ -72,12 +73,28 @@ class Evaluator:
     fn = self._compiled[key]
     roles = set(method.uses) | {"query"}
     sub = {r: feats[r] for r in roles}
-    nd = len(sub["query"]["answer"])
-    accs = []
+    sub["device_id"] = feats["device_id"]
+    return self._chunked(lambda part: fn(params, part, traced), sub)
+
+  def _chunked(self, fn, sub):
+    """fn over fixed-size chunks of devices (padded), so every split compiles once."""
+    nd = len(sub["device_id"])
+    out = []
     for s in range(0, nd, self.chunk):
-      part = jax.tree.map(lambda x: _pad_to(x[s:s + self.chunk], min(self.chunk, nd)), sub)
-      accs.append(np.asarray(fn(params, part, traced))[:min(self.chunk, nd - s)])
-    return np.concatenate(accs)
+      part = jax.tree.map(lambda x: _pad_to(x[s:s + self.chunk], self.chunk), sub)
+      out.append(np.asarray(fn(part))[:min(self.chunk, nd - s)])
+    return np.concatenate(out)
+
+  def diagnostics(self, method, feats):
+    out = {}
+    for name, fn in method.diagnostics.items():
+      key = (method.name, "diag", name)
+      if key not in self._compiled:
+        self._compiled[key] = jax.jit(jax.vmap(fn))
+      sub = {r: feats[r] for r in set(method.uses)}
+      sub["device_id"] = feats["device_id"]
+      out[name] = self._chunked(self._compiled[key], sub)
+    return out
 
   def select(self, method, params, val_feats):
     """Best hyper-parameters on validation devices (the only split selection may see)."""
@@ -94,8 +111,10 @@ class Evaluator:
       t0 = time.time()
       hp, scores = self.select(m, params, val_feats)
       per_group = {g: self.per_device_accuracy(m, params, f, hp) for g, f in eval_feats.items()}
+      per_group_diag = {g: self.diagnostics(m, f) for g, f in eval_feats.items()}
+      diags = {name: {g: d[name] for g, d in per_group_diag.items()} for name in m.diagnostics}
       out[m.name] = {"hp": hp, "validation": max(scores), "grid_scores": scores,
-                     "per_device": per_group}
+                     "per_device": per_group, "diagnostics": diags}
       logging.info("%-10s hp=%s val %.4f | %s | %.1fs", m.name, hp, max(scores),
                    " ".join(f"{g} {a.mean():.4f}" for g, a in per_group.items()),
                    time.time() - t0)

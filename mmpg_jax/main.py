@@ -12,16 +12,28 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmpg_jax import costs, evaluate, models, report, train
+from mmpg_jax import costs, evaluate, meta_train, models, report, train
 from mmpg_jax import params as P
 from mmpg_jax import workdir as wd
-from mmpg_jax.adapt import baselines, device
+from mmpg_jax.adapt import baselines, cdc_mmpg, device
+from mmpg_jax.adapt import fda as fda_lib
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go")
+
+
+def build_fda(config, params, source_prior):
+  _, dynamic = P.split(params, config.dynamic_leaves)
+  fc = config.fda
+  return fda_lib.FDA(
+      spec=fda_lib.layer_spec(dynamic, fc.edit_leaves), answer_groups=md.ANSWER_GROUPS,
+      source_prior=tuple(float(x) for x in source_prior), prior_bias_leaf=fc.prior_bias_leaf,
+      hidden=fc.hidden, code_dim=fc.code_dim, num_queries=fc.num_queries,
+      layer_dim=fc.layer_dim, rank=fc.rank, full_delta_max=fc.full_delta_max,
+      em_iterations=fc.em_iterations)
 
 
 def run(config, workdir: str) -> dict:
@@ -52,13 +64,22 @@ def run(config, workdir: str) -> dict:
   logging.info("encoded evaluation devices in %.1fs", time.time() - t)
 
   cm = costs.CostModel(model, params, config.data)
-  methods = baselines.build(model, cm, config, train.answer_prior(bench))
+  source_prior = train.answer_prior(bench)
+  methods = baselines.build(model, cm, config, source_prior)
+
+  t = time.time()
+  fda = build_fda(config, params, source_prior)
+  fda_params, fda_summary = meta_train.train_fda(model, fda, params, config, val, workdir,
+                                                 metrics)
+  methods += cdc_mmpg.build(fda, fda_params, cm, config)
+  logging.info("FDA ready in %.1fs (%s)", time.time() - t, fda_summary)
   t = time.time()
   evals = evaluate.Evaluator(model, config.eval.device_chunk).run(methods, params, val, groups)
   logging.info("evaluated %d methods in %.1fs", len(methods), time.time() - t)
   method_costs = {m.name: m.cost(evals[m.name]["hp"]) for m in methods}
 
   extra = {"device_model_bytes": P.tree_bytes(params),
+           "fda": {**fda_summary, "params": P.tree_size(fda_params)},
            "device_inference_flops_per_sample": costs.inference_flops_per_sample(cm),
            "wall_seconds": time.time() - t_start}
   results = report.build_results(config, evals, method_costs, extra)

@@ -24,6 +24,9 @@ def build_results(cfg, evals: dict, method_costs: dict, extra: dict) -> dict:
       if margin.get(grp):
         metrics["margin_closed" + key[len("accuracy"):]] = float(
             (accs.mean() - g[grp].mean()) / margin[grp])
+    for dname, groups in ev.get("diagnostics", {}).items():
+      for grp, vals in groups.items():
+        metrics[dname + GROUPS[grp][len("accuracy"):]] = float(np.mean(vals))
     methods[name] = {"metrics": metrics, "per_device": per_device,
                      **method_costs[name].as_dict(),
                      "selected_hparams": ev["hp"],

@@ -57,7 +57,7 @@ def make_train_step(model, tx):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-    return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+    return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
   # No buffer donation: an async orbax save may still be reading the previous state.
   return jax.jit(train_step)
 

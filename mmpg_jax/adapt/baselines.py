@@ -22,6 +22,8 @@ class Method:
   adapt: Callable                   # (params, device_feats, hp) -> params, pure
   cost: Callable                    # hp -> costs.DeviceCost
   uses: tuple = ()                  # roles of the device data the method reads
+  diagnostics: dict = dataclasses.field(default_factory=dict)   # name -> f(device) -> scalar
+  info: dict = dataclasses.field(default_factory=dict)          # copied into results.json
 
 
 def _grid(**axes):

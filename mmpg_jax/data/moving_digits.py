@@ -24,6 +24,7 @@ _DIR_STEP = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]])   # (dy, dx) per frame
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ANSWERS = tuple(str(d) for d in range(10)) + DIRECTIONS      # shared answer vocabulary
 NUM_ANSWERS = len(ANSWERS)
+ANSWER_GROUPS = ((0, 10), (10, 14))                          # answer ids of each question type
 THICKNESS_WORDS = {-2: "faint", -1: "thin", 0: "plain", 1: "thick", 2: "bold", 3: "heavy"}
 
 QUESTION_TEMPLATES = {
@@ -219,3 +220,17 @@ def device_roles(cfg: Mapping, split: str) -> dict:
   if split != "meta":
     roles["oracle"] = cfg["oracle_size"]
   return roles
+
+
+def make_cloud_device(cfg: Mapping, split: str, index: int, roles: Mapping[str, int]) -> dict:
+  """The cloud's fully labelled view of a simulated device (for meta-training only): every
+  role keeps every question type and its answer. The same device as `make_device` (same
+  shift, same videos); the device itself never sends labels."""
+  images, by_class = _pool(cfg, split)
+  shift = device_shift(cfg, split, index)
+  out = {"device_id": np.int32(index)}
+  for role, n in roles.items():
+    full = render(_rng(cfg, split, index, ROLE_CODES[role]), shift, by_class, images, int(n), cfg)
+    out[role] = {"video": full["video"], "questions": full["questions"],
+                 "answers": full["answers"]}
+  return out

@@ -72,15 +72,18 @@ class MetaDeviceSampler:
 
   Device i of the meta split is a pure function of (data seed, i); step s of a meta-training
   run uses devices [s*n, (s+1)*n), so no device is reused until the index range wraps.
+  `labelled=True` gives the cloud's view (every question answered, context included), which
+  only cloud-side meta-training may use.
   """
 
-  def __init__(self, data_cfg, roles=None, num_devices: int = 1_000_000):
+  def __init__(self, data_cfg, roles=None, num_devices: int = 1_000_000, labelled=False):
     self.cfg = tmd.data_config_dict(data_cfg)
     self.roles = roles or md.device_roles(self.cfg, "meta")
     self.num_devices = num_devices
+    self._make = md.make_cloud_device if labelled else md.make_device
 
   def device(self, index: int) -> dict:
-    return md.make_device(self.cfg, "meta", index % self.num_devices, self.roles)
+    return self._make(self.cfg, "meta", index % self.num_devices, self.roles)
 
   def batch(self, step: int, n: int) -> dict:
     return _stack([self.device(step * n + j) for j in range(n)])

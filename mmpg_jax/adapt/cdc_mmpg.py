@@ -1,0 +1,78 @@
+"""CDC-MMPG on a device: ADR anchors up, FDA edit down, merge, forward passes only.
+
+    device:  context frames --ADR--> (anchors, weights)            [uplink]
+    cloud:   generate(fda_params, anchors, weights) -> edit        [downlink]
+    device:  params <- apply_edit(params, edit, clip); infer
+
+`adapt_device` is the whole round trip for one device, pure (vmap over devices). `build`
+returns the `cdc_mmpg` method and its ablations (other selectors, a K sweep) as `Method`s.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mmpg_jax import costs
+from mmpg_jax import params as P
+from mmpg_jax.adapt import adr
+from mmpg_jax.adapt import fda as fda_lib
+from mmpg_jax.adapt.baselines import Method
+
+
+def device_anchors(context_frames, selector: str, k: int, key):
+  """On the device: frame embeddings [n, T, D] of its context -> (anchors, weights)."""
+  return adr.select(adr.frame_elements(context_frames), k, selector, key)
+
+
+def adapt_device(params, fda, fda_params, context_frames, *, selector, k, clip, key):
+  anchors, weights = device_anchors(context_frames, selector, k, key)
+  edit = fda_lib.generate(fda, fda_params, anchors, weights)
+  return P.apply_edit(params, edit, clip)
+
+
+def _key(seed, dev):
+  return jax.random.fold_in(jax.random.key(seed), dev["device_id"])
+
+
+def anchor_mmd(dev, selector, k, seed):
+  el = adr.frame_elements(dev["context"]["frames"])
+  a, w = adr.select(el, k, selector, _key(seed, dev))
+  return adr.mmd2(a, w, el)
+
+
+def build(fda, fda_params, cm, cfg):
+  """cdc_mmpg (herding, K = cfg.adr.k) and the ablations in cfg.adr."""
+  ac = cfg.adr
+  n_frames = cfg.data.context_size * cfg.data.frames
+  n_el = cfg.data.context_size * (cfg.data.frames - 1)
+  anchor_dim = 2 * cfg.model.embed_dim
+  dbytes = costs.dtype_bytes(cfg.comm_dtype)
+  edit_shape = jax.eval_shape(
+      lambda p: fda_lib.generate(fda, p, jnp.zeros((4, anchor_dim)), jnp.full((4,), 0.25)),
+      fda_params)
+  down = fda_lib.edit_bytes(edit_shape, dbytes)
+  variants = [("cdc_mmpg", ac.selector, ac.k)]
+  variants += [(f"cdc_mmpg_{'all_frames' if s == 'all' else s}", s, ac.k) for s in ac.ablations]
+  variants += [(f"cdc_mmpg_k{k}", ac.selector, k) for k in ac.k_sweep if k != ac.k]
+  methods = []
+  for name, selector, k in variants:
+    if selector != "all" and k > n_el:
+      raise ValueError(f"adr: K={k} is larger than the {n_el} frame elements of a context "
+                       f"(data.context_size x (data.frames - 1)); lower adr.k / adr.k_sweep")
+    kk = n_el if selector == "all" else k
+
+    def adapt(params, dev, hp, selector=selector, k=k):
+      return adapt_device(params, fda, fda_params, dev["context"]["frames"], selector=selector,
+                          k=k, clip=cfg.fda.clip, key=_key(cfg.seed, dev))
+
+    def cost(hp, kk=kk, selector=selector, k=k):
+      return costs.DeviceCost(
+          uplink_bytes=float(kk * (anchor_dim + 1) * dbytes), downlink_bytes=float(down),
+          device_flops=cm.encode(cfg.data.context_size) + cm.adr(selector, k) + cm.merge(edit_shape))
+
+    diag = functools.partial(anchor_mmd, selector=selector, k=k, seed=cfg.seed)
+    methods.append(Method(name, ({},), adapt, cost, uses=("context",),
+                          diagnostics={"anchor_mmd2": diag},
+                          info={"selector": selector, "k": kk,
+                                "frames_in_context": n_frames, "frame_elements": n_el}))
+  return methods

@@ -1,0 +1,232 @@
+"""CDC-MMPG: ADR, FDA, the device-side round trip, batch generation and upload checks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmpg_jax import costs, generate, main
+from mmpg_jax import params as P
+from mmpg_jax.adapt import adr, baselines, cdc_mmpg, device
+from mmpg_jax.adapt import fda as fda_lib
+from mmpg_jax.data import moving_digits as md
+
+
+@pytest.fixture(scope="module")
+def fda_setup(smoke_config, model_and_params):
+  model, params = model_and_params
+  prior = np.full(md.NUM_ANSWERS, 1.0 / md.NUM_ANSWERS)
+  fda = main.build_fda(smoke_config, params, prior)
+  anchor_dim = 2 * smoke_config.model.embed_dim
+  fresh = fda_lib.init(fda, jax.random.key(0), anchor_dim)
+  # A "trained" FDA: every parameter perturbed, so edits are non-zero everywhere.
+  leaves, tdef = jax.tree.flatten(fresh)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  trained = jax.tree.unflatten(tdef, [x + 0.05 * jax.random.normal(k, x.shape)
+                                      for x, k in zip(leaves, keys)])
+  return model, params, fda, fresh, trained, anchor_dim
+
+
+def _frames(cfg, n_videos, seed=0):
+  return jax.random.normal(jax.random.key(seed), (n_videos, cfg.data.frames,
+                                                  cfg.model.embed_dim))
+
+
+def _query(model, params, cfg, n=5, seed=0):
+  rng = np.random.default_rng(seed)
+  d = cfg.data
+  video = rng.integers(0, 255, (n, d.frames, d.size, d.size), dtype=np.uint8)
+  question = rng.integers(1, 20, (n, d.question_len)).astype(np.int32)
+  return device.encode(model, params, video, question)
+
+
+# ---------- ADR -------------------------------------------------------------------------------
+
+def test_frame_elements_carry_motion():
+  frames = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2) ** 2
+  el = adr.frame_elements(frames)
+  assert el.shape == (4, 4)
+  np.testing.assert_allclose(el[0], jnp.concatenate([frames[0, 0], frames[0, 1] - frames[0, 0]]))
+
+
+def test_herding_beats_random_on_mmd_and_weights_are_masses():
+  key = jax.random.key(0)
+  centres = jax.random.normal(key, (5, 6)) * 4
+  x = centres[jnp.arange(200) % 5] + 0.3 * jax.random.normal(jax.random.key(1), (200, 6))
+  a_h, w_h = adr.select(x, 8, "herding")
+  mmd_rand = np.mean([float(adr.mmd2(*adr.select(x, 8, "random", jax.random.key(s)), x))
+                      for s in range(10)])
+  assert float(adr.mmd2(a_h, w_h, x)) < mmd_rand
+  for sel in adr.SELECTORS:
+    a, w = adr.select(x, 8, sel, jax.random.key(2))
+    assert np.isclose(float(w.sum()), 1.0, atol=1e-5) and (np.asarray(w) >= 0).all(), sel
+  # vmap over devices, jit with K static
+  xs = jnp.stack([x, x[::-1]])
+  a, w = jax.jit(jax.vmap(lambda x: adr.select(x, 8, "herding")))(xs)
+  assert a.shape == (2, 8, 6) and w.shape == (2, 8)
+
+
+def test_k_larger_than_the_frames_available_is_refused():
+  with pytest.raises(ValueError, match="K=30 anchors requested but the context has only 20"):
+    adr.select(jnp.zeros((20, 4)), 30, "herding")
+  with pytest.raises(ValueError, match="unknown ADR selector"):
+    adr.select(jnp.zeros((20, 4)), 3, "median")
+
+
+# ---------- FDA -------------------------------------------------------------------------------
+
+def test_edit_structure_equals_the_dynamic_leaves(smoke_config, fda_setup):
+  model, params, fda, _, trained, anchor_dim = fda_setup
+  _, dynamic = P.split(params, smoke_config.dynamic_leaves)
+  edit = fda_lib.generate(fda, trained, jnp.ones((3, anchor_dim)), jnp.ones(3) / 3)
+  materialised = {p: P.materialize(d, P.flatten(dynamic)[p].shape)
+                  for p, d in P.edit_leaves(edit).items()}
+  assert jax.tree.structure(P.unflatten(materialised)) == jax.tree.structure(dynamic)
+  for p, leaf in P.flatten(dynamic).items():
+    assert materialised[p].shape == leaf.shape, p
+  assert any(isinstance(d, P.LowRankDelta) for d in P.edit_leaves(edit).values())
+
+
+def test_zero_initialised_fda_yields_the_global_model_exactly(smoke_config, fda_setup):
+  model, params, fda, fresh, _, _ = fda_setup
+  ctx = _frames(smoke_config, smoke_config.data.context_size)
+  q = _query(model, params, smoke_config)
+  adapted = cdc_mmpg.adapt_device(params, fda, fresh, ctx, selector="herding", k=4, clip=3.0,
+                                  key=jax.random.key(0))
+  assert np.array_equal(np.asarray(device.logits(model, params, q)),
+                        np.asarray(device.logits(model, adapted, q)))
+
+
+def test_vmapped_generate_equals_a_loop_and_padding_is_exact(fda_setup):
+  _, _, fda, _, trained, anchor_dim = fda_setup
+  a = jax.random.normal(jax.random.key(3), (4, 5, anchor_dim))
+  w = jax.nn.softmax(jax.random.normal(jax.random.key(4), (4, 5)))
+  vm = jax.vmap(lambda a, w: fda_lib.generate(fda, trained, a, w))(a, w)
+  for i in range(4):
+    one = fda_lib.generate(fda, trained, a[i], w[i])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x[i], y, rtol=1e-5, atol=1e-6), vm, one)
+  # zero-weight padding anchors are ignored exactly
+  pad_a = jnp.concatenate([a[0], 100 * jnp.ones((3, anchor_dim))])
+  pad_w = jnp.concatenate([w[0], jnp.zeros(3)])
+  padded = fda_lib.generate(fda, trained, pad_a, pad_w)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+               padded, fda_lib.generate(fda, trained, a[0], w[0]))
+
+
+# ---------- the device side: forward only, no labels ------------------------------------------
+
+class _BackwardPassRan(AssertionError):
+  pass
+
+
+@pytest.fixture
+def no_backward(monkeypatch):
+  """Every reverse-mode pass in JAX (grad, vjp, value_and_grad, optax) transposes through
+  ad.backward_pass* (the name varies across JAX versions); make them all raise."""
+  import jax._src.interpreters.ad as ad
+
+  def refuse(*a, **k):
+    raise _BackwardPassRan("a backward pass ran")
+
+  names = [n for n in dir(ad) if n.startswith("backward_pass")]
+  assert names, "JAX changed its transposition entry point; update this fixture"
+  for n in names:
+    monkeypatch.setattr(ad, n, refuse)
+
+
+def _device(model, params, cfg, with_labels, seed=0):
+  d = cfg.data
+  ctx = _frames(cfg, d.context_size, seed)
+  query = _query(model, params, cfg, seed=seed)
+  dev = {"context": {"frames": ctx, "q": jnp.zeros((d.context_size, cfg.model.question_dim)),
+                     "qtype": jnp.zeros(d.context_size, jnp.int32)},
+         "query": dict(query), "device_id": jnp.int32(seed)}
+  if with_labels is not None:
+    dev["query"]["answer"] = jnp.full((5,), with_labels, jnp.int32)
+  return dev
+
+
+def test_device_path_runs_no_backward_pass_and_uses_no_labels(smoke_config, fda_setup,
+                                                              no_backward):
+  model, params, fda, _, trained, _ = fda_setup
+  cm = costs.CostModel(model, params, smoke_config.data)
+  method = cdc_mmpg.build(fda, trained, cm, smoke_config)[0]
+
+  def device_path(dev):                       # ADR -> (cloud generate) -> merge -> inference
+    return device.logits(model, method.adapt(params, dev, {}), dev["query"])
+
+  jitted = jax.jit(device_path)
+  no_labels = jitted(_device(model, params, smoke_config, with_labels=None))
+  for poison in (0, 13):
+    with_labels = jitted(_device(model, params, smoke_config, with_labels=poison))
+    assert np.array_equal(np.asarray(no_labels), np.asarray(with_labels))
+  # Positive control: the detector does catch on-device fine-tuning (FTA).
+  fta = baselines.fta(model, cm, smoke_config, 1)
+  dev = _device(model, params, smoke_config, with_labels=0)
+  dev["support"] = dict(dev["query"])
+  with pytest.raises(_BackwardPassRan):
+    jax.jit(lambda d: fta.adapt(params, d, {"lr": 0.1, "steps": 1}))(dev)
+
+
+def test_cdc_costs_report_no_backward_no_labels_and_real_bytes(smoke_config, fda_setup):
+  model, params, fda, _, trained, anchor_dim = fda_setup
+  cm = costs.CostModel(model, params, smoke_config.data)
+  methods = {m.name: m for m in cdc_mmpg.build(fda, trained, cm, smoke_config)}
+  c = methods["cdc_mmpg"].cost({})
+  assert c.device_backward_passes == 0 and c.labels_used_per_device == 0
+  assert c.uplink_bytes == smoke_config.adr.k * (anchor_dim + 1) * 4
+  edit = fda_lib.generate(fda, trained, jnp.ones((2, anchor_dim)), jnp.ones(2) / 2)
+  assert c.downlink_bytes == 4 * sum(x.size for x in jax.tree.leaves(edit))
+  all_frames = methods["cdc_mmpg_all_frames"].cost({})
+  n_el = smoke_config.data.context_size * (smoke_config.data.frames - 1)
+  assert all_frames.uplink_bytes == n_el * (anchor_dim + 1) * 4
+
+
+def test_default_config_edit_is_under_5_percent_of_the_model():
+  import moving_digits_qa
+  from mmpg_jax import models, train
+  cfg = moving_digits_qa.get_config()
+  model = models.build(cfg.model, md.NUM_ANSWERS, len(md.VOCAB))
+  params = jax.eval_shape(lambda: train.init_params(model, cfg.data, 0))
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+  fda = main.build_fda(cfg, params, np.full(md.NUM_ANSWERS, 1 / 14))
+  anchor_dim = 2 * cfg.model.embed_dim
+  fp = jax.eval_shape(lambda: fda_lib.init(fda, jax.random.key(0), anchor_dim))
+  edit = jax.eval_shape(lambda p: fda_lib.generate(fda, p, jnp.ones((4, anchor_dim)),
+                                                   jnp.ones(4) / 4), fp)
+  assert fda_lib.edit_bytes(edit, 4) <= 0.05 * P.tree_bytes(params)
+
+
+# ---------- the cloud boundary: uploads, batch generation -------------------------------------
+
+@pytest.mark.parametrize("anchors,weights,match", [
+    (np.zeros((3, 5), np.float32), None, r"shape \(3, 5\); expected \[K, 32\]"),
+    (np.zeros((3,), np.float32), None, r"shape \(3,\)"),
+    (np.zeros((3, 32), np.int32), None, "dtype int32"),
+    (np.zeros((0, 32), np.float32), None, "empty anchor set"),
+    (np.full((3, 32), np.nan, np.float32), None, "NaN/Inf"),
+    (np.array([[np.inf] * 32, [0] * 32], np.float32), None, r"NaN/Inf values \(anchor rows \[0\]"),
+    (np.zeros((40, 32), np.float32), None, "at most 16"),
+    (np.zeros((3, 32), np.float32), np.array([1.0, -1.0, 1.0]), "non-negative"),
+    (np.zeros((3, 32), np.float32), np.ones(4), r"expected \[3\]"),
+])
+def test_bad_uploads_are_refused(anchors, weights, match):
+  with pytest.raises(generate.UploadError, match=match):
+    generate.validate_upload(anchors, weights, 32, max_anchors=16)
+
+
+def test_sharded_generation_on_1_and_8_accelerators_gives_the_same_edits(fda_setup):
+  _, _, fda, _, trained, anchor_dim = fda_setup
+  assert jax.device_count() == 8
+  a = np.asarray(jax.random.normal(jax.random.key(5), (20, 4, anchor_dim)), np.float32)
+  w = np.full((20, 4), 0.25, np.float32)
+  one = generate.EditGenerator(fda, trained, anchor_dim, device_batch=8,
+                               mesh=generate.make_mesh(jax.devices()[:1]))(a, w)
+  eight = generate.EditGenerator(fda, trained, anchor_dim, device_batch=8)(a, w)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), one, eight)
+  ref = fda_lib.generate(fda, trained, jnp.asarray(a[13]), jnp.asarray(w[13]))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x[13], y, rtol=1e-5, atol=1e-6),
+               eight, ref)
+  with pytest.raises(generate.UploadError, match="NaN/Inf"):
+    bad = a.copy()
+    bad[3, 1, 0] = np.nan
+    generate.EditGenerator(fda, trained, anchor_dim, device_batch=8)(bad, w)
