@@ -73,7 +73,8 @@ def get_config(arg: str = ""):
       learning_rates=(1e-4, 1e-3, 1e-2), steps=(1, 5, 20),
       leaves=("fusion/norm/.*", "answer_head/norm/.*")))
   c.baselines.prior_em = mlc.ConfigDict(dict(
-      iterations=20, smoothing=(0.0, 2.0, 8.0), scales=(0.5, 1.0)))
+      iterations=20, smoothing=(0.0, 2.0, 8.0), scales=(0.5, 1.0),
+      variants=("all", "asked")))       # prior_em (every question type), prior_em_asked
   c.baselines.oracle = mlc.ConfigDict(dict(
       learning_rates=(1e-3, 3e-3), steps=(100,), leaves=c.dynamic_leaves))
 
@@ -87,6 +88,7 @@ def get_config(arg: str = ""):
       edit_leaves=c.dynamic_leaves, prior_bias_leaf="answer_head/out/bias",
       hidden=128, code_dim=128, num_queries=4, layer_dim=64, rank=2, full_delta_max=256,
       em_iterations=10, clip=3.0,
+      use_device_prior=True, device_prior_smoothing=4.0,   # the device's EM summary (uplink)
       meta_devices=1536, meta_query_size=16, devices_per_step=16,
       train_ks=(1, 2, 4, 8, 16, 0),                   # anchor budget per episode; 0 = all
       num_steps=1500, learning_rate=1e-3, warmup_steps=100, weight_decay=1e-4, grad_clip=1.0,
@@ -107,7 +109,7 @@ def get_config(arg: str = ""):
     c.baselines.tent.update(dict(learning_rates=(1e-3,), steps=(2,)))
     c.baselines.prior_em.update(dict(iterations=3, smoothing=(2.0,), scales=(1.0,)))
     c.baselines.oracle.update(dict(learning_rates=(1e-2,), steps=(3,)))
-    c.adr.update(dict(k=2, k_sweep=(1, 2)))
+    c.adr.update(dict(k=2, k_sweep=(1, 2), ablations=("random", "all")))
     c.fda.update(dict(hidden=16, code_dim=16, layer_dim=8, meta_devices=8, meta_query_size=4,
                       devices_per_step=4, train_ks=(1, 2, 0), num_steps=4, warmup_steps=1,
                       eval_every=2, log_every=2, checkpoint_every=2))

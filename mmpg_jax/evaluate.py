@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 from mmpg_jax.adapt import device
+from mmpg_jax.data import moving_digits as md
 
 
 def _pad_to(x, n):
@@ -23,8 +24,16 @@ def _pad_to(x, n):
   return np.concatenate([x, pad], axis=0)
 
 
+def type_question_codes(model, params, question_len: int):
+  """One canonical question per question type (its first template), encoded: [Q, Dq]."""
+  tokens = np.stack([md.tokenize(md.QUESTION_TEMPLATES[t][0], question_len)
+                     for t in md.QUESTION_TYPES])
+  return np.asarray(model.apply({"params": params}, tokens, method=model.encode_question))
+
+
 def encode_split(model, params, devices: dict, chunk: int = 512) -> dict:
-  """{role: {'frames' [N, n, T, D], 'q' [N, n, Dq], 'qtype', 'answer'?}} for a device split."""
+  """{role: {'frames' [N, n, T, D], 'q' [N, n, Dq], 'qtype', 'answer'?}, 'device_id',
+  'type_q' [N, Q, Dq]} for a device split."""
   enc = jax.jit(lambda p, v, q: device.encode(model, p, v, q))
   out = {}
   for role, data in devices.items():
@@ -45,6 +54,9 @@ def encode_split(model, params, devices: dict, chunk: int = 512) -> dict:
       feats["answer"] = data["answer"]
     out[role] = feats
   out["device_id"] = np.asarray(devices["device_id"])
+  qlen = devices["context"]["question"].shape[-1]
+  out["type_q"] = np.repeat(type_question_codes(model, params, qlen)[None],
+                            len(out["device_id"]), axis=0)
   return out
 
 
@@ -74,6 +86,7 @@ class Evaluator:
     roles = set(method.uses) | {"query"}
     sub = {r: feats[r] for r in roles}
     sub["device_id"] = feats["device_id"]
+    sub["type_q"] = feats["type_q"]
     return self._chunked(lambda part: fn(params, part, traced), sub)
 
   def _chunked(self, fn, sub):

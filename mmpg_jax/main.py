@@ -25,17 +25,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go")
 
 
-def build_fda(config, params, source_prior):
-  _, dynamic = P.split(params, config.dynamic_leaves)
-  fc = config.fda
-  return fda_lib.FDA(
-      spec=fda_lib.layer_spec(dynamic, fc.edit_leaves), answer_groups=md.ANSWER_GROUPS,
-      source_prior=tuple(float(x) for x in source_prior), prior_bias_leaf=fc.prior_bias_leaf,
-      hidden=fc.hidden, code_dim=fc.code_dim, num_queries=fc.num_queries,
-      layer_dim=fc.layer_dim, rank=fc.rank, full_delta_max=fc.full_delta_max,
-      em_iterations=fc.em_iterations)
-
-
 def run(config, workdir: str) -> dict:
   """Runs every stage; returns the results dict (also written to WORKDIR/results.json)."""
   t_start = time.time()
@@ -68,10 +57,11 @@ def run(config, workdir: str) -> dict:
   methods = baselines.build(model, cm, config, source_prior)
 
   t = time.time()
-  fda = build_fda(config, params, source_prior)
+  fda = fda_lib.from_config(config, params, source_prior)
+  summary = cdc_mmpg.device_summary(model, config, source_prior)
   fda_params, fda_summary = meta_train.train_fda(model, fda, params, config, val, workdir,
-                                                 metrics)
-  methods += cdc_mmpg.build(fda, fda_params, cm, config)
+                                                 metrics, summary)
+  methods += cdc_mmpg.build(fda, fda_params, cm, config, summary)
   logging.info("FDA ready in %.1fs (%s)", time.time() - t, fda_summary)
   t = time.time()
   evals = evaluate.Evaluator(model, config.eval.device_chunk).run(methods, params, val, groups)

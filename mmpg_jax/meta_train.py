@@ -59,13 +59,15 @@ def encode_meta_pool(model, params, data_cfg, fc, chunk_devices: int = 64) -> di
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def episode_losses(model, fda, base_params, fda_params, dev, k, *, k_max, clip, groups):
+def episode_losses(model, fda, base_params, fda_params, dev, k, *, k_max, clip, groups,
+                   summary=None, type_q=None):
   """One meta device: (task loss, aux loss, edit penalty, accuracy)."""
   el = adr.frame_elements(dev["ctx_frames"])
   n_el = el.shape[0]
   idx, w = adr.herding(el, k_max, k_active=k)
   weights = jnp.where(k == 0, jnp.full(n_el, 1.0 / n_el), jnp.zeros(n_el).at[idx].add(w))
-  edit, aux = fda.apply({"params": fda_params}, el, weights)
+  ratio = None if summary is None else summary(base_params, dev["ctx_frames"], type_q)
+  edit, aux = fda.apply({"params": fda_params}, el, weights, ratio)
   params = P.apply_edit(base_params, edit, clip)
   nq = dev["q_codes"].shape[1]
   frames = jnp.broadcast_to(dev["q_frames"][:, None], (dev["q_frames"].shape[0], nq)
@@ -85,13 +87,14 @@ def episode_losses(model, fda, base_params, fda_params, dev, k, *, k_max, clip, 
   return task, aux_loss, penalty, acc
 
 
-def make_meta_step(model, fda, base_params, fc, groups, tx):
+def make_meta_step(model, fda, base_params, fc, groups, tx, summary=None, type_q=None):
   k_max = max(max(fc.train_ks), 1)
 
   def loss_fn(fda_params, batch):
     task, aux, pen, acc = jax.vmap(
         lambda d, k: episode_losses(model, fda, base_params, fda_params, d, k, k_max=k_max,
-                                    clip=fc.clip, groups=groups))(batch["dev"], batch["k"])
+                                    clip=fc.clip, groups=groups, summary=summary,
+                                    type_q=type_q))(batch["dev"], batch["k"])
     loss = task.mean() + fc.aux_weight * aux.mean() + fc.edit_penalty * pen.mean()
     return loss, {"task_loss": task.mean(), "aux_loss": aux.mean(), "edit_penalty": pen.mean(),
                   "query_accuracy": acc.mean()}
@@ -119,7 +122,7 @@ def episode_batch(pool, fc, seed, step):
   return {"dev": {k: v[ids] for k, v in pool.items()}, "k": ks.astype(np.int32)}
 
 
-def make_validator(model, fda, base_params, val_feats, cfg):
+def make_validator(model, fda, base_params, val_feats, cfg, summary=None):
   """Mean query accuracy of cdc_mmpg (default selector and K) on validation devices."""
   ac = cfg.adr
 
@@ -129,10 +132,11 @@ def make_validator(model, fda, base_params, val_feats, cfg):
       p = cdc_mmpg.adapt_device(base_params, fda, fda_params, dev["context"]["frames"],
                                 selector=ac.selector, k=ac.k, clip=cfg.fda.clip,
                                 key=jax.random.fold_in(jax.random.key(cfg.seed),
-                                                       dev["device_id"]))
+                                                       dev["device_id"]),
+                                summary=summary, type_q=dev["type_q"])
       return device.accuracy(model, p, dev["query"])
     sub = {"context": val_feats["context"], "query": val_feats["query"],
-           "device_id": val_feats["device_id"]}
+           "device_id": val_feats["device_id"], "type_q": val_feats["type_q"]}
     return jax.vmap(one)(sub).mean()
 
   return score
@@ -147,13 +151,13 @@ def make_optimizer(fc):
                      optax.adamw(sched, weight_decay=fc.weight_decay))
 
 
-def train_fda(model, fda, base_params, cfg, val_feats, workdir, metrics):
+def train_fda(model, fda, base_params, cfg, val_feats, workdir, metrics, summary=None):
   """Meta-trains (or resumes, or reloads) the FDA; returns the validation-selected params."""
   fc = cfg.fda
   anchor_dim = 2 * cfg.model.embed_dim
   fda_params = fda_lib.init(fda, jax.random.key(cfg.seed + 1), anchor_dim)
   tx = make_optimizer(fc)
-  validate = make_validator(model, fda, base_params, val_feats, cfg)
+  validate = make_validator(model, fda, base_params, val_feats, cfg, summary)
   state = {"fda_params": fda_params, "opt_state": tx.init(fda_params), "step": jnp.int32(0),
            "best_params": fda_params, "best_score": jnp.float32(-1.0),
            "best_step": jnp.int32(0)}
@@ -175,7 +179,8 @@ def train_fda(model, fda, base_params, cfg, val_feats, workdir, metrics):
     pool = encode_meta_pool(model, base_params, cfg.data, fc)
     logging.info("fda: encoded %d fresh meta devices in %.1fs", fc.meta_devices, time.time() - t)
     groups = tuple(tuple(g) for g in fda.answer_groups)
-    step_fn = make_meta_step(model, fda, base_params, fc, groups, tx)
+    type_q = jnp.asarray(val_feats["type_q"][0])
+    step_fn = make_meta_step(model, fda, base_params, fc, groups, tx, summary, type_q)
     key = jax.random.key(cfg.seed + 2)
     t0, last_good = time.time(), ckpt.latest_step()
     for step in range(start, fc.num_steps):

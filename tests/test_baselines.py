@@ -58,6 +58,7 @@ def test_vmapped_evaluation_equals_a_loop_over_devices(smoke_config, model_and_p
            "query": _feats(model, params, smoke_config, 8, 100 + s)} for s in range(3)]
   stacked = jax.tree.map(lambda *x: np.stack(x), *devs)
   stacked["device_id"] = np.arange(3, dtype=np.int32)
+  stacked["type_q"] = np.zeros((3, 2, smoke_config.model.question_dim), np.float32)
   cm = costs.CostModel(model, params, smoke_config.data)
   method = baselines.fta(model, cm, smoke_config, 5)
   hp = {"lr": 0.05, "steps": 3}

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import costs, generate, main
+from mmpg_jax import costs, generate
 from mmpg_jax import params as P
 from mmpg_jax.adapt import adr, baselines, cdc_mmpg, device
 from mmpg_jax.adapt import fda as fda_lib
@@ -15,7 +15,7 @@ from mmpg_jax.data import moving_digits as md
 def fda_setup(smoke_config, model_and_params):
   model, params = model_and_params
   prior = np.full(md.NUM_ANSWERS, 1.0 / md.NUM_ANSWERS)
-  fda = main.build_fda(smoke_config, params, prior)
+  fda = fda_lib.from_config(smoke_config, params, prior)
   anchor_dim = 2 * smoke_config.model.embed_dim
   fresh = fda_lib.init(fda, jax.random.key(0), anchor_dim)
   # A "trained" FDA: every parameter perturbed, so edits are non-zero everywhere.
@@ -139,7 +139,9 @@ def _device(model, params, cfg, with_labels, seed=0):
   query = _query(model, params, cfg, seed=seed)
   dev = {"context": {"frames": ctx, "q": jnp.zeros((d.context_size, cfg.model.question_dim)),
                      "qtype": jnp.zeros(d.context_size, jnp.int32)},
-         "query": dict(query), "device_id": jnp.int32(seed)}
+         "query": dict(query), "device_id": jnp.int32(seed),
+         "type_q": jax.random.normal(jax.random.key(9), (len(md.QUESTION_TYPES),
+                                                         cfg.model.question_dim))}
   if with_labels is not None:
     dev["query"]["answer"] = jnp.full((5,), with_labels, jnp.int32)
   return dev
@@ -149,7 +151,9 @@ def test_device_path_runs_no_backward_pass_and_uses_no_labels(smoke_config, fda_
                                                               no_backward):
   model, params, fda, _, trained, _ = fda_setup
   cm = costs.CostModel(model, params, smoke_config.data)
-  method = cdc_mmpg.build(fda, trained, cm, smoke_config)[0]
+  summary = cdc_mmpg.device_summary(model, smoke_config, fda.source_prior)
+  assert summary is not None       # the device's forward-only EM summary is on the path too
+  method = cdc_mmpg.build(fda, trained, cm, smoke_config, summary)[0]
 
   def device_path(dev):                       # ADR -> (cloud generate) -> merge -> inference
     return device.logits(model, method.adapt(params, dev, {}), dev["query"])
@@ -170,15 +174,17 @@ def test_device_path_runs_no_backward_pass_and_uses_no_labels(smoke_config, fda_
 def test_cdc_costs_report_no_backward_no_labels_and_real_bytes(smoke_config, fda_setup):
   model, params, fda, _, trained, anchor_dim = fda_setup
   cm = costs.CostModel(model, params, smoke_config.data)
-  methods = {m.name: m for m in cdc_mmpg.build(fda, trained, cm, smoke_config)}
+  summary = cdc_mmpg.device_summary(model, smoke_config, fda.source_prior)
+  methods = {m.name: m for m in cdc_mmpg.build(fda, trained, cm, smoke_config, summary)}
   c = methods["cdc_mmpg"].cost({})
   assert c.device_backward_passes == 0 and c.labels_used_per_device == 0
-  assert c.uplink_bytes == smoke_config.adr.k * (anchor_dim + 1) * 4
+  # K anchors of (embedding + temporal difference) and a weight each, + the 14-float summary
+  assert c.uplink_bytes == (smoke_config.adr.k * (anchor_dim + 1) + md.NUM_ANSWERS) * 4
   edit = fda_lib.generate(fda, trained, jnp.ones((2, anchor_dim)), jnp.ones(2) / 2)
   assert c.downlink_bytes == 4 * sum(x.size for x in jax.tree.leaves(edit))
   all_frames = methods["cdc_mmpg_all_frames"].cost({})
   n_el = smoke_config.data.context_size * (smoke_config.data.frames - 1)
-  assert all_frames.uplink_bytes == n_el * (anchor_dim + 1) * 4
+  assert all_frames.uplink_bytes == (n_el * (anchor_dim + 1) + md.NUM_ANSWERS) * 4
 
 
 def test_default_config_edit_is_under_5_percent_of_the_model():
@@ -188,7 +194,7 @@ def test_default_config_edit_is_under_5_percent_of_the_model():
   model = models.build(cfg.model, md.NUM_ANSWERS, len(md.VOCAB))
   params = jax.eval_shape(lambda: train.init_params(model, cfg.data, 0))
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
-  fda = main.build_fda(cfg, params, np.full(md.NUM_ANSWERS, 1 / 14))
+  fda = fda_lib.from_config(cfg, params, np.full(md.NUM_ANSWERS, 1 / 14))
   anchor_dim = 2 * cfg.model.embed_dim
   fp = jax.eval_shape(lambda: fda_lib.init(fda, jax.random.key(0), anchor_dim))
   edit = jax.eval_shape(lambda p: fda_lib.generate(fda, p, jnp.ones((4, anchor_dim)),

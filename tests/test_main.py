@@ -16,7 +16,8 @@ from mmpg_jax.workdir import MetricsWriter
 from conftest import ROOT
 
 SMOKE = ["--config=configs/moving_digits_qa.py:smoke"]
-METHODS = {"global", "fta_k1", "fta_k5", "fta_k10", "tent", "prior_em", "oracle"}
+METHODS = {"global", "fta_k1", "fta_k5", "fta_k10", "tent", "prior_em", "prior_em_asked",
+           "oracle", "cdc_mmpg", "cdc_mmpg_random", "cdc_mmpg_all_frames", "cdc_mmpg_k1"}
 
 
 def _main_cmd(workdir, *extra):
@@ -50,6 +51,13 @@ def test_smoke_run_of_the_real_entry_point(tmp_path, data_dir):
   assert m["fta_k5"]["labels_used_per_device"] == 5 and m["fta_k5"]["device_flops"] > 0
   assert m["prior_em"]["device_backward_passes"] == 0 and m["prior_em"]["labels_used_per_device"] == 0
   assert m["tent"]["labels_used_per_device"] == 0 and m["tent"]["device_backward_passes"] > 0
+  for name in ("cdc_mmpg", "cdc_mmpg_random", "cdc_mmpg_all_frames", "cdc_mmpg_k1"):
+    c = m[name]
+    assert c["device_backward_passes"] == 0 and c["labels_used_per_device"] == 0, name
+    assert c["uplink_bytes"] > 0 and c["downlink_bytes"] > 0 and c["device_flops"] > 0
+    assert "anchor_mmd2" in c["metrics"] and "anchor_mmd2_ood" in c["metrics"]
+  assert m["cdc_mmpg_all_frames"]["uplink_bytes"] > m["cdc_mmpg"]["uplink_bytes"]
+  assert res["fda"]["steps"] == 4
   report = (workdir / "report.md").read_text()
   assert "Oracle − global margin" in report and "| fta_k5 |" in report
   for f in ("config.json", "metrics.jsonl", "per_device_accuracy.png", "accuracy_vs_uplink.png"):

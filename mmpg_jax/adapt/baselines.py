@@ -77,26 +77,41 @@ def tent(model, cm, cfg):
                 uses=("context",))
 
 
-def prior_em(model, cm, cfg, source_prior, bias_leaf="answer_head/out/bias"):
+def prior_em(model, cm, cfg, source_prior, question_types="all",
+             bias_leaf="answer_head/out/bias"):
   """EM label-shift correction (Saerens et al. 2002) on the unlabelled context, applied as a
-  logit bias: an edit of the answer head's bias. Forward passes only, no labels."""
+  logit bias: an edit of the answer head's bias. Forward passes only, no labels.
+
+  question_types="all" (method `prior_em`): the device asks every question type of each
+  context video (one forward pass per type) and re-estimates each type's answer prior from
+  all its videos. "asked" (`prior_em_asked`): only the question the user asked, one EM over
+  the shared answer vocabulary, so each type's prior sees only the videos it was asked of."""
   ec = cfg.baselines.prior_em
   n = cfg.data.context_size
   source_prior = jnp.asarray(source_prior)
   P.select(cm.params, [bias_leaf])   # fail early if the model has no such leaf
+  from mmpg_jax.data import moving_digits as md
+  nq = len(md.QUESTION_TYPES)
 
   def adapt(params, dev, hp):
-    probs = jax.nn.softmax(device.logits(model, params, dev["context"]))
-    prior = device.em_prior(probs, source_prior, ec.iterations, hp["smoothing"])
-    bias = hp["scale"] * (jnp.log(prior) - jnp.log(source_prior))
-    return P.apply_edit(params, P.unflatten({bias_leaf: bias}))
+    if question_types == "all":
+      ratio = device.label_shift_ratio(model, params, dev["context"]["frames"], dev["type_q"],
+                                       source_prior, md.ANSWER_GROUPS,
+                                       iterations=ec.iterations, smoothing=hp["smoothing"])
+    else:
+      probs = jax.nn.softmax(device.logits(model, params, dev["context"]))
+      prior = device.em_prior(probs, source_prior, ec.iterations, hp["smoothing"])
+      ratio = jnp.log(prior) - jnp.log(source_prior)
+    return P.apply_edit(params, P.unflatten({bias_leaf: hp["scale"] * ratio}))
 
   def cost(hp):
+    passes = nq if question_types == "all" else 1
     return costs.DeviceCost(
         downlink_bytes=float(source_prior.size * source_prior.dtype.itemsize),  # source prior
-        device_flops=cm.encode(n) + cm.forward(n) + cm.em(n, ec.iterations))
+        device_flops=cm.encode(n) + cm.forward(n * passes) + cm.em(n, ec.iterations))
 
-  return Method("prior_em", _grid(smoothing=ec.smoothing, scale=ec.scales), adapt, cost,
+  name = "prior_em" if question_types == "all" else "prior_em_asked"
+  return Method(name, _grid(smoothing=ec.smoothing, scale=ec.scales), adapt, cost,
                 uses=("context",))
 
 
@@ -122,6 +137,7 @@ def oracle(model, cm, cfg):
 def build(model, cm, cfg, source_prior):
   methods = [global_method()]
   methods += [fta(model, cm, cfg, k) for k in cfg.baselines.fta.ks]
-  methods += [tent(model, cm, cfg), prior_em(model, cm, cfg, source_prior),
-              oracle(model, cm, cfg)]
+  methods += [tent(model, cm, cfg)]
+  methods += [prior_em(model, cm, cfg, source_prior, q) for q in cfg.baselines.prior_em.variants]
+  methods += [oracle(model, cm, cfg)]
   return methods

@@ -96,3 +96,28 @@ def em_prior(probs, source_prior, iterations: int, smoothing):
     post = w / w.sum(-1, keepdims=True)
     prior = (post.sum(0) + smoothing * source_prior) / (n + smoothing)
   return prior
+
+
+def type_posteriors(model, params, frames, type_q):
+  """Posteriors for every question type on each video: frames [n, T, D], type_q [Q, Dq]
+  (one canonical question per type) -> [n, Q, A]. Forward passes only."""
+  n, nq = frames.shape[0], type_q.shape[0]
+  f = jnp.broadcast_to(frames[:, None], (n, nq) + frames.shape[1:])
+  q = jnp.broadcast_to(type_q[None], (n,) + type_q.shape)
+  return jax.nn.softmax(logits(model, params, {"frames": f, "q": q}))
+
+
+def label_shift_ratio(model, params, frames, type_q, source_prior, groups, *, iterations: int,
+                      smoothing):
+  """log(target prior / source prior) per answer, by EM on the device's unlabelled videos,
+  each answer group (question type) estimated from the posteriors of its own question asked
+  of every video."""
+  post = type_posteriors(model, params, frames, type_q)
+  ratio = jnp.zeros(source_prior.shape[0])
+  for g, (lo, hi) in enumerate(groups):
+    s = source_prior[lo:hi] / source_prior[lo:hi].sum()
+    p = post[:, g, lo:hi]
+    p = p / p.sum(-1, keepdims=True)
+    prior = em_prior(p, s, iterations, smoothing)
+    ratio = ratio.at[lo:hi].set(jnp.log(jnp.maximum(prior, 1e-6)) - jnp.log(s))
+  return ratio

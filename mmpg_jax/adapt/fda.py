@@ -6,12 +6,13 @@
       -> weighted EM (Saerens) over those posteriors: the device's answer prior pi_t, and
          r = log pi_t - log pi_s, the log prior ratio against the cloud's source prior
       -> attention pooling with learned queries, logits + log w_k      (permutation invariant)
-      -> domain code z = Dense([pooled, r])
+      -> domain code z = Dense([pooled, r, r_dev]), r_dev the device's own EM estimate of the
+         same log ratio from its videos (forward passes only; 14 floats uploaded with anchors)
       -> GRU across the edited layers (cross-layer knowledge transfer): one code e_n per layer
       -> per leaf: low-rank factors (a, b) for kernels, a full delta for small leaves; the last
          factor / full delta is zero-initialised, so a fresh FDA's edit is exactly zero
-      -> the answer-bias leaf also gets alpha * r (alpha zero-initialised): the edit is a
-         learned residual on top of the closed-form label-shift correction.
+      -> the answer-bias leaf also gets alpha * r + beta * r_dev (alpha, beta zero-initialised):
+         the edit is a learned residual on top of the closed-form label-shift correction.
 `generate(fda, fda_params, anchors, weights) -> edit` is pure; `jax.vmap` it over devices.
 
 Anchors with weight 0 are ignored exactly (masked out of the pooling and the EM), so a padded
@@ -66,8 +67,12 @@ class FDA(nn.Module):
   em_iterations: int = 10
 
   @nn.compact
-  def __call__(self, anchors, weights):
-    """Returns (edit, aux) where aux has the per-anchor answer logits and the prior ratio."""
+  def __call__(self, anchors, weights, device_ratio=None):
+    """Returns (edit, aux) where aux has the per-anchor answer logits and the prior ratio.
+
+    `device_ratio` [A] (optional) is the device's own forward-only EM estimate of
+    log(target / source) answer prior (`device.label_shift_ratio`), uploaded with the anchors.
+    """
     live = weights > 0
     h = nn.LayerNorm(name="in_norm")(anchors)
     h = nn.relu(nn.Dense(self.hidden, name="phi1")(h))
@@ -90,7 +95,10 @@ class FDA(nn.Module):
     logits = jnp.where(live[None, :], logits, -1e30)
     attn = jax.nn.softmax(logits, -1)                            # [M, K]
     pooled = (attn @ h).reshape(-1)
-    z = nn.relu(nn.Dense(self.code_dim, name="code")(jnp.concatenate([pooled, ratio])))
+    if device_ratio is None:
+      device_ratio = jnp.zeros(num_answers)
+    z = nn.relu(nn.Dense(self.code_dim, name="code")(
+        jnp.concatenate([pooled, ratio, device_ratio])))
 
     # Cross-layer knowledge transfer: a GRU walks the edited layers in forward order.
     cell = nn.GRUCell(self.layer_dim, name="layer_gru")
@@ -108,7 +116,8 @@ class FDA(nn.Module):
           delta = delta.reshape(shape)
           if path == self.prior_bias_leaf:
             alpha = self.param("prior_scale", nn.initializers.zeros, (size,))
-            delta = delta + alpha * ratio
+            beta = self.param("device_prior_scale", nn.initializers.zeros, (size,))
+            delta = delta + alpha * ratio + beta * device_ratio
           edit[path] = delta
         else:
           rows, cols = size // shape[-1], shape[-1]
@@ -120,9 +129,23 @@ class FDA(nn.Module):
     return P.unflatten(edit), {"aux_logits": aux_logits, "prior_ratio": ratio}
 
 
-def generate(fda: FDA, fda_params, anchors, weights):
-  """anchors [K, E], weights [K] -> edit (the delta tree). Pure: vmap over devices."""
-  return fda.apply({"params": fda_params}, anchors, weights)[0]
+def from_config(config, device_params, source_prior) -> FDA:
+  """The FDA for a device model's parameters and an experiment config (config.fda)."""
+  from mmpg_jax.data import moving_digits as md
+  _, dynamic = P.split(device_params, config.dynamic_leaves)
+  fc = config.fda
+  return FDA(
+      spec=layer_spec(dynamic, fc.edit_leaves), answer_groups=md.ANSWER_GROUPS,
+      source_prior=tuple(float(x) for x in source_prior), prior_bias_leaf=fc.prior_bias_leaf,
+      hidden=fc.hidden, code_dim=fc.code_dim, num_queries=fc.num_queries,
+      layer_dim=fc.layer_dim, rank=fc.rank, full_delta_max=fc.full_delta_max,
+      em_iterations=fc.em_iterations)
+
+
+def generate(fda: FDA, fda_params, anchors, weights, device_ratio=None):
+  """anchors [K, E], weights [K] (+ device_ratio [A]) -> edit (the delta tree). Pure: vmap
+  over devices."""
+  return fda.apply({"params": fda_params}, anchors, weights, device_ratio)[0]
 
 
 def init(fda: FDA, key, anchor_dim: int, k: int = 4):
