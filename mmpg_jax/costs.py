@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpg_jax import params as P
-from mmpg_jax.adapt import device
+from mmpg_jax.adapt import adr, device
 
 
 def flops(fn, *args) -> float:
@@ -90,7 +90,6 @@ class CostModel:
     """Selecting anchors from the context's frame elements."""
     key = ("adr", selector, k)
     if key not in self._cache:
-      from mmpg_jax.adapt import adr
       n, t = self.cfg.context_size, self.cfg.frames
       d = self.model.embed_dim
       frames = jnp.zeros((n, t, d))

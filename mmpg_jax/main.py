@@ -67,12 +67,13 @@ def run(config, workdir: str) -> dict:
   evals = evaluate.Evaluator(model, config.eval.device_chunk).run(methods, params, val, groups)
   logging.info("evaluated %d methods in %.1fs", len(methods), time.time() - t)
   method_costs = {m.name: m.cost(evals[m.name]["hp"]) for m in methods}
+  method_info = {m.name: m.info for m in methods}
 
   extra = {"device_model_bytes": P.tree_bytes(params),
            "fda": {**fda_summary, "params": P.tree_size(fda_params)},
            "device_inference_flops_per_sample": costs.inference_flops_per_sample(cm),
            "wall_seconds": time.time() - t_start}
-  results = report.build_results(config, evals, method_costs, extra)
+  results = report.build_results(config, evals, method_costs, extra, method_info)
   report.write_report(workdir, results, config)
   metrics.write("done", 0, wall_seconds=results["wall_seconds"])
   logging.info("wrote %s/results.json and report.md in %.0fs", workdir, results["wall_seconds"])

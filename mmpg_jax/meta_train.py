@@ -126,18 +126,21 @@ def make_validator(model, fda, base_params, val_feats, cfg, summary=None):
   """Mean query accuracy of cdc_mmpg (default selector and K) on validation devices."""
   ac = cfg.adr
 
-  @jax.jit
+  def one(fda_params, dev):
+    p = cdc_mmpg.adapt_device(base_params, fda, fda_params, dev["context"]["frames"],
+                              selector=ac.selector, k=ac.k, clip=cfg.fda.clip,
+                              key=jax.random.fold_in(jax.random.key(cfg.seed), dev["device_id"]),
+                              summary=summary, type_q=dev["type_q"])
+    return device.accuracy(model, p, dev["query"])
+
+  # The validation data is an argument, not a closed-over constant: XLA would otherwise
+  # constant-fold the herding kernels of every device at compile time.
+  batched = jax.jit(lambda fp, sub: jax.vmap(one, in_axes=(None, 0))(fp, sub).mean())
+  sub = {"context": val_feats["context"], "query": val_feats["query"],
+         "device_id": val_feats["device_id"], "type_q": val_feats["type_q"]}
+
   def score(fda_params):
-    def one(dev):
-      p = cdc_mmpg.adapt_device(base_params, fda, fda_params, dev["context"]["frames"],
-                                selector=ac.selector, k=ac.k, clip=cfg.fda.clip,
-                                key=jax.random.fold_in(jax.random.key(cfg.seed),
-                                                       dev["device_id"]),
-                                summary=summary, type_q=dev["type_q"])
-      return device.accuracy(model, p, dev["query"])
-    sub = {"context": val_feats["context"], "query": val_feats["query"],
-           "device_id": val_feats["device_id"], "type_q": val_feats["type_q"]}
-    return jax.vmap(one)(sub).mean()
+    return batched(fda_params, sub)
 
   return score
 

@@ -8,8 +8,10 @@ from mmpg_jax import workdir as wd
 GROUPS = {"test": "accuracy", "test_ood": "accuracy_ood"}
 
 
-def build_results(cfg, evals: dict, method_costs: dict, extra: dict) -> dict:
-  """evals: Evaluator.run output; method_costs: {name: DeviceCost}."""
+def build_results(cfg, evals: dict, method_costs: dict, extra: dict,
+                  method_info: dict | None = None) -> dict:
+  """evals: Evaluator.run output; method_costs: {name: DeviceCost}; method_info: {name:
+  dict} copied as `info` (e.g. an ADR selector and K)."""
   g = evals["global"]["per_device"]
   o = evals["oracle"]["per_device"] if "oracle" in evals else None
   margin = {grp: float(o[grp].mean() - g[grp].mean()) for grp in g} if o else {}
@@ -30,7 +32,9 @@ def build_results(cfg, evals: dict, method_costs: dict, extra: dict) -> dict:
     methods[name] = {"metrics": metrics, "per_device": per_device,
                      **method_costs[name].as_dict(),
                      "selected_hparams": ev["hp"],
-                     "validation_accuracy": float(ev["validation"])}
+                     "validation_accuracy": float(ev["validation"]),
+                     **({"info": method_info[name]} if method_info and method_info.get(name)
+                        else {})}
   return {"benchmark": cfg.benchmark, "task": cfg.task,
           "num_eval_devices": len(g["test"]),
           "num_ood_devices": len(g.get("test_ood", [])),
@@ -74,6 +78,23 @@ def write_report(workdir: str, results: dict, cfg) -> None:
         f"{r['selected_hparams']} |")
   lines += ["", "Backward passes count per-sample passes (samples × steps); device FLOPs are the "
             "adaptation's cost from XLA's cost analysis (inference not included).", ""]
+  anchored = {n: r for n, r in m.items() if "selector" in r.get("info", {})}
+  if anchored:
+    base = results["device_model_bytes"]
+    lines += ["## Anchors (ADR): selector and budget K", "",
+              "MMD² between the weighted anchors and all frame elements of the context (RBF, "
+              "median bandwidth), mean over devices. Downlink as a share of the device model's "
+              f"{base:,} bytes.", "",
+              "| method | selector | K | uplink B | MMD² test | test acc | OOD acc | downlink B "
+              "| downlink / model |", "|---|---|---|---|---|---|---|---|---|"]
+    for n, r in sorted(anchored.items(), key=lambda kv: (kv[1]["info"]["selector"],
+                                                         kv[1]["info"]["k"])):
+      mt = r["metrics"]
+      lines.append(f"| {n} | {r['info']['selector']} | {r['info']['k']} | "
+                   f"{r['uplink_bytes']:.0f} | {mt.get('anchor_mmd2', float('nan')):.4f} | "
+                   f"{100 * mt['accuracy']:.2f} | {100 * mt.get('accuracy_ood', float('nan')):.2f}"
+                   f" | {r['downlink_bytes']:.0f} | {100 * r['downlink_bytes'] / base:.1f}% |")
+    lines.append("")
   lines += [f"![{p}]({p})" for p in plots]
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -98,14 +119,22 @@ def write_plots(workdir: str, results: dict) -> list:
   fig.savefig(os.path.join(workdir, "per_device_accuracy.png"), dpi=100)
   plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ax.set_prop_cycle(color=plt.cm.tab20.colors)
+  sweep = sorted((m[n]["info"]["k"], m[n]["uplink_bytes"], m[n]["metrics"]["accuracy"])
+                 for n in names if m[n].get("info", {}).get("selector") == "herding")
+  if len(sweep) > 1:
+    ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "k-", alpha=0.4, zorder=0,
+            label="herding, K sweep")
+    for k, up, acc in sweep:
+      ax.annotate(f"K={k}", (up, acc), fontsize=6, xytext=(2, -8), textcoords="offset points")
   for n in names:
     up = m[n]["uplink_bytes"]
-    ax.scatter(max(up, 1.0), m[n]["metrics"]["accuracy"], label=n)
+    ax.scatter(max(up, 1.0), m[n]["metrics"]["accuracy"], label=n, s=18)
   ax.set_xscale("log")
   ax.set_xlabel("uplink bytes per device (0 plotted at 1)")
   ax.set_ylabel("test accuracy")
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=6, ncol=2)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "accuracy_vs_uplink.png"), dpi=100)

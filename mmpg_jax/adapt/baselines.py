@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from mmpg_jax import costs
 from mmpg_jax import params as P
 from mmpg_jax.adapt import device
+from mmpg_jax.data import moving_digits as md
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,6 @@ def prior_em(model, cm, cfg, source_prior, question_types="all",
   n = cfg.data.context_size
   source_prior = jnp.asarray(source_prior)
   P.select(cm.params, [bias_leaf])   # fail early if the model has no such leaf
-  from mmpg_jax.data import moving_digits as md
   nq = len(md.QUESTION_TYPES)
 
   def adapt(params, dev, hp):

@@ -18,6 +18,7 @@ from mmpg_jax import params as P
 from mmpg_jax.adapt import adr, device
 from mmpg_jax.adapt import fda as fda_lib
 from mmpg_jax.adapt.baselines import Method
+from mmpg_jax.data import moving_digits as md
 
 
 def device_anchors(context_frames, selector: str, k: int, key):
@@ -30,7 +31,6 @@ def device_summary(model, cfg, source_prior):
   anchors), or None when config.fda.use_device_prior is off."""
   if not cfg.fda.use_device_prior:
     return None
-  from mmpg_jax.data import moving_digits as md
   source_prior = jnp.asarray(source_prior)
 
   def summary(params, context_frames, type_q):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpg_jax import params as P
+from mmpg_jax.data import moving_digits as md
 
 
 def layer_spec(dynamic_params, edit_leaves):
@@ -131,7 +132,6 @@ class FDA(nn.Module):
 
 def from_config(config, device_params, source_prior) -> FDA:
   """The FDA for a device model's parameters and an experiment config (config.fda)."""
-  from mmpg_jax.data import moving_digits as md
   _, dynamic = P.split(device_params, config.dynamic_leaves)
   fc = config.fda
   return FDA(
