@@ -10,6 +10,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class CheckpointMismatchError(ValueError):
@@ -66,6 +67,17 @@ class StageCheckpointer:
     r = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return r["state"], r["meta"]
+
+  def resume(self, state, total_steps: int):
+    """(state, start step): the latest checkpoint restored into `state`'s structure, or
+    (`state`, 0) when the stage has none yet."""
+    if self.latest_step() is None:
+      return state, 0
+    state, _ = self.restore(state)
+    start = int(state["step"])
+    logging.info("%s: resuming from checkpoint step %d of %d (%s)", self.stage, start,
+                 total_steps, self.directory)
+    return state, start
 
   def save(self, step: int, state, meta: dict):
     self._mngr.save(step, args=ocp.args.Composite(

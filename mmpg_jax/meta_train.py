@@ -165,12 +165,7 @@ def train_fda(model, fda, base_params, cfg, val_feats, workdir, metrics, summary
            "best_params": fda_params, "best_score": jnp.float32(-1.0),
            "best_step": jnp.int32(0)}
   with checkpointing.StageCheckpointer(workdir, STAGE, cfg.train.keep_checkpoints) as ckpt:
-    start = 0
-    if ckpt.latest_step() is not None:
-      state, _ = ckpt.restore(state)
-      start = int(state["step"])
-      logging.info("fda: resuming from checkpoint step %d of %d (%s)", start, fc.num_steps,
-                   ckpt.directory)
+    state, start = ckpt.resume(state, fc.num_steps)
     if start >= fc.num_steps:
       return state["best_params"], _summary(state)
     if start == 0:

@@ -80,12 +80,7 @@ def train_global(model, config, bench, workdir, metrics) -> dict:
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
   batches = bench.global_batches(tc.batch_size, seed=config.seed)
   with checkpointing.StageCheckpointer(workdir, STAGE, tc.keep_checkpoints) as ckpt:
-    start = 0
-    if ckpt.latest_step() is not None:
-      state, meta = ckpt.restore(state)
-      start = int(state["step"])
-      logging.info("global: resuming from checkpoint step %d of %d (%s)", start, tc.num_steps,
-                   ckpt.directory)
+    state, start = ckpt.resume(state, tc.num_steps)
     if start >= tc.num_steps:
       return state["params"]
     step_fn = make_train_step(model, tx)
