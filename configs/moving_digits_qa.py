@@ -89,9 +89,9 @@ def get_config(arg: str = ""):
       hidden=128, code_dim=128, num_queries=4, layer_dim=64, rank=2, full_delta_max=256,
       em_iterations=10, clip=3.0,
       use_device_prior=True, device_prior_smoothing=4.0,   # the device's EM summary (uplink)
-      meta_devices=1536, meta_query_size=16, devices_per_step=16,
+      meta_devices=6144, meta_query_size=16, devices_per_step=16,
       train_ks=(1, 2, 4, 8, 16, 0),                   # anchor budget per episode; 0 = all
-      num_steps=1500, learning_rate=1e-3, warmup_steps=100, weight_decay=1e-4, grad_clip=1.0,
+      num_steps=3000, learning_rate=1e-3, warmup_steps=100, weight_decay=1e-4, grad_clip=1.0,
       aux_weight=1.0, edit_penalty=1e-3,
       eval_every=100, log_every=100, checkpoint_every=250))
 

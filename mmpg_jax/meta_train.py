@@ -31,17 +31,29 @@ from mmpg_jax.train import NonFiniteError
 STAGE = "fda"
 
 
-def encode_meta_pool(model, params, data_cfg, fc, chunk_devices: int = 64) -> dict:
+def encode_meta_pool(model, params, data_cfg, fc, chunk_devices: int = 64, summary=None,
+                     type_q=None) -> dict:
   """Encodes `fc.meta_devices` fresh meta devices: context frames (+ their labels, cloud-only)
-  and query frames, question codes and answers for every question type."""
+  and query frames, question codes and answers for every question type.
+
+  What depends only on the frozen device model is computed here once per device, not in
+  every step: the herding order of the context's frame elements (greedy herding is
+  prefix-consistent, so the first k of a K_max selection are the k-anchor selection) and the
+  device's EM summary."""
+  k_max = max(max(fc.train_ks), 1)
   roles = {"context": data_cfg.context_size, "query": fc.meta_query_size}
   sampler = pipeline.MetaDeviceSampler(data_cfg, roles=roles, labelled=True)
 
   @jax.jit
   def enc(p, ctx_video, q_video, q_questions):
-    return {"ctx_frames": model.apply({"params": p}, ctx_video, method=model.encode_frames),
-            "q_frames": model.apply({"params": p}, q_video, method=model.encode_frames),
-            "q_codes": model.apply({"params": p}, q_questions, method=model.encode_question)}
+    ctx = model.apply({"params": p}, ctx_video, method=model.encode_frames)
+    out = {"ctx_frames": ctx,
+           "q_frames": model.apply({"params": p}, q_video, method=model.encode_frames),
+           "q_codes": model.apply({"params": p}, q_questions, method=model.encode_question),
+           "herd_idx": jax.vmap(lambda f: adr.herding(adr.frame_elements(f), k_max)[0])(ctx)}
+    if summary is not None:
+      out["device_ratio"] = jax.vmap(lambda f: summary(p, f, type_q))(ctx)
+    return out
 
   parts = []
   n = fc.meta_devices
@@ -59,15 +71,15 @@ def encode_meta_pool(model, params, data_cfg, fc, chunk_devices: int = 64) -> di
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def episode_losses(model, fda, base_params, fda_params, dev, k, *, k_max, clip, groups,
-                   summary=None, type_q=None):
-  """One meta device: (task loss, aux loss, edit penalty, accuracy)."""
+def episode_losses(model, fda, base_params, fda_params, dev, k, *, clip, groups):
+  """One meta device: (task loss, aux loss, edit penalty, accuracy). The anchors are the
+  first k of the device's herding order (k = 0: every element), weighted by Voronoi mass."""
   el = adr.frame_elements(dev["ctx_frames"])
   n_el = el.shape[0]
-  idx, w = adr.herding(el, k_max, k_active=k)
+  idx = dev["herd_idx"]
+  w = adr.voronoi_mass(el, idx, jnp.arange(idx.shape[0]) < k)
   weights = jnp.where(k == 0, jnp.full(n_el, 1.0 / n_el), jnp.zeros(n_el).at[idx].add(w))
-  ratio = None if summary is None else summary(base_params, dev["ctx_frames"], type_q)
-  edit, aux = fda.apply({"params": fda_params}, el, weights, ratio)
+  edit, aux = fda.apply({"params": fda_params}, el, weights, dev.get("device_ratio"))
   params = P.apply_edit(base_params, edit, clip)
   nq = dev["q_codes"].shape[1]
   frames = jnp.broadcast_to(dev["q_frames"][:, None], (dev["q_frames"].shape[0], nq)
@@ -87,14 +99,12 @@ def episode_losses(model, fda, base_params, fda_params, dev, k, *, k_max, clip, 
   return task, aux_loss, penalty, acc
 
 
-def make_meta_step(model, fda, base_params, fc, groups, tx, summary=None, type_q=None):
-  k_max = max(max(fc.train_ks), 1)
+def make_meta_step(model, fda, base_params, fc, groups, tx):
 
   def loss_fn(fda_params, batch):
     task, aux, pen, acc = jax.vmap(
-        lambda d, k: episode_losses(model, fda, base_params, fda_params, d, k, k_max=k_max,
-                                    clip=fc.clip, groups=groups, summary=summary,
-                                    type_q=type_q))(batch["dev"], batch["k"])
+        lambda d, k: episode_losses(model, fda, base_params, fda_params, d, k, clip=fc.clip,
+                                    groups=groups))(batch["dev"], batch["k"])
     loss = task.mean() + fc.aux_weight * aux.mean() + fc.edit_penalty * pen.mean()
     return loss, {"task_loss": task.mean(), "aux_loss": aux.mean(), "edit_penalty": pen.mean(),
                   "query_accuracy": acc.mean()}
@@ -174,11 +184,11 @@ def train_fda(model, fda, base_params, cfg, val_feats, workdir, metrics, summary
       metrics.write(STAGE, 0, val_accuracy=s0)
       logging.info("fda step 0 (zero edit) val accuracy %.4f", s0)
     t = time.time()
-    pool = encode_meta_pool(model, base_params, cfg.data, fc)
+    type_q = jnp.asarray(val_feats["type_q"][0])
+    pool = encode_meta_pool(model, base_params, cfg.data, fc, summary=summary, type_q=type_q)
     logging.info("fda: encoded %d fresh meta devices in %.1fs", fc.meta_devices, time.time() - t)
     groups = tuple(tuple(g) for g in fda.answer_groups)
-    type_q = jnp.asarray(val_feats["type_q"][0])
-    step_fn = make_meta_step(model, fda, base_params, fc, groups, tx, summary, type_q)
+    step_fn = make_meta_step(model, fda, base_params, fc, groups, tx)
     key = jax.random.key(cfg.seed + 2)
     t0, last_good = time.time(), ckpt.latest_step()
     for step in range(start, fc.num_steps):

@@ -236,3 +236,15 @@ def test_sharded_generation_on_1_and_8_accelerators_gives_the_same_edits(fda_set
     bad = a.copy()
     bad[3, 1, 0] = np.nan
     generate.EditGenerator(fda, trained, anchor_dim, device_batch=8)(bad, w)
+
+
+def test_herding_is_prefix_consistent():
+  # Meta-training precomputes one K_max herding order per device and takes its first k.
+  x = jax.random.normal(jax.random.key(7), (60, 5))
+  idx16, _ = adr.herding(x, 16)
+  for k in (1, 4, 9):
+    idx_k, w_k = adr.herding(x, k)
+    assert np.array_equal(np.asarray(idx16[:k]), np.asarray(idx_k))
+    w_prefix = adr.voronoi_mass(x, idx16, jnp.arange(16) < k)
+    np.testing.assert_allclose(w_prefix[:k], w_k, atol=1e-6)
+    assert float(jnp.abs(w_prefix[k:]).sum()) == 0.0
