@@ -47,7 +47,8 @@ def _fmt_flops(x):
 
 
 def write_report(workdir: str, results: dict, cfg) -> None:
-  wd.write_json(os.path.join(workdir, "results.json"), results)
+  # Method order (baselines, then CDC-MMPG and its ablations) is kept: it is the table's order.
+  wd.write_json(os.path.join(workdir, "results.json"), results, sort_keys=False)
   plots = write_plots(workdir, results)
   m = results["methods"]
   margin = results["oracle_global_margin"]

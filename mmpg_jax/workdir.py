@@ -24,11 +24,11 @@ def prepare(workdir: str) -> str:
   return workdir
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj, sort_keys: bool = True) -> None:
   """Writes atomically (temp file + rename), so a crash never leaves half a file."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    json.dump(obj, f, indent=2, sort_keys=sort_keys)
     f.write("\n")
   os.replace(tmp, path)
 

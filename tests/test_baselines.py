@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mmpg_jax import costs, evaluate
 from mmpg_jax import params as P
@@ -77,3 +78,19 @@ def test_costs_are_measured_and_scale_with_the_work(smoke_config, model_and_para
   assert (c5.device_backward_passes, c5.labels_used_per_device) == (25, 5)
   g = baselines.global_method().cost({})
   assert g.device_flops == 0 and g.uplink_bytes == 0 and g.labels_used_per_device == 0
+
+
+def test_aggregate_over_seeds(tmp_path):
+  import json
+  from mmpg_jax import aggregate
+  for seed, acc in enumerate((0.8, 0.9)):
+    d = tmp_path / f"s{seed}"
+    d.mkdir()
+    m = {"metrics": {"accuracy": acc, "margin_closed": 0.5}, "labels_used_per_device": 0,
+         "device_backward_passes": 0, "uplink_bytes": 10.0, "downlink_bytes": 20.0}
+    (d / "results.json").write_text(json.dumps(
+        {"oracle_global_margin": {"test": 0.1}, "methods": {"cdc_mmpg": m}}))
+  t = aggregate.table(aggregate.load([str(tmp_path / "s0"), str(tmp_path / "s1")]))
+  assert "| cdc_mmpg | 85.00 ± 5.00 | 50% ± 0 |" in t
+  with pytest.raises(FileNotFoundError, match="finished runs"):
+    aggregate.load([str(tmp_path / "nope")])

@@ -1,0 +1,46 @@
+r"""Mean and spread over seeds: one markdown table from several runs' results.json.
+
+  python -m mmpg_jax.aggregate runs/seed0 runs/seed1 runs/seed2 [> table.md]
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def load(paths):
+  out = []
+  for p in paths:
+    f = os.path.join(p, "results.json") if os.path.isdir(p) else p
+    if not os.path.exists(f):
+      raise FileNotFoundError(f"{f} does not exist: pass workdirs of finished runs")
+    with open(f) as fh:
+      out.append(json.load(fh))
+  return out
+
+
+def table(runs) -> str:
+  names = list(runs[0]["methods"])
+  margins = [r["oracle_global_margin"]["test"] for r in runs]
+  lines = [f"{len(runs)} runs; oracle − global margin on test devices "
+           f"{100 * np.mean(margins):.2f} ± {100 * np.std(margins):.2f} points.", "",
+           "| method | test acc | closed | OOD acc | labels | backward passes | uplink B | "
+           "downlink B |", "|---|---|---|---|---|---|---|---|"]
+  for n in names:
+    rs = [r["methods"][n] for r in runs if n in r["methods"]]
+    acc = [100 * r["metrics"]["accuracy"] for r in rs]
+    ood = [100 * r["metrics"].get("accuracy_ood", np.nan) for r in rs]
+    closed = [100 * r["metrics"].get("margin_closed", np.nan) for r in rs]
+    m = rs[0]
+    lines.append(f"| {n} | {np.mean(acc):.2f} ± {np.std(acc):.2f} | {np.mean(closed):.0f}% ± "
+                 f"{np.std(closed):.0f} | {np.mean(ood):.2f} ± {np.std(ood):.2f} | "
+                 f"{m['labels_used_per_device']} | {m['device_backward_passes']} | "
+                 f"{m['uplink_bytes']:.0f} | {m['downlink_bytes']:.0f} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  if len(sys.argv) < 2:
+    sys.exit(__doc__)
+  print(table(load(sys.argv[1:])))
