@@ -8,7 +8,6 @@ axis is sharded with NamedSharding over a Mesh of every accelerator (JAX's own S
 a multi-host TPU pod the mesh spans all hosts after `jax.distributed.initialize()`).
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS

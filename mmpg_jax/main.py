@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmpg_jax import costs, evaluate, meta_train, models, report, train
+from mmpg_jax import config_checks, costs, evaluate, meta_train, models, preemption, report, train
 from mmpg_jax import params as P
 from mmpg_jax import workdir as wd
 from mmpg_jax.adapt import baselines, cdc_mmpg, device
@@ -28,14 +28,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and 
 def run(config, workdir: str) -> dict:
   """Runs every stage; returns the results dict (also written to WORKDIR/results.json)."""
   t_start = time.time()
+  # Everything a config can get wrong fails here, before the workdir is touched.
+  config_checks.validate(config)
+  model = models.build(config.model, md.NUM_ANSWERS, len(md.VOCAB))
+  abstract = jax.eval_shape(lambda: train.init_params(model, config.data, config.seed))
+  P.select(abstract, config.dynamic_leaves)
+  device.cached_features_valid(abstract, config.dynamic_leaves)
+  edited = P.select(abstract, config.fda.edit_leaves)
+  config_checks.validate(config, {p: s.shape for p, s in P.flatten(abstract).items()
+                                  if p in edited})
+
   workdir = wd.prepare(workdir)
   wd.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   metrics = wd.MetricsWriter(workdir)
-
-  model = models.build(config.model, md.NUM_ANSWERS, len(md.VOCAB))
-  abstract = jax.eval_shape(lambda: train.init_params(model, config.data, config.seed))
-  P.select(abstract, config.dynamic_leaves)            # a typo fails here, before any work
-  device.cached_features_valid(abstract, config.dynamic_leaves)
 
   t = time.time()
   bench = pipeline.prepare(config.data)
@@ -69,14 +74,15 @@ def run(config, workdir: str) -> dict:
   method_costs = {m.name: m.cost(evals[m.name]["hp"]) for m in methods}
   method_info = {m.name: m.info for m in methods}
 
+  # Nothing time- or host-dependent goes into results.json: the same seed gives the same bytes.
   extra = {"device_model_bytes": P.tree_bytes(params),
            "fda": {**fda_summary, "params": P.tree_size(fda_params)},
-           "device_inference_flops_per_sample": costs.inference_flops_per_sample(cm),
-           "wall_seconds": time.time() - t_start}
+           "device_inference_flops_per_sample": costs.inference_flops_per_sample(cm)}
   results = report.build_results(config, evals, method_costs, extra, method_info)
   report.write_report(workdir, results, config)
-  metrics.write("done", 0, wall_seconds=results["wall_seconds"])
-  logging.info("wrote %s/results.json and report.md in %.0fs", workdir, results["wall_seconds"])
+  wall = time.time() - t_start
+  metrics.write("done", 0, wall_seconds=wall)
+  logging.info("wrote %s/results.json and report.md in %.0fs", workdir, wall)
   return results
 
 
@@ -94,9 +100,14 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  preemption.install()
   if os.environ.get("MMPG_DISTRIBUTED"):
     jax.distributed.initialize()   # multi-host TPU: JAX's runtime finds the coordinator
-  run(_CONFIG.value, _WORKDIR.value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    raise
 
 
 if __name__ == "__main__":

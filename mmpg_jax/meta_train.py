@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mmpg_jax import checkpointing
+from mmpg_jax import checkpointing, preemption
 from mmpg_jax import params as P
 from mmpg_jax.adapt import adr, cdc_mmpg, device
 from mmpg_jax.adapt import fda as fda_lib
@@ -214,9 +214,13 @@ def train_fda(model, fda, base_params, cfg, val_feats, workdir, metrics, summary
                      done, fc.num_steps, float(m["loss"]), float(m["task_loss"]),
                      float(m["aux_loss"]), float(m["query_accuracy"]),
                      f" val {row['val_accuracy']:.4f}" if row else "", rate)
-      if done % fc.checkpoint_every == 0 or done == fc.num_steps:
+      if done % fc.checkpoint_every == 0 or done == fc.num_steps or preemption.requested():
         ckpt.save(done, state, {"stage": STAGE, "step": done})
         last_good = done
+      if preemption.requested():
+        ckpt.close()
+        raise preemption.Preempted(f"fda: preempted (SIGTERM); saved step {done} in "
+                                   f"{ckpt.directory}; rerun the same command to resume")
   return state["best_params"], _summary(state)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mmpg_jax import checkpointing
+from mmpg_jax import checkpointing, preemption
 from mmpg_jax.data import moving_digits as md
 
 STAGE = "global"
@@ -102,7 +102,11 @@ def train_global(model, config, bench, workdir, metrics) -> dict:
                       grad_norm=m["grad_norm"], steps_per_s=rate, eta_s=eta)
         logging.info("global step %d/%d loss %.4f acc %.3f | %.1f steps/s, ETA %.0fs", done,
                      tc.num_steps, float(m["loss"]), float(m["accuracy"]), rate, eta)
-      if done % tc.checkpoint_every == 0 or done == tc.num_steps:
+      if done % tc.checkpoint_every == 0 or done == tc.num_steps or preemption.requested():
         ckpt.save(done, state, {"stage": STAGE, "step": done, "loss": float(m["loss"])})
         last_good = done
+      if preemption.requested():
+        ckpt.close()
+        raise preemption.Preempted(f"global: preempted (SIGTERM); saved step {done} in "
+                                   f"{ckpt.directory}; rerun the same command to resume")
   return state["params"]

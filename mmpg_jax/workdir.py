@@ -27,10 +27,21 @@ def prepare(workdir: str) -> str:
 def write_json(path: str, obj, sort_keys: bool = True) -> None:
   """Writes atomically (temp file + rename), so a crash never leaves half a file."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=sort_keys)
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=sort_keys)
+      f.write("\n")
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise WorkdirError(e.errno, _cannot_write(path, e)) from e
+
+
+def _cannot_write(path, e):
+  return (f"could not write {path} ({e.strerror or e}); its previous version is untouched. "
+          f"Free disk space or fix permissions and rerun the same command: finished stages "
+          f"resume from their checkpoints.")
 
 
 class MetricsWriter:
@@ -42,5 +53,8 @@ class MetricsWriter:
   def write(self, stage: str, step: int, **metrics):
     row = {"stage": stage, "step": int(step), "time": time.time(),
            **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:
+      raise WorkdirError(e.errno, _cannot_write(self.path, e)) from e

@@ -18,7 +18,6 @@
 Anchors with weight 0 are ignored exactly (masked out of the pooling and the EM), so a padded
 set [N, E] with zero weights gives the same edit as the K live anchors alone.
 """
-from typing import Sequence
 
 import flax.linen as nn
 from flax import traverse_util

@@ -19,6 +19,17 @@ from mmpg_jax.data import tfds_moving_digits as tmd
 tfds.disable_progress_bar()
 
 
+class DataError(RuntimeError):
+  """Prepared data is missing, truncated or malformed."""
+
+
+def _damaged(builder, what, e):
+  return DataError(
+      f"the prepared data in {builder.data_dir} is damaged or incomplete ({what}: "
+      f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Delete that folder "
+      f"and rerun: it is rebuilt from the generator (about 30 s); nothing else is lost.")
+
+
 def default_data_dir() -> str:
   return os.environ.get("MMPG_DATA_DIR", os.path.expanduser("~/.cache/mmpg_jax/tfds"))
 
@@ -30,24 +41,64 @@ class Benchmark:
   devices_builder: tfds.core.DatasetBuilder
 
   def global_source(self):
-    return self.cloud.as_data_source(split="global_train")
+    try:
+      return self.cloud.as_data_source(split="global_train")
+    except Exception as e:
+      raise _damaged(self.cloud, "opening split global_train", e) from e
 
   def global_batches(self, batch_size: int, seed: int) -> grain.MapDataset:
     src = self.global_source()
     if len(src) < batch_size:
       raise ValueError(f"global_train has {len(src)} videos, fewer than train.batch_size="
                        f"{batch_size}; raise data.num_global_devices or lower the batch size")
-    return (grain.MapDataset.source(src).shuffle(seed=seed).repeat(None)
-            .map(lambda e: {k: np.asarray(v) for k, v in e.items()})
-            .batch(batch_size, drop_remainder=True))
+    ds = (grain.MapDataset.source(src).shuffle(seed=seed).repeat(None)
+          .map(lambda e: {k: np.asarray(v) for k, v in e.items()})
+          .batch(batch_size, drop_remainder=True))
+    return _Checked(ds, self.cloud)
 
   def devices(self, split: str) -> dict:
     """All devices of a split, stacked: role fields get a leading device axis."""
     if split not in tmd.DEVICE_SPLITS:
       raise ValueError(f"unknown device split {split!r}; expected one of {tmd.DEVICE_SPLITS}")
-    src = self.devices_builder.as_data_source(split=split)
-    exs = [src[i] for i in range(len(src))]
+    try:
+      src = self.devices_builder.as_data_source(split=split)
+      exs = [src[i] for i in range(len(src))]
+    except Exception as e:
+      raise _damaged(self.devices_builder, f"reading split {split}", e) from e
     return _stack(exs)
+
+  def verify(self):
+    """Opens every split, checks its size against the config and decodes its first and last
+    examples, so damaged files fail here, with a message, and not mid-run."""
+    cfg = self.cfg
+    want = {(self.cloud, "global_train"): cfg["num_global_devices"] *
+            cfg["global_videos_per_device"],
+            (self.devices_builder, "validation"): cfg["num_val_devices"],
+            (self.devices_builder, "test"): cfg["num_test_devices"],
+            (self.devices_builder, "test_ood"): cfg["num_ood_devices"]}
+    for (builder, split), n in want.items():
+      if n == 0:
+        continue
+      try:
+        src = builder.as_data_source(split=split)
+        if len(src) != n:
+          raise ValueError(f"{len(src)} examples, expected {n}")
+        src[0], src[n - 1]
+      except Exception as e:
+        raise _damaged(builder, f"split {split}", e) from e
+
+
+class _Checked:
+  """A batch source whose read errors name the data folder and the fix."""
+
+  def __init__(self, ds, builder):
+    self._ds, self._builder = ds, builder
+
+  def __getitem__(self, i):
+    try:
+      return self._ds[i]
+    except Exception as e:
+      raise _damaged(self._builder, f"reading batch {i}", e) from e
 
 
 def _stack(examples):
@@ -63,8 +114,16 @@ def prepare(data_cfg, data_dir: str | None = None) -> Benchmark:
   cloud = tmd.MovingDigitsCloud(data_cfg=data_cfg, data_dir=data_dir)
   devices = tmd.MovingDigitsDevices(data_cfg=data_cfg, data_dir=data_dir)
   for b in (cloud, devices):
-    b.download_and_prepare()
-  return Benchmark(cfg=tmd.data_config_dict(data_cfg), cloud=cloud, devices_builder=devices)
+    existed = os.path.exists(b.data_dir)
+    try:
+      b.download_and_prepare()
+    except Exception as e:
+      if not existed:
+        raise            # a fresh build failed: the generator's own error says why
+      raise _damaged(b, "opening the prepared copy", e) from e
+  bench = Benchmark(cfg=tmd.data_config_dict(data_cfg), cloud=cloud, devices_builder=devices)
+  bench.verify()
+  return bench
 
 
 class MetaDeviceSampler:

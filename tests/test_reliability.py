@@ -1,0 +1,228 @@
+"""Faults and bad input at every boundary: kills, damaged checkpoints, damaged data, full
+disks, invalid configs. Each asserts the error and that nothing on disk was lost."""
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mmpg_jax import checkpointing, config_checks, main, models, train
+from mmpg_jax import workdir as wd
+from mmpg_jax.data import moving_digits as md
+from mmpg_jax.data import pipeline
+
+from conftest import ROOT
+
+LONG = ["--config.train.num_steps=40", "--config.train.checkpoint_every=4",
+        "--config.train.log_every=4"]
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "mmpg_jax.main", "--config=configs/moving_digits_qa.py:smoke",
+          f"--workdir={workdir}", *LONG, *extra]
+
+
+def _env(data_dir):
+  env = dict(os.environ, MMPG_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _steps(d):
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def _final_global_params(workdir, cfg):
+  model = models.build(cfg.model, md.NUM_ANSWERS, len(md.VOCAB))
+  params = train.init_params(model, cfg.data, cfg.seed)
+  tx = train.make_optimizer(cfg.train)
+  target = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.int32(0)}
+  with checkpointing.StageCheckpointer(str(workdir), "global") as ck:
+    state, _ = ck.restore(target)
+  return state
+
+
+def test_sigterm_and_repeated_sigkill_end_exactly_like_an_uninterrupted_run(
+    smoke_config, data_dir, tmp_path):
+  clean, killed = tmp_path / "clean", tmp_path / "killed"
+  r = subprocess.run(_cmd(clean), cwd=ROOT, env=_env(data_dir), capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+  ckpt = killed / "checkpoints" / "global"
+  rng = random.Random(0)
+  for attempt, sig in enumerate([signal.SIGTERM, signal.SIGKILL, signal.SIGKILL]):
+    seen = _steps(ckpt)
+    p = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(data_dir),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not _steps(ckpt) or _steps(ckpt)[-1] <= max(seen or [0])):
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.3))          # land at a random point between checkpoints
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    if sig == signal.SIGTERM:                  # a final checkpoint, then exit 143
+      assert p.returncode == 143, err[-2000:]
+      assert "preempted (SIGTERM); saved step" in err
+      saved = int(err.split("saved step ")[1].split()[0])
+      assert saved in _steps(ckpt)
+    else:
+      assert p.returncode == -signal.SIGKILL
+  assert _steps(ckpt)[-1] < 40, "training finished before the last kill"
+  r = subprocess.run(_cmd(killed), cwd=ROOT, env=_env(data_dir), capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resuming from checkpoint step" in r.stderr
+
+  cfg = smoke_config.copy_and_resolve_references()
+  cfg.train.num_steps = 40
+  a, b = _final_global_params(clean, cfg), _final_global_params(killed, cfg)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+  # Same seed -> the same results.json, bit for bit.
+  assert (clean / "results.json").read_bytes() == (killed / "results.json").read_bytes()
+
+
+# ---------- damaged checkpoints ---------------------------------------------------------------
+
+def _train(cfg, bench, workdir):
+  model = models.build(cfg.model, md.NUM_ANSWERS, len(md.VOCAB))
+  return train.train_global(model, cfg, bench, str(workdir), wd.MetricsWriter(str(workdir)))
+
+
+def _truncate(step_dir):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state"))
+           for f in fs]
+  big = max(files, key=os.path.getsize)
+  with open(big, "r+b") as f:
+    f.truncate(os.path.getsize(big) // 2)
+
+
+def _scramble(step_dir):
+  rng = np.random.default_rng(0)
+  for r, _, fs in os.walk(os.path.join(step_dir, "state", "ocdbt.process_0", "d")):
+    for name in fs:
+      path = os.path.join(r, name)
+      data = bytearray(open(path, "rb").read())
+      lo = len(data) // 3
+      data[lo:lo + 64] = rng.integers(0, 256, min(64, len(data) - lo), dtype=np.uint8).tobytes()
+      open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _scramble])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_good_step(
+    smoke_config, bench, tmp_path, damage):
+  ref = _train(smoke_config, bench, tmp_path / "ref")        # steps 3 and 6, uninterrupted
+  ck = tmp_path / "ref" / "checkpoints" / "global"
+  assert _steps(ck) == [3, 6]
+  damage(str(ck / "6"))
+  again = _train(smoke_config, bench, tmp_path / "ref")      # resumes from 3, retrains 4..6
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+               ref, again)
+  kept = tmp_path / "ref" / "checkpoints" / "global_damaged" / "step_6"
+  assert kept.is_dir()                                        # moved aside, not deleted
+  assert _steps(ck) == [3, 6]
+
+
+def test_no_usable_checkpoint_says_so_and_where(smoke_config, bench, tmp_path):
+  _train(smoke_config, bench, tmp_path)
+  ck = tmp_path / "checkpoints" / "global"
+  for s in _steps(ck):
+    _scramble(str(ck / str(s)))
+  with pytest.raises(checkpointing.CheckpointCorruptError,
+                     match=r"no usable global checkpoint in .*checkpoints/global(.|\n)*step 6"
+                           r"(.|\n)*step 3(.|\n)*Delete"):
+    _train(smoke_config, bench, tmp_path)
+  assert _steps(ck) == [3, 6]                                 # nothing removed
+
+
+# ---------- damaged data ----------------------------------------------------------------------
+
+def _shards(d, split):
+  return sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs
+                if f.startswith(f"moving_digits_devices-{split}.array_record"))
+
+
+@pytest.mark.parametrize("fault", ["missing", "truncated", "malformed"])
+def test_damaged_data_files_get_a_clear_error(smoke_config, data_dir, tmp_path, fault):
+  copy = tmp_path / "data"
+  shutil.copytree(data_dir, copy)
+  shard = _shards(copy, "test")[0]
+  if fault == "missing":
+    os.remove(shard)
+  elif fault == "truncated":
+    with open(shard, "r+b") as f:
+      f.truncate(os.path.getsize(shard) // 3)
+  else:
+    open(shard, "wb").write(b"this is not an array_record file" * 100)
+  with pytest.raises(pipeline.DataError, match=r"damaged or incomplete(.|\n)*Delete that folder"):
+    pipeline.prepare(smoke_config.data, str(copy))
+
+
+# ---------- full disk, unwritable files -------------------------------------------------------
+
+def test_a_failing_write_keeps_the_previous_file(tmp_path, monkeypatch):
+  path = str(tmp_path / "results.json")
+  wd.write_json(path, {"v": 1})
+  real_dump = json.dump
+
+  def full_disk(obj, f, **kw):
+    real_dump(obj, f, **kw)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(json, "dump", full_disk)
+  with pytest.raises(wd.WorkdirError, match=r"No space left on device(.|\n)*previous version is "
+                                            r"untouched"):
+    wd.write_json(path, {"v": 2})
+  assert json.loads(open(path).read()) == {"v": 1}
+  assert not os.path.exists(path + ".tmp")
+
+
+def test_a_failing_checkpoint_write_names_the_step_and_keeps_earlier_ones(smoke_config, bench,
+                                                                          tmp_path, monkeypatch):
+  _train(smoke_config, bench, tmp_path)
+  cfg = smoke_config.copy_and_resolve_references()
+  cfg.train.num_steps = 9
+  import orbax.checkpoint as ocp
+
+  def full_disk(self, *a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  with pytest.raises(OSError, match=r"could not write the global checkpoint of step 9(.|\n)*"
+                                    r"earlier checkpoints are untouched"):
+    _train(cfg, bench, tmp_path)
+  assert _steps(tmp_path / "checkpoints" / "global") == [3, 6]
+
+
+# ---------- invalid config values -------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value,match", [
+    ("adr.k", 500, r"config.adr.k=500 is invalid: K must be between 1 and the 56"),
+    ("adr.k_sweep", (1, 0), r"config.adr.k_sweep=0"),
+    ("fda.rank", 64, r"config.fda.rank=64 is invalid: larger than layer"),
+    ("train.learning_rate", -1e-3, r"config.train.learning_rate=-0.001 is invalid"),
+    ("fda.learning_rate", 0.0, r"config.fda.learning_rate=0.0 is invalid"),
+    ("baselines.fta.learning_rates", (1e-2, -1.0), r"baselines.fta.learning_rates"),
+    ("baselines.fta.ks", (5, 50), r"needs k <= data.support_size=10"),
+    ("data.frames", 1, r"need at least 2 frames"),
+    ("adr.selector", "median", r"known: \('herding'"),
+])
+def test_invalid_config_values_are_refused_before_any_work(smoke_config, tmp_path, key, value,
+                                                           match):
+  cfg = smoke_config.copy_and_resolve_references()
+  node = cfg
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_checks.ConfigError, match=match):
+    main.run(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
