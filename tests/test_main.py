@@ -1,5 +1,4 @@
-"""The real entry point, end to end and tiny, plus the bad inputs it must refuse clearly."""
-import json
+"""The entry point refuses bad input clearly, before any work."""
 import os
 import subprocess
 import sys
@@ -14,9 +13,6 @@ from mmpg_jax.workdir import MetricsWriter
 from conftest import ROOT
 
 SMOKE = ["--config=configs/moving_digits_qa.py:smoke"]
-# The smoke config runs one FTA budget and two ADR ablations (the default config runs them all).
-METHODS = {"global", "fta_k5", "tent", "prior_em", "prior_em_asked", "oracle", "cdc_mmpg",
-           "cdc_mmpg_random", "cdc_mmpg_all_frames"}
 
 
 def _main_cmd(workdir, *extra):
@@ -27,42 +23,6 @@ def _env(data_dir):
   env = dict(os.environ, MMPG_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   return env
-
-
-def test_smoke_run_of_the_real_entry_point(tmp_path, data_dir):
-  workdir = tmp_path / "run"
-  r = subprocess.run(_main_cmd(workdir), cwd=ROOT, env=_env(data_dir), capture_output=True,
-                     text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.loads((workdir / "results.json").read_text())
-  for key in ("benchmark", "task", "num_eval_devices", "device_model_bytes", "methods"):
-    assert key in res
-  assert set(res["methods"]) == METHODS
-  for name, m in res["methods"].items():
-    for key in ("uplink_bytes", "downlink_bytes", "device_backward_passes", "device_flops",
-                "labels_used_per_device"):
-      assert key in m, (name, key)
-    assert len(m["per_device"]["accuracy"]) == res["num_eval_devices"] == 3
-    assert len(m["per_device"]["accuracy_ood"]) == 2
-    assert 0.0 <= m["metrics"]["accuracy"] <= 1.0
-  m = res["methods"]
-  assert m["global"]["device_backward_passes"] == 0 and m["global"]["device_flops"] == 0
-  assert m["fta_k5"]["labels_used_per_device"] == 5 and m["fta_k5"]["device_flops"] > 0
-  assert m["prior_em"]["device_backward_passes"] == 0 and m["prior_em"]["labels_used_per_device"] == 0
-  assert m["tent"]["labels_used_per_device"] == 0 and m["tent"]["device_backward_passes"] > 0
-  for name in ("cdc_mmpg", "cdc_mmpg_random", "cdc_mmpg_all_frames"):
-    c = m[name]
-    assert c["device_backward_passes"] == 0 and c["labels_used_per_device"] == 0, name
-    assert c["uplink_bytes"] > 0 and c["downlink_bytes"] > 0 and c["device_flops"] > 0
-    assert "anchor_mmd2" in c["metrics"] and "anchor_mmd2_ood" in c["metrics"]
-  assert m["cdc_mmpg_all_frames"]["uplink_bytes"] > m["cdc_mmpg"]["uplink_bytes"]
-  assert res["fda"]["steps"] == 4
-  report = (workdir / "report.md").read_text()
-  assert "Oracle − global margin" in report and "| fta_k5 |" in report
-  for f in ("config.json", "metrics.jsonl", "per_device_accuracy.png", "accuracy_vs_uplink.png"):
-    assert (workdir / f).exists(), f
-  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert any(r["stage"] == "global" and "steps_per_s" in r for r in rows)
 
 
 def test_unknown_config_key_is_refused(tmp_path):

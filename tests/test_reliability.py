@@ -1,14 +1,10 @@
-"""Faults and bad input at every boundary: kills, damaged checkpoints, damaged data, full
-disks, invalid configs. Each asserts the error and that nothing on disk was lost."""
+"""Faults and bad input at every boundary: damaged checkpoints, damaged data, full disks,
+invalid configs (kills are in test_entry_point.py). Each asserts the error and that nothing on
+disk was lost."""
 import errno
 import json
 import os
-import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -19,75 +15,9 @@ from mmpg_jax import workdir as wd
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
 
-from conftest import ROOT
-
-LONG = ["--config.train.num_steps=40", "--config.train.checkpoint_every=4",
-        "--config.train.log_every=4"]
-
-
-def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "mmpg_jax.main", "--config=configs/moving_digits_qa.py:smoke",
-          f"--workdir={workdir}", *LONG, *extra]
-
-
-def _env(data_dir):
-  env = dict(os.environ, MMPG_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return env
-
 
 def _steps(d):
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
-
-
-def _final_global_params(workdir, cfg):
-  model = models.build(cfg.model, md.NUM_ANSWERS, len(md.VOCAB))
-  params = train.init_params(model, cfg.data, cfg.seed)
-  tx = train.make_optimizer(cfg.train)
-  target = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.int32(0)}
-  with checkpointing.StageCheckpointer(str(workdir), "global") as ck:
-    state, _ = ck.restore(target)
-  return state
-
-
-def test_sigterm_and_repeated_sigkill_end_exactly_like_an_uninterrupted_run(
-    smoke_config, data_dir, tmp_path):
-  clean, killed = tmp_path / "clean", tmp_path / "killed"
-  r = subprocess.run(_cmd(clean), cwd=ROOT, env=_env(data_dir), capture_output=True, text=True,
-                     timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-
-  ckpt = killed / "checkpoints" / "global"
-  rng = random.Random(0)
-  for attempt, sig in enumerate([signal.SIGTERM, signal.SIGKILL, signal.SIGKILL]):
-    seen = _steps(ckpt)
-    p = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(data_dir),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and (not _steps(ckpt) or _steps(ckpt)[-1] <= max(seen or [0])):
-      time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.3))          # land at a random point between checkpoints
-    p.send_signal(sig)
-    _, err = p.communicate(timeout=120)
-    if sig == signal.SIGTERM:                  # a final checkpoint, then exit 143
-      assert p.returncode == 143, err[-2000:]
-      assert "preempted (SIGTERM); saved step" in err
-      saved = int(err.split("saved step ")[1].split()[0])
-      assert saved in _steps(ckpt)
-    else:
-      assert p.returncode == -signal.SIGKILL
-  assert _steps(ckpt)[-1] < 40, "training finished before the last kill"
-  r = subprocess.run(_cmd(killed), cwd=ROOT, env=_env(data_dir), capture_output=True, text=True,
-                     timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert "resuming from checkpoint step" in r.stderr
-
-  cfg = smoke_config.copy_and_resolve_references()
-  cfg.train.num_steps = 40
-  a, b = _final_global_params(clean, cfg), _final_global_params(killed, cfg)
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
-  # Same seed -> the same results.json, bit for bit.
-  assert (clean / "results.json").read_bytes() == (killed / "results.json").read_bytes()
 
 
 # ---------- damaged checkpoints ---------------------------------------------------------------

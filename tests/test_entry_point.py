@@ -1,0 +1,137 @@
+"""The real entry point, end to end and tiny: what a run writes, and that a run interrupted by
+SIGTERM and SIGKILL (several times, at random points) ends exactly like an uninterrupted one."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mmpg_jax import checkpointing, models, train
+from mmpg_jax.data import moving_digits as md
+
+from conftest import ROOT
+
+# Long enough to be interrupted several times in each training stage.
+LONG = ["--config.train.num_steps=60", "--config.train.checkpoint_every=4",
+        "--config.train.log_every=4", "--config.fda.num_steps=24", "--config.fda.eval_every=4",
+        "--config.fda.checkpoint_every=2"]
+# The smoke config runs one FTA budget and two ADR ablations (the default config runs them all).
+METHODS = {"global", "fta_k5", "tent", "prior_em", "prior_em_asked", "oracle", "cdc_mmpg",
+           "cdc_mmpg_random", "cdc_mmpg_all_frames"}
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "mmpg_jax.main", "--config=configs/moving_digits_qa.py:smoke",
+          f"--workdir={workdir}", *LONG, *extra]
+
+
+def _env(data_dir):
+  env = dict(os.environ, MMPG_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _steps(d):
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, data_dir):
+  """One uninterrupted run of `python -m mmpg_jax.main` (smoke config, longer training)."""
+  workdir = tmp_path_factory.mktemp("clean") / "run"
+  r = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(data_dir), capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return workdir
+
+
+def _final_global_params(workdir, cfg):
+  model = models.build(cfg.model, md.NUM_ANSWERS, len(md.VOCAB))
+  params = train.init_params(model, cfg.data, cfg.seed)
+  tx = train.make_optimizer(cfg.train)
+  target = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.int32(0)}
+  with checkpointing.StageCheckpointer(str(workdir), "global") as ck:
+    state, _ = ck.restore(target)
+  return state
+
+
+def test_smoke_run_of_the_real_entry_point(clean_run):
+  workdir = clean_run
+  res = json.loads((workdir / "results.json").read_text())
+  for key in ("benchmark", "task", "num_eval_devices", "device_model_bytes", "methods"):
+    assert key in res
+  assert set(res["methods"]) == METHODS
+  for name, m in res["methods"].items():
+    for key in ("uplink_bytes", "downlink_bytes", "device_backward_passes", "device_flops",
+                "labels_used_per_device"):
+      assert key in m, (name, key)
+    assert len(m["per_device"]["accuracy"]) == res["num_eval_devices"] == 3
+    assert len(m["per_device"]["accuracy_ood"]) == 2
+    assert 0.0 <= m["metrics"]["accuracy"] <= 1.0
+  m = res["methods"]
+  assert m["global"]["device_backward_passes"] == 0 and m["global"]["device_flops"] == 0
+  assert m["fta_k5"]["labels_used_per_device"] == 5 and m["fta_k5"]["device_flops"] > 0
+  assert m["prior_em"]["device_backward_passes"] == 0 and m["prior_em"]["labels_used_per_device"] == 0
+  assert m["tent"]["labels_used_per_device"] == 0 and m["tent"]["device_backward_passes"] > 0
+  for name in ("cdc_mmpg", "cdc_mmpg_random", "cdc_mmpg_all_frames"):
+    c = m[name]
+    assert c["device_backward_passes"] == 0 and c["labels_used_per_device"] == 0, name
+    assert c["uplink_bytes"] > 0 and c["downlink_bytes"] > 0 and c["device_flops"] > 0
+    assert "anchor_mmd2" in c["metrics"] and "anchor_mmd2_ood" in c["metrics"]
+  assert m["cdc_mmpg_all_frames"]["uplink_bytes"] > m["cdc_mmpg"]["uplink_bytes"]
+  assert res["fda"]["steps"] == 24
+  report = (workdir / "report.md").read_text()
+  assert "Oracle − global margin" in report and "| fta_k5 |" in report
+  for f in ("config.json", "metrics.jsonl", "per_device_accuracy.png", "accuracy_vs_uplink.png"):
+    assert (workdir / f).exists(), f
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any(r["stage"] == "global" and "steps_per_s" in r for r in rows)
+
+
+def test_sigterm_and_repeated_sigkill_end_exactly_like_an_uninterrupted_run(
+    smoke_config, data_dir, tmp_path, clean_run):
+  clean, killed = clean_run, tmp_path / "killed"
+
+  rng = random.Random(0)
+  plan = [("global", signal.SIGTERM), ("global", signal.SIGKILL), ("global", signal.SIGKILL),
+          ("global", signal.SIGKILL), ("fda", signal.SIGKILL)]
+  for stage, sig in plan:
+    ckpt = killed / "checkpoints" / stage
+    seen = _steps(ckpt)
+    p = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(data_dir),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not _steps(ckpt) or _steps(ckpt)[-1] <= max(seen or [0])):
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.3))          # land at a random point between checkpoints
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    if sig == signal.SIGTERM:                  # a final checkpoint, then exit 143
+      assert p.returncode == 143, err[-2000:]
+      assert "preempted (SIGTERM); saved step" in err
+      saved = int(err.split("saved step ")[1].split()[0])
+      assert saved in _steps(ckpt)
+    else:
+      assert p.returncode == -signal.SIGKILL
+    if stage == "global":
+      assert _steps(ckpt)[-1] < 60, "training finished before the kill"
+  assert _steps(killed / "checkpoints" / "fda")[-1] < 24, "meta-training ended before the kill"
+  r = subprocess.run(_cmd(killed), cwd=ROOT, env=_env(data_dir), capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resuming from checkpoint step" in r.stderr
+
+  cfg = smoke_config.copy_and_resolve_references()
+  cfg.train.num_steps = 60
+  a, b = _final_global_params(clean, cfg), _final_global_params(killed, cfg)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+  # Same seed -> the same results.json, bit for bit.
+  assert (clean / "results.json").read_bytes() == (killed / "results.json").read_bytes()
+
+
