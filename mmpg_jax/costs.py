@@ -85,7 +85,6 @@ class CostModel:
       self._cache[key] = flops(lambda a, s: device.em_prior(a, s, iterations, 1.0), a, prior)
     return self._cache[key]
 
-
   def adr(self, selector: str, k: int) -> float:
     """Selecting anchors from the context's frame elements."""
     key = ("adr", selector, k)

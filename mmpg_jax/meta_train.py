@@ -139,7 +139,7 @@ def make_validator(model, fda, base_params, val_feats, cfg, summary=None):
   def one(fda_params, dev):
     p = cdc_mmpg.adapt_device(base_params, fda, fda_params, dev["context"]["frames"],
                               selector=ac.selector, k=ac.k, clip=cfg.fda.clip,
-                              key=jax.random.fold_in(jax.random.key(cfg.seed), dev["device_id"]),
+                              key=cdc_mmpg.device_key(cfg.seed, dev),
                               summary=summary, type_q=dev["type_q"])
     return device.accuracy(model, p, dev["query"])
 

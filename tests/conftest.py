@@ -14,6 +14,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 
+def checkpoint_steps(d):
+  """The step numbers of an orbax checkpoint folder (empty if it does not exist)."""
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
 @pytest.fixture(scope="session")
 def smoke_config():
   import moving_digits_qa

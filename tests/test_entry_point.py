@@ -16,6 +16,7 @@ from mmpg_jax import checkpointing, models, train
 from mmpg_jax.data import moving_digits as md
 
 from conftest import ROOT
+from conftest import checkpoint_steps as _steps
 
 # Long enough to be interrupted several times in each training stage.
 LONG = ["--config.train.num_steps=60", "--config.train.checkpoint_every=4",
@@ -35,10 +36,6 @@ def _env(data_dir):
   env = dict(os.environ, MMPG_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   return env
-
-
-def _steps(d):
-  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
 
 
 @pytest.fixture(scope="module")

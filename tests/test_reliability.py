@@ -15,9 +15,7 @@ from mmpg_jax import workdir as wd
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
 
-
-def _steps(d):
-  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+from conftest import checkpoint_steps as _steps
 
 
 # ---------- damaged checkpoints ---------------------------------------------------------------

@@ -49,13 +49,14 @@ def adapt_device(params, fda, fda_params, context_frames, *, selector, k, clip, 
   return P.apply_edit(params, edit, clip)
 
 
-def _key(seed, dev):
+def device_key(seed, dev):
+  """The per-device RNG key of the random selectors (a function of seed and device id)."""
   return jax.random.fold_in(jax.random.key(seed), dev["device_id"])
 
 
 def anchor_mmd(dev, selector, k, seed):
   el = adr.frame_elements(dev["context"]["frames"])
-  a, w = adr.select(el, k, selector, _key(seed, dev))
+  a, w = adr.select(el, k, selector, device_key(seed, dev))
   return adr.mmd2(a, w, el)
 
 
@@ -78,15 +79,12 @@ def build(fda, fda_params, cm, cfg, summary=None):
   variants += [(f"cdc_mmpg_{'all_frames' if s == 'all' else s}", s, ac.k) for s in ac.ablations]
   variants += [(f"cdc_mmpg_k{k}", ac.selector, k) for k in ac.k_sweep if k != ac.k]
   methods = []
-  for name, selector, k in variants:
-    if selector != "all" and k > n_el:
-      raise ValueError(f"adr: K={k} is larger than the {n_el} frame elements of a context "
-                       f"(data.context_size x (data.frames - 1)); lower adr.k / adr.k_sweep")
+  for name, selector, k in variants:   # K ranges: config_checks.validate
     kk = n_el if selector == "all" else k
 
     def adapt(params, dev, hp, selector=selector, k=k):
       return adapt_device(params, fda, fda_params, dev["context"]["frames"], selector=selector,
-                          k=k, clip=cfg.fda.clip, key=_key(cfg.seed, dev), summary=summary,
+                          k=k, clip=cfg.fda.clip, key=device_key(cfg.seed, dev), summary=summary,
                           type_q=dev["type_q"])
 
     def cost(hp, kk=kk, selector=selector, k=k):
