@@ -20,17 +20,27 @@ def load(paths):
   return out
 
 
+def selection_metric(run) -> str:
+  """The task's selection metric (its first), from the task registry."""
+  from mmpg_jax import tasks
+  try:
+    return tasks.get(run["task"]).metrics[0].name
+  except (KeyError, ValueError):
+    return "accuracy"
+
+
 def table(runs) -> str:
   names = list(runs[0]["methods"])
+  sel = selection_metric(runs[0])
   margins = [r["oracle_global_margin"]["test"] for r in runs]
-  lines = [f"{len(runs)} runs; oracle − global margin on test devices "
+  lines = [f"{len(runs)} runs; oracle − global margin of {sel} on test devices "
            f"{100 * np.mean(margins):.2f} ± {100 * np.std(margins):.2f} points.", "",
-           "| method | test acc | closed | OOD acc | labels | backward passes | uplink B | "
+           f"| method | test {sel} | closed | OOD {sel} | labels | backward passes | uplink B | "
            "downlink B |", "|---|---|---|---|---|---|---|---|"]
   for n in names:
     rs = [r["methods"][n] for r in runs if n in r["methods"]]
-    acc = [100 * r["metrics"]["accuracy"] for r in rs]
-    ood = [100 * r["metrics"].get("accuracy_ood", np.nan) for r in rs]
+    acc = [100 * r["metrics"][sel] for r in rs]
+    ood = [100 * r["metrics"].get(sel + "_ood", np.nan) for r in rs]
     closed = [100 * r["metrics"].get("margin_closed", np.nan) for r in rs]
     m = rs[0]
     lines.append(f"| {n} | {np.mean(acc):.2f} ± {np.std(acc):.2f} | {np.mean(closed):.0f}% ± "

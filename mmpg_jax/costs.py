@@ -33,37 +33,29 @@ class DeviceCost:
 
 
 class CostModel:
-  """Measures FLOPs of the device-side pieces for one device of the given data config."""
+  """Measures FLOPs of the device-side pieces of a task for one device."""
 
-  def __init__(self, model, params, data_cfg):
-    self.model, self.params, self.cfg = model, params, data_cfg
+  def __init__(self, task, model, params):
+    self.task, self.model, self.params = task, model, params
+    self.cfg = task.config.data
     self._cache = {}
 
-  def _inputs(self, n):
-    t, s, q = self.cfg.frames, self.cfg.size, self.cfg.question_len
-    return jnp.zeros((n, t, s, s), jnp.uint8), jnp.ones((n, q), jnp.int32)
-
   def _feats(self, n):
-    video, question = self._inputs(n)
-    f = jax.eval_shape(lambda p: device.encode(self.model, p, video, question), self.params)
-    out = {k: jnp.zeros(v.shape, v.dtype) for k, v in f.items()}
-    out["answer"] = jnp.zeros((n,), jnp.int32)
-    return out
+    return self.task.example_features(self.model, self.params, n)
 
   def encode(self, n: int) -> float:
-    """Running the static encoders on n videos and their questions."""
+    """Running the static encoders on n samples."""
     key = ("encode", n)
     if key not in self._cache:
-      video, question = self._inputs(n)
-      self._cache[key] = flops(lambda p, v, q: device.encode(self.model, p, v, q),
-                               self.params, video, question)
+      self._cache[key] = flops(lambda p, *x: self.task.encode(self.model, p, *x), self.params,
+                               *self.task.example_inputs(n))
     return self._cache[key]
 
   def forward(self, n: int) -> float:
     """The dynamic part's forward pass on n encoded samples."""
     key = ("forward", n)
     if key not in self._cache:
-      self._cache[key] = flops(lambda p, f: device.logits(self.model, p, f), self.params,
+      self._cache[key] = flops(lambda p, f: self.task.scores(self.model, p, f), self.params,
                                self._feats(n))
     return self._cache[key]
 
@@ -73,28 +65,29 @@ class CostModel:
     if key not in self._cache:
       static, dyn = P.split(self.params, leaves)
       opt = device.make_optimizer(optimizer, 1e-3)
-      fn = lambda d, s, f: device.finetune_step(self.model, objective, opt, static, d, s, f)
+      loss_fn = device.objective(self.task, self.model, objective)
+      fn = lambda d, s, f: device.finetune_step(loss_fn, opt, static, d, s, f)
       self._cache[key] = flops(fn, dyn, opt.init(dyn), self._feats(n))
     return self._cache[key]
 
   def em(self, n: int, iterations: int) -> float:
     key = ("em", n, iterations)
     if key not in self._cache:
-      a = jnp.ones((n, self.model.num_answers)) / self.model.num_answers
-      prior = jnp.ones((self.model.num_answers,)) / self.model.num_answers
-      self._cache[key] = flops(lambda a, s: device.em_prior(a, s, iterations, 1.0), a, prior)
+      a = max(hi for _, hi in self.task.label_groups)
+      probs = jnp.ones((n, a)) / a
+      prior = jnp.ones((a,)) / a
+      self._cache[key] = flops(lambda x, s: device.em_prior(x, s, iterations, 1.0), probs, prior)
     return self._cache[key]
 
   def adr(self, selector: str, k: int) -> float:
-    """Selecting anchors from the context's frame elements."""
+    """Selecting anchors from the context's elements (every modality)."""
     key = ("adr", selector, k)
     if key not in self._cache:
-      n, t = self.cfg.context_size, self.cfg.frames
-      d = self.model.embed_dim
-      frames = jnp.zeros((n, t, d))
-      self._cache[key] = flops(
-          lambda f, key: adr.select(adr.frame_elements(f), k, selector, key), frames,
-          jax.random.key(0))
+      def select_all(ctx, key):
+        return [adr.select(el, k, selector, key)
+                for el in self.task.anchor_elements(ctx).values()]
+      self._cache[key] = flops(select_all, self._feats(self.cfg.context_size),
+                               jax.random.key(0))
     return self._cache[key]
 
   def merge(self, edit_shape) -> float:

@@ -1,9 +1,12 @@
-r"""The main job: data -> global model -> device methods -> results.json / report.md.
+r"""The main job: task -> data -> global model -> method families -> evaluate -> report.
 
-  python -m mmpg_jax.main --config=configs/moving_digits_qa.py[:smoke] --workdir=DIR
+  python -m mmpg_jax.main --config=configs/<experiment>.py[:smoke] --workdir=DIR
 
-Rerunning with the same workdir resumes every stage from its last checkpoint.
+It knows no task and no method family by name: `config.task` picks the task (mmpg_jax.tasks)
+and `config.method_families` the modules under mmpg_jax/adapt/ whose `build(ctx)` return the
+methods. Rerunning with the same workdir resumes every stage from its last checkpoint.
 """
+import importlib
 import json
 import os
 import time
@@ -12,74 +15,90 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmpg_jax import config_checks, costs, evaluate, meta_train, models, preemption, report, train
+from mmpg_jax import config_checks, costs, evaluate, preemption, report, tasks, train
 from mmpg_jax import params as P
 from mmpg_jax import workdir as wd
-from mmpg_jax.adapt import baselines, cdc_mmpg, device
-from mmpg_jax.adapt import fda as fda_lib
-from mmpg_jax.data import moving_digits as md
-from mmpg_jax.data import pipeline
+from mmpg_jax.adapt import baselines, device
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go")
 
 
+def method_family(name: str):
+  """A method family: `mmpg_jax.adapt.<name>` (or a module path) with `build(ctx)`."""
+  path = name if "." in name else f"mmpg_jax.adapt.{name}"
+  try:
+    module = importlib.import_module(path)
+  except ModuleNotFoundError as e:
+    raise config_checks.ConfigError(
+        f"config.method_families names {name!r}, but {path} cannot be imported ({e}); families "
+        f"are modules under mmpg_jax/adapt/ with a build(ctx) function") from e
+  return module
+
+
+def check(config):
+  """Every check that needs no data: task, config values, leaf regexes. Returns (task, model,
+  abstract params)."""
+  task = tasks.build(config)
+  config_checks.validate(config, task)
+  families = [method_family(f) for f in config.method_families]
+  model = task.build_model()
+  abstract = jax.eval_shape(lambda: task.init_params(model, config.seed))
+  P.select(abstract, config.dynamic_leaves)
+  device.cached_features_valid(abstract, config.dynamic_leaves, task.encoder_prefixes)
+  edited = P.select(abstract, config.fda.edit_leaves)
+  config_checks.validate(config, task, task.num_elements(model, abstract, config.data.context_size),
+                         {p: s.shape for p, s in P.flatten(abstract).items() if p in edited})
+  return task, model, families
+
+
 def run(config, workdir: str) -> dict:
   """Runs every stage; returns the results dict (also written to WORKDIR/results.json)."""
   t_start = time.time()
   # Everything a config can get wrong fails here, before the workdir is touched.
-  config_checks.validate(config)
-  model = models.build(config.model, md.NUM_ANSWERS, len(md.VOCAB))
-  abstract = jax.eval_shape(lambda: train.init_params(model, config.data, config.seed))
-  P.select(abstract, config.dynamic_leaves)
-  device.cached_features_valid(abstract, config.dynamic_leaves)
-  edited = P.select(abstract, config.fda.edit_leaves)
-  config_checks.validate(config, {p: s.shape for p, s in P.flatten(abstract).items()
-                                  if p in edited})
+  task, model, families = check(config)
 
   workdir = wd.prepare(workdir)
   wd.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   metrics = wd.MetricsWriter(workdir)
 
   t = time.time()
-  bench = pipeline.prepare(config.data)
+  data = task.prepare_data()
   logging.info("data ready in %.1fs", time.time() - t)
 
   t = time.time()
-  params = train.train_global(model, config, bench, workdir, metrics)
+  params = train.train_global(task, model, config, data, workdir, metrics)
   logging.info("global model ready in %.1fs", time.time() - t)
 
   t = time.time()
-  val = evaluate.encode_split(model, params, bench.devices("validation"))
-  groups = {"test": evaluate.encode_split(model, params, bench.devices("test"))}
+  val = task.encode_split(model, params, data.devices("validation"))
+  groups = {"test": task.encode_split(model, params, data.devices("test"))}
   if config.data.num_ood_devices > 0:
-    groups["test_ood"] = evaluate.encode_split(model, params, bench.devices("test_ood"))
+    groups["test_ood"] = task.encode_split(model, params, data.devices("test_ood"))
   logging.info("encoded evaluation devices in %.1fs", time.time() - t)
 
-  cm = costs.CostModel(model, params, config.data)
-  source_prior = train.answer_prior(bench)
-  methods = baselines.build(model, cm, config, source_prior)
-
+  cm = costs.CostModel(task, model, params)
+  ctx = baselines.MethodContext(task=task, model=model, params=params, cost_model=cm,
+                                config=config, source_prior=task.source_prior(data), val=val,
+                                workdir=workdir, metrics=metrics)
+  methods = []
+  for family in families:
+    t = time.time()
+    methods += family.build(ctx)
+    logging.info("method family %s ready in %.1fs", family.__name__, time.time() - t)
   t = time.time()
-  fda = fda_lib.from_config(config, params, source_prior)
-  summary = cdc_mmpg.device_summary(model, config, source_prior)
-  fda_params, fda_summary = meta_train.train_fda(model, fda, params, config, val, workdir,
-                                                 metrics, summary)
-  methods += cdc_mmpg.build(fda, fda_params, cm, config, summary)
-  logging.info("FDA ready in %.1fs (%s)", time.time() - t, fda_summary)
-  t = time.time()
-  evals = evaluate.Evaluator(model, config.eval.device_chunk).run(methods, params, val, groups)
+  evals = evaluate.Evaluator(task, model, config.eval.device_chunk).run(methods, params, val,
+                                                                       groups)
   logging.info("evaluated %d methods in %.1fs", len(methods), time.time() - t)
   method_costs = {m.name: m.cost(evals[m.name]["hp"]) for m in methods}
   method_info = {m.name: m.info for m in methods}
 
   # Nothing time- or host-dependent goes into results.json: the same seed gives the same bytes.
-  extra = {"device_model_bytes": P.tree_bytes(params),
-           "fda": {**fda_summary, "params": P.tree_size(fda_params)},
+  extra = {"device_model_bytes": P.tree_bytes(params), **ctx.extra,
            "device_inference_flops_per_sample": costs.inference_flops_per_sample(cm)}
-  results = report.build_results(config, evals, method_costs, extra, method_info)
-  report.write_report(workdir, results, config)
+  results = report.build_results(config, task, evals, method_costs, extra, method_info)
+  report.write_report(workdir, results, config, task)
   wall = time.time() - t_start
   metrics.write("done", 0, wall_seconds=wall)
   logging.info("wrote %s/results.json and report.md in %.0fs", workdir, wall)

@@ -37,8 +37,13 @@ def bench(smoke_config, data_dir):
 
 
 @pytest.fixture(scope="session")
-def model_and_params(smoke_config):
-  from mmpg_jax import models, train
-  from mmpg_jax.data import moving_digits as md
-  model = models.build(smoke_config.model, md.NUM_ANSWERS, len(md.VOCAB))
-  return model, train.init_params(model, smoke_config.data, 0)
+def task(smoke_config):
+  """The video-QA task of the smoke config."""
+  from mmpg_jax import tasks
+  return tasks.build(smoke_config)
+
+
+@pytest.fixture(scope="session")
+def model_and_params(task):
+  model = task.build_model()
+  return model, task.init_params(model, 0)

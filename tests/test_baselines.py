@@ -27,52 +27,60 @@ def test_em_recovers_a_shifted_label_prior():
   np.testing.assert_allclose(est_s, source, atol=1e-3)
 
 
-def _feats(model, params, cfg, n, seed):
+def _feats(task, model, params, cfg, n, seed):
   rng = np.random.default_rng(seed)
   d = cfg.data
   video = rng.integers(0, 255, (n, d.frames, d.size, d.size), dtype=np.uint8)
   question = rng.integers(1, 20, (n, d.question_len)).astype(np.int32)
-  f = device.encode(model, params, video, question)
+  f = task.encode(model, params, video, question)
   f["answer"] = jnp.asarray(rng.integers(0, 14, n), jnp.int32)
   f["qtype"] = jnp.zeros(n, jnp.int32)
   return f
 
 
-def test_finetune_changes_only_the_selected_leaves_and_lowers_the_loss(smoke_config,
+def _ctx(task, model, params, cfg):
+  return baselines.MethodContext(task=task, model=model, params=params,
+                                 cost_model=costs.CostModel(task, model, params), config=cfg,
+                                 source_prior=None, val=None, workdir="", metrics=None)
+
+
+def test_finetune_changes_only_the_selected_leaves_and_lowers_the_loss(smoke_config, task,
                                                                        model_and_params):
   model, params = model_and_params
-  f = _feats(model, params, smoke_config, 12, 0)
+  f = _feats(task, model, params, smoke_config, 12, 0)
   leaves = ["answer_head/.*"]
-  out = device.finetune(model, params, leaves, f, objective="cross_entropy", optimizer="adam",
-                        lr=1e-2, steps=30)
+  out = device.finetune(device.objective(task, model, "supervised"), params, leaves, f,
+                        optimizer="adam", lr=1e-2, steps=30)
   before, after = P.flatten(params), P.flatten(out)
   for path in before:
     same = np.array_equal(before[path], after[path])
     assert same != path.startswith("answer_head/"), path
-  ce = lambda p: float(device.OBJECTIVES["cross_entropy"](model, p, f))
+  ce = lambda p: float(task.loss(model, p, f))
   assert ce(out) < ce(params)
 
 
-def test_vmapped_evaluation_equals_a_loop_over_devices(smoke_config, model_and_params):
+def test_vmapped_evaluation_equals_a_loop_over_devices(smoke_config, task, model_and_params):
   model, params = model_and_params
-  devs = [{"support": _feats(model, params, smoke_config, 10, s),
-           "query": _feats(model, params, smoke_config, 8, 100 + s)} for s in range(3)]
+  devs = [{"support": _feats(task, model, params, smoke_config, 10, s),
+           "query": _feats(task, model, params, smoke_config, 8, 100 + s)} for s in range(3)]
   stacked = jax.tree.map(lambda *x: np.stack(x), *devs)
   stacked["device_id"] = np.arange(3, dtype=np.int32)
   stacked["type_q"] = np.zeros((3, 2, smoke_config.model.question_dim), np.float32)
-  cm = costs.CostModel(model, params, smoke_config.data)
-  method = baselines.fta(model, cm, smoke_config, 5)
+  method = baselines.fta(_ctx(task, model, params, smoke_config), 5)
   hp = {"lr": 0.05, "steps": 3}
-  vm = evaluate.Evaluator(model, device_chunk=2).per_device_accuracy(method, params, stacked, hp)
-  loop = [float(device.accuracy(model, method.adapt(params, d, hp), d["query"])) for d in devs]
+  vm = evaluate.Evaluator(task, model, device_chunk=2).per_device_metrics(
+      method, params, stacked, hp)["accuracy"]
+  accuracy = lambda p, q: task.metric_values(task.scores(model, p, q), q)["accuracy"]
+  loop = [float(accuracy(method.adapt(params, d, hp), d["query"])) for d in devs]
   np.testing.assert_allclose(vm, loop, atol=1e-6)
 
 
-def test_costs_are_measured_and_scale_with_the_work(smoke_config, model_and_params):
+def test_costs_are_measured_and_scale_with_the_work(smoke_config, task, model_and_params):
   model, params = model_and_params
-  cm = costs.CostModel(model, params, smoke_config.data)
+  ctx = _ctx(task, model, params, smoke_config)
+  cm = ctx.cost_model
   assert cm.encode(2) > 0 and abs(cm.encode(4) / cm.encode(2) - 2) < 0.2
-  m = baselines.fta(model, cm, smoke_config, 5)
+  m = baselines.fta(ctx, 5)
   c5, c20 = m.cost({"lr": 0.1, "steps": 5}), m.cost({"lr": 0.1, "steps": 20})
   assert c20.device_flops > c5.device_flops > 0
   assert (c5.device_backward_passes, c5.labels_used_per_device) == (25, 5)

@@ -6,18 +6,19 @@ import pytest
 
 from mmpg_jax import costs, generate
 from mmpg_jax import params as P
-from mmpg_jax.adapt import adr, baselines, cdc_mmpg, device
+from mmpg_jax.adapt import adr, baselines, cdc_mmpg
 from mmpg_jax.adapt import fda as fda_lib
 from mmpg_jax.data import moving_digits as md
+from mmpg_jax.tasks import _video
 
 
 @pytest.fixture(scope="module")
-def fda_setup(smoke_config, model_and_params):
+def fda_setup(smoke_config, task, model_and_params):
   model, params = model_and_params
   prior = np.full(md.NUM_ANSWERS, 1.0 / md.NUM_ANSWERS)
-  fda = fda_lib.from_config(smoke_config, params, prior)
+  fda = fda_lib.from_config(smoke_config, task, params, prior, task.anchor_dims(model, params))
   anchor_dim = 2 * smoke_config.model.embed_dim
-  fresh = fda_lib.init(fda, jax.random.key(0), anchor_dim)
+  fresh = fda_lib.init(fda, jax.random.key(0))
   # A "trained" FDA: every parameter perturbed, so edits are non-zero everywhere.
   leaves, tdef = jax.tree.flatten(fresh)
   keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -31,19 +32,39 @@ def _frames(cfg, n_videos, seed=0):
                                                   cfg.model.embed_dim))
 
 
-def _query(model, params, cfg, n=5, seed=0):
+def _query(task, model, params, cfg, n=5, seed=0):
   rng = np.random.default_rng(seed)
   d = cfg.data
   video = rng.integers(0, 255, (n, d.frames, d.size, d.size), dtype=np.uint8)
   question = rng.integers(1, 20, (n, d.question_len)).astype(np.int32)
-  return device.encode(model, params, video, question)
+  return task.encode(model, params, video, question)
+
+
+def _upload(anchors, weights, summary=None):
+  """One video-QA upload (anchors [K, E], weights [K]; a leading device axis allowed)."""
+  up = {"anchors": {"video": anchors}, "weights": {"video": weights}}
+  if summary is not None:
+    up["summary"] = summary
+  return up
+
+
+def _ctx(task, model, params, cfg, source_prior=None):
+  return baselines.MethodContext(task=task, model=model, params=params,
+                                 cost_model=costs.CostModel(task, model, params), config=cfg,
+                                 source_prior=source_prior, val=None, workdir="", metrics=None)
+
+
+def _cdc_methods(task, model, params, cfg, fda, fda_params, summary):
+  """The cdc_mmpg methods (and ablations) for the given FDA params (no meta-training)."""
+  ctx = _ctx(task, model, params, cfg, np.asarray(fda.source_prior))
+  return cdc_mmpg.make_methods(ctx, fda, fda_params, summary)
 
 
 # ---------- ADR -------------------------------------------------------------------------------
 
 def test_frame_elements_carry_motion():
   frames = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2) ** 2
-  el = adr.frame_elements(frames)
+  el = _video.frame_elements(frames)
   assert el.shape == (4, 4)
   np.testing.assert_allclose(el[0], jnp.concatenate([frames[0, 0], frames[0, 1] - frames[0, 0]]))
 
@@ -77,7 +98,7 @@ def test_k_larger_than_the_frames_available_is_refused():
 def test_edit_structure_equals_the_dynamic_leaves(smoke_config, fda_setup):
   model, params, fda, _, trained, anchor_dim = fda_setup
   _, dynamic = P.split(params, smoke_config.dynamic_leaves)
-  edit = fda_lib.generate(fda, trained, jnp.ones((3, anchor_dim)), jnp.ones(3) / 3)
+  edit = fda_lib.generate(fda, trained, _upload(jnp.ones((3, anchor_dim)), jnp.ones(3) / 3))
   materialised = {p: P.materialize(d, P.flatten(dynamic)[p].shape)
                   for p, d in P.edit_leaves(edit).items()}
   assert jax.tree.structure(P.unflatten(materialised)) == jax.tree.structure(dynamic)
@@ -86,30 +107,30 @@ def test_edit_structure_equals_the_dynamic_leaves(smoke_config, fda_setup):
   assert any(isinstance(d, P.LowRankDelta) for d in P.edit_leaves(edit).values())
 
 
-def test_zero_initialised_fda_yields_the_global_model_exactly(smoke_config, fda_setup):
+def test_zero_initialised_fda_yields_the_global_model_exactly(smoke_config, task, fda_setup):
   model, params, fda, fresh, _, _ = fda_setup
-  ctx = _frames(smoke_config, smoke_config.data.context_size)
-  q = _query(model, params, smoke_config)
-  adapted = cdc_mmpg.adapt_device(params, fda, fresh, ctx, selector="herding", k=4, clip=3.0,
-                                  key=jax.random.key(0))
-  assert np.array_equal(np.asarray(device.logits(model, params, q)),
-                        np.asarray(device.logits(model, adapted, q)))
+  dev = {"context": {"frames": _frames(smoke_config, smoke_config.data.context_size)}}
+  q = _query(task, model, params, smoke_config)
+  adapted = cdc_mmpg.adapt_device(task, params, fda, fresh, dev, selector="herding", k=4,
+                                  clip=3.0, key=jax.random.key(0))
+  assert np.array_equal(np.asarray(task.scores(model, params, q)),
+                        np.asarray(task.scores(model, adapted, q)))
 
 
 def test_vmapped_generate_equals_a_loop_and_padding_is_exact(fda_setup):
   _, _, fda, _, trained, anchor_dim = fda_setup
   a = jax.random.normal(jax.random.key(3), (4, 5, anchor_dim))
   w = jax.nn.softmax(jax.random.normal(jax.random.key(4), (4, 5)))
-  vm = jax.vmap(lambda a, w: fda_lib.generate(fda, trained, a, w))(a, w)
+  vm = jax.vmap(lambda a, w: fda_lib.generate(fda, trained, _upload(a, w)))(a, w)
   for i in range(4):
-    one = fda_lib.generate(fda, trained, a[i], w[i])
+    one = fda_lib.generate(fda, trained, _upload(a[i], w[i]))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x[i], y, rtol=1e-5, atol=1e-6), vm, one)
   # zero-weight padding anchors are ignored exactly
   pad_a = jnp.concatenate([a[0], 100 * jnp.ones((3, anchor_dim))])
   pad_w = jnp.concatenate([w[0], jnp.zeros(3)])
-  padded = fda_lib.generate(fda, trained, pad_a, pad_w)
+  padded = fda_lib.generate(fda, trained, _upload(pad_a, pad_w))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
-               padded, fda_lib.generate(fda, trained, a[0], w[0]))
+               padded, fda_lib.generate(fda, trained, _upload(a[0], w[0])))
 
 
 # ---------- the device side: forward only, no labels ------------------------------------------
@@ -133,10 +154,10 @@ def no_backward(monkeypatch):
     monkeypatch.setattr(ad, n, refuse)
 
 
-def _device(model, params, cfg, with_labels, seed=0):
+def _device(task, model, params, cfg, with_labels, seed=0):
   d = cfg.data
   ctx = _frames(cfg, d.context_size, seed)
-  query = _query(model, params, cfg, seed=seed)
+  query = _query(task, model, params, cfg, seed=seed)
   dev = {"context": {"frames": ctx, "q": jnp.zeros((d.context_size, cfg.model.question_dim)),
                      "qtype": jnp.zeros(d.context_size, jnp.int32)},
          "query": dict(query), "device_id": jnp.int32(seed),
@@ -147,40 +168,41 @@ def _device(model, params, cfg, with_labels, seed=0):
   return dev
 
 
-def test_device_path_runs_no_backward_pass_and_uses_no_labels(smoke_config, fda_setup,
+def test_device_path_runs_no_backward_pass_and_uses_no_labels(smoke_config, task, fda_setup,
                                                               no_backward):
   model, params, fda, _, trained, _ = fda_setup
-  cm = costs.CostModel(model, params, smoke_config.data)
-  summary = cdc_mmpg.device_summary(model, smoke_config, fda.source_prior)
+  summary = cdc_mmpg.device_summary(task, model, smoke_config, fda.source_prior)
   assert summary is not None       # the device's forward-only EM summary is on the path too
-  method = cdc_mmpg.build(fda, trained, cm, smoke_config, summary)[0]
+  method = _cdc_methods(task, model, params, smoke_config, fda, trained, summary)[0]
+  assert method.name == "cdc_mmpg"
 
   def device_path(dev):                       # ADR -> (cloud generate) -> merge -> inference
-    return device.logits(model, method.adapt(params, dev, {}), dev["query"])
+    return task.scores(model, method.adapt(params, dev, {}), dev["query"])
 
   jitted = jax.jit(device_path)
-  no_labels = jitted(_device(model, params, smoke_config, with_labels=None))
+  no_labels = jitted(_device(task, model, params, smoke_config, with_labels=None))
   for poison in (0, 13):
-    with_labels = jitted(_device(model, params, smoke_config, with_labels=poison))
+    with_labels = jitted(_device(task, model, params, smoke_config, with_labels=poison))
     assert np.array_equal(np.asarray(no_labels), np.asarray(with_labels))
   # Positive control: the detector does catch on-device fine-tuning (FTA).
-  fta = baselines.fta(model, cm, smoke_config, 1)
-  dev = _device(model, params, smoke_config, with_labels=0)
+  fta = baselines.fta(_ctx(task, model, params, smoke_config), 1)
+  dev = _device(task, model, params, smoke_config, with_labels=0)
   dev["support"] = dict(dev["query"])
   with pytest.raises(_BackwardPassRan):
     jax.jit(lambda d: fta.adapt(params, d, {"lr": 0.1, "steps": 1}))(dev)
 
 
-def test_cdc_costs_report_no_backward_no_labels_and_real_bytes(smoke_config, fda_setup):
+def test_cdc_costs_report_no_backward_no_labels_and_real_bytes(smoke_config, task, fda_setup):
   model, params, fda, _, trained, anchor_dim = fda_setup
-  cm = costs.CostModel(model, params, smoke_config.data)
-  summary = cdc_mmpg.device_summary(model, smoke_config, fda.source_prior)
-  methods = {m.name: m for m in cdc_mmpg.build(fda, trained, cm, smoke_config, summary)}
+  summary = cdc_mmpg.device_summary(task, model, smoke_config, fda.source_prior)
+  assert summary is not None
+  methods = {m.name: m for m in _cdc_methods(task, model, params, smoke_config, fda, trained,
+                                             summary)}
   c = methods["cdc_mmpg"].cost({})
   assert c.device_backward_passes == 0 and c.labels_used_per_device == 0
   # K anchors of (embedding + temporal difference) and a weight each, + the 14-float summary
   assert c.uplink_bytes == (smoke_config.adr.k * (anchor_dim + 1) + md.NUM_ANSWERS) * 4
-  edit = fda_lib.generate(fda, trained, jnp.ones((2, anchor_dim)), jnp.ones(2) / 2)
+  edit = fda_lib.generate(fda, trained, _upload(jnp.ones((2, anchor_dim)), jnp.ones(2) / 2))
   assert c.downlink_bytes == 4 * sum(x.size for x in jax.tree.leaves(edit))
   all_frames = methods["cdc_mmpg_all_frames"].cost({})
   n_el = smoke_config.data.context_size * (smoke_config.data.frames - 1)
@@ -189,16 +211,18 @@ def test_cdc_costs_report_no_backward_no_labels_and_real_bytes(smoke_config, fda
 
 def test_default_config_edit_is_under_5_percent_of_the_model():
   import moving_digits_qa
-  from mmpg_jax import models, train
+  from mmpg_jax import tasks
   cfg = moving_digits_qa.get_config()
-  model = models.build(cfg.model, md.NUM_ANSWERS, len(md.VOCAB))
-  params = jax.eval_shape(lambda: train.init_params(model, cfg.data, 0))
+  task = tasks.build(cfg)
+  model = task.build_model()
+  params = jax.eval_shape(lambda: task.init_params(model, 0))
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
-  fda = fda_lib.from_config(cfg, params, np.full(md.NUM_ANSWERS, 1 / 14))
+  fda = fda_lib.from_config(cfg, task, params, np.full(md.NUM_ANSWERS, 1 / 14),
+                            task.anchor_dims(model, params))
   anchor_dim = 2 * cfg.model.embed_dim
-  fp = jax.eval_shape(lambda: fda_lib.init(fda, jax.random.key(0), anchor_dim))
-  edit = jax.eval_shape(lambda p: fda_lib.generate(fda, p, jnp.ones((4, anchor_dim)),
-                                                   jnp.ones(4) / 4), fp)
+  fp = jax.eval_shape(lambda: fda_lib.init(fda, jax.random.key(0)))
+  edit = jax.eval_shape(lambda p: fda_lib.generate(fda, p, _upload(jnp.ones((4, anchor_dim)),
+                                                                   jnp.ones(4) / 4)), fp)
   assert fda_lib.edit_bytes(edit, 4) <= 0.05 * P.tree_bytes(params)
 
 
@@ -217,7 +241,7 @@ def test_default_config_edit_is_under_5_percent_of_the_model():
 ])
 def test_bad_uploads_are_refused(anchors, weights, match):
   with pytest.raises(generate.UploadError, match=match):
-    generate.validate_upload(anchors, weights, 32, max_anchors=16)
+    generate.validate_anchors(anchors, weights, 32, max_anchors=16)
 
 
 def test_sharded_generation_on_1_and_8_accelerators_gives_the_same_edits(fda_setup):
@@ -225,17 +249,20 @@ def test_sharded_generation_on_1_and_8_accelerators_gives_the_same_edits(fda_set
   assert jax.device_count() == 8
   a = np.asarray(jax.random.normal(jax.random.key(5), (20, 4, anchor_dim)), np.float32)
   w = np.full((20, 4), 0.25, np.float32)
-  one = generate.EditGenerator(fda, trained, anchor_dim, device_batch=8,
-                               mesh=generate.make_mesh(jax.devices()[:1]))(a, w)
-  eight = generate.EditGenerator(fda, trained, anchor_dim, device_batch=8)(a, w)
+  assert fda.summary_dim == md.NUM_ANSWERS
+  s = np.asarray(jax.random.normal(jax.random.key(6), (20, fda.summary_dim)), np.float32)
+  one = generate.EditGenerator(fda, trained, device_batch=8,
+                               mesh=generate.make_mesh(jax.devices()[:1]))(_upload(a, w, s))
+  eight = generate.EditGenerator(fda, trained, device_batch=8)(_upload(a, w, s))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), one, eight)
-  ref = fda_lib.generate(fda, trained, jnp.asarray(a[13]), jnp.asarray(w[13]))
+  ref = fda_lib.generate(fda, trained, _upload(jnp.asarray(a[13]), jnp.asarray(w[13]),
+                                               jnp.asarray(s[13])))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x[13], y, rtol=1e-5, atol=1e-6),
                eight, ref)
   with pytest.raises(generate.UploadError, match="NaN/Inf"):
     bad = a.copy()
     bad[3, 1, 0] = np.nan
-    generate.EditGenerator(fda, trained, anchor_dim, device_batch=8)(bad, w)
+    generate.EditGenerator(fda, trained, device_batch=8)(_upload(bad, w, s))
 
 
 def test_herding_is_prefix_consistent():

@@ -4,6 +4,7 @@ import pytest
 from mmpg_jax.data import digits
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
+from mmpg_jax.tasks.base import stack
 
 
 def _equal_trees(a, b):
@@ -37,11 +38,18 @@ def test_device_is_deterministic_and_roles_are_independent(smoke_config):
   assert not np.array_equal(a["context"]["video"], other["context"]["video"])
 
 
-def test_context_carries_no_answers(smoke_config):
+def test_context_carries_no_answers(smoke_config, task, model_and_params):
   dev = md.make_device(smoke_config.data, "validation", 0, md.device_roles(smoke_config.data,
                                                                            "validation"))
-  assert "answer" not in dev["context"] and "caption" not in dev["context"]
-  assert {"answer", "caption"} <= set(dev["support"]) and "oracle" in dev
+  # The context is unlabelled: no answers and no caption content. It does carry the captions
+  # its users typed (the retrieval task's text queries), ...
+  assert "answer" not in dev["context"] and "content" not in dev["context"]
+  assert {"answer", "caption", "content"} <= set(dev["support"]) and "oracle" in dev
+  # ... but a caption states its video's answers, so the QA task never reads context captions.
+  model, params = model_and_params
+  devices = stack([{k: v for k, v in dev.items() if k != "shift"}])
+  enc = task.encode_split(model, params, devices, chunk=64)
+  assert set(enc["context"]) == {"frames", "q", "qtype"}
 
 
 def test_answers_match_the_rendered_motion(smoke_config):

@@ -12,8 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmpg_jax import checkpointing, models, train
-from mmpg_jax.data import moving_digits as md
+from mmpg_jax import checkpointing, tasks, train
 
 from conftest import ROOT
 from conftest import checkpoint_steps as _steps
@@ -49,9 +48,10 @@ def clean_run(tmp_path_factory, data_dir):
 
 
 def _final_global_params(workdir, cfg):
-  model = models.build(cfg.model, md.NUM_ANSWERS, len(md.VOCAB))
-  params = train.init_params(model, cfg.data, cfg.seed)
-  tx = train.make_optimizer(cfg.train)
+  task = tasks.build(cfg)
+  model = task.build_model()
+  params = task.init_params(model, cfg.seed)
+  tx = train.make_optimizer(cfg.train, "train")
   target = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.int32(0)}
   with checkpointing.StageCheckpointer(str(workdir), "global") as ck:
     state, _ = ck.restore(target)

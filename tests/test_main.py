@@ -5,9 +5,8 @@ import sys
 
 import pytest
 
-from mmpg_jax import checkpointing, main, models, train
+from mmpg_jax import checkpointing, main, tasks, train
 from mmpg_jax import workdir as wd
-from mmpg_jax.data import moving_digits as md
 from mmpg_jax.workdir import MetricsWriter
 
 from conftest import ROOT
@@ -50,8 +49,9 @@ def test_unwritable_workdir_is_refused(smoke_config, tmp_path):
 
 
 def _train(cfg, bench, workdir):
-  model = models.build(cfg.model, md.NUM_ANSWERS, len(md.VOCAB))
-  return train.train_global(model, cfg, bench, str(workdir), MetricsWriter(str(workdir)))
+  task = tasks.build(cfg)
+  model = task.build_model()
+  return train.train_global(task, model, cfg, bench, str(workdir), MetricsWriter(str(workdir)))
 
 
 def test_checkpoint_from_a_different_config_is_refused(smoke_config, bench, tmp_path):

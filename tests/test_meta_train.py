@@ -6,25 +6,25 @@ import jax
 import numpy as np
 import pytest
 
-from mmpg_jax import evaluate, meta_train
+from mmpg_jax import meta_train
 from mmpg_jax.adapt import cdc_mmpg
 from mmpg_jax.adapt import fda as fda_lib
 from mmpg_jax.workdir import MetricsWriter
 
 
 @pytest.fixture(scope="module")
-def setup(smoke_config, bench, model_and_params):
+def setup(smoke_config, task, bench, model_and_params):
   model, params = model_and_params
   prior = np.full(14, 1 / 14, np.float32)
-  fda = fda_lib.from_config(smoke_config, params, prior)
-  val = evaluate.encode_split(model, params, bench.devices("validation"))
-  summary = cdc_mmpg.device_summary(model, smoke_config, prior)
-  return model, params, fda, val, summary
+  fda = fda_lib.from_config(smoke_config, task, params, prior, task.anchor_dims(model, params))
+  val = task.encode_split(model, params, bench.devices("validation"))
+  summary = cdc_mmpg.device_summary(task, model, smoke_config, prior)
+  return task, model, params, fda, val, summary
 
 
 def _run(cfg, setup, workdir):
-  model, params, fda, val, summary = setup
-  return meta_train.train_fda(model, fda, params, cfg, val, str(workdir),
+  task, model, params, fda, val, summary = setup
+  return meta_train.train_fda(task, model, fda, params, cfg, val, str(workdir),
                               MetricsWriter(str(workdir)), summary)
 
 
@@ -47,7 +47,7 @@ def test_meta_training_changes_the_fda_and_keeps_the_zero_edit_candidate(smoke_c
                                                                          tmp_path):
   cfg = smoke_config.copy_and_resolve_references()
   cfg.fda.learning_rate = 1e-2
-  model, params, fda, val, _ = setup
+  _, model, params, fda, val, _ = setup
   best, summary = _run(cfg, setup, tmp_path)
   # selection: the returned params are those of the best validation score (step 0 included)
   assert 0 <= summary["best_step"] <= cfg.fda.num_steps
@@ -58,5 +58,5 @@ def test_meta_training_changes_the_fda_and_keeps_the_zero_edit_candidate(smoke_c
   import json
   logged = [json.loads(r) for r in rows if '"grad_norm"' in r]
   assert logged and all(r["grad_norm"] > 0 and np.isfinite(r["task_loss"]) for r in logged)
-  fresh = fda_lib.init(fda, jax.random.key(cfg.seed + 1), 2 * cfg.model.embed_dim)
+  fresh = fda_lib.init(fda, jax.random.key(cfg.seed + 1))
   assert jax.tree.structure(fresh) == jax.tree.structure(best)

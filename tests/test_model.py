@@ -21,11 +21,11 @@ def test_zero_edit_reproduces_the_model_outputs_exactly(smoke_config, model_and_
   assert np.array_equal(np.asarray(base), np.asarray(edited))
 
 
-def test_cached_feature_path_equals_the_full_model(smoke_config, model_and_params):
+def test_cached_feature_path_equals_the_full_model(smoke_config, task, model_and_params):
   model, params = model_and_params
   video, question = _inputs(smoke_config)
   full = model.apply({"params": params}, video, question)
-  cached = device.logits(model, params, device.encode(model, params, video, question))
+  cached = task.scores(model, params, task.encode(model, params, video, question))
   np.testing.assert_allclose(full, cached, rtol=1e-6, atol=1e-6)
 
 
@@ -38,8 +38,8 @@ def test_temporal_pooling_is_order_aware(smoke_config, model_and_params):
   assert not np.allclose(fwd, rev, atol=1e-5)
 
 
-def test_default_dynamic_leaves_exclude_the_encoders(smoke_config, model_and_params):
+def test_default_dynamic_leaves_exclude_the_encoders(smoke_config, task, model_and_params):
   _, params = model_and_params
   dyn = P.select(params, smoke_config.dynamic_leaves)
   assert dyn and not any(p.startswith(("frame_encoder", "question_encoder")) for p in dyn)
-  device.cached_features_valid(params, smoke_config.dynamic_leaves)
+  device.cached_features_valid(params, smoke_config.dynamic_leaves, task.encoder_prefixes)

@@ -10,9 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from mmpg_jax import checkpointing, config_checks, main, models, train
+from mmpg_jax import checkpointing, config_checks, main, tasks, train
 from mmpg_jax import workdir as wd
-from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
 
 from conftest import checkpoint_steps as _steps
@@ -21,8 +20,10 @@ from conftest import checkpoint_steps as _steps
 # ---------- damaged checkpoints ---------------------------------------------------------------
 
 def _train(cfg, bench, workdir):
-  model = models.build(cfg.model, md.NUM_ANSWERS, len(md.VOCAB))
-  return train.train_global(model, cfg, bench, str(workdir), wd.MetricsWriter(str(workdir)))
+  task = tasks.build(cfg)
+  model = task.build_model()
+  return train.train_global(task, model, cfg, bench, str(workdir),
+                            wd.MetricsWriter(str(workdir)))
 
 
 def _truncate(step_dir):

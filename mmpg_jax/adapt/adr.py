@@ -1,11 +1,9 @@
 """ADR: the AnchorFrame Distribution Reasoner, on the device, forward-only.
 
-From the frame embeddings of the device's recent unlabelled videos, pick K anchors whose
-(weighted) distribution stays close to all of them, so a few KB describe what the device sees.
-
-Anchor elements carry motion: element (v, t) = [e_t, e_{t+1} - e_t], a frame embedding together
-with its temporal difference (a single frame shows no motion, and the device's motion prior is
-part of its shift). A context of n videos of T frames gives n*(T-1) elements.
+From the anchor elements of the device's recent unlabelled data (the task's
+`anchor_elements`: for video, frame embeddings with their temporal differences; caption codes),
+pick K anchors whose (weighted) distribution stays close to all of them, so a few KB describe
+what the device sees.
 
 Selectors (all pure; jit- and vmap-able with K static):
   herding   greedy kernel herding: each step adds the element that most reduces the MMD between
@@ -23,13 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 SELECTORS = ("herding", "kcenter", "kmeanspp", "uniform", "random", "all")
-
-
-def frame_elements(frames):
-  """[n, T, D] frame embeddings -> [n*(T-1), 2D] elements [e_t, e_{t+1} - e_t]."""
-  e, nxt = frames[:, :-1], frames[:, 1:]
-  el = jnp.concatenate([e, nxt - e], axis=-1)
-  return el.reshape((-1, el.shape[-1]))
 
 
 def _sq_dists(x, y):

@@ -1,11 +1,15 @@
-"""Baselines under one protocol: global, fta_k{1,5,10}, tent, prior_em, oracle.
+"""Baselines under one protocol: global, fta_k{1,5,10}, tent, prior_em, qb_norm, oracle.
 
 A `Method` has a grid of hyper-parameter settings (selected on validation devices only), a
 pure per-device `adapt(params, device, hp) -> params` run on encoded features (vmapped over
-devices by the evaluator), and `cost(hp)`: what one device pays for it.
+devices by the evaluator), optionally `rescore(params, device, hp, scores) -> scores` (a
+forward-only correction of the outputs), and `cost(hp)`: what one device pays for it.
+
+Method families are modules with `build(ctx) -> [Method]`, ctx a `MethodContext`; a method
+that does not apply to a task (prior_em without label groups) is not built for it.
 """
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +17,6 @@ import jax.numpy as jnp
 from mmpg_jax import costs
 from mmpg_jax import params as P
 from mmpg_jax.adapt import device
-from mmpg_jax.data import moving_digits as md
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +28,27 @@ class Method:
   uses: tuple = ()                  # roles of the device data the method reads
   diagnostics: dict = dataclasses.field(default_factory=dict)   # name -> f(device) -> scalar
   info: dict = dataclasses.field(default_factory=dict)          # copied into results.json
+  rescore: Callable | None = None   # (params, device, hp, scores) -> scores, forward only
 
 
-def _grid(**axes):
-  keys = list(axes)
+@dataclasses.dataclass
+class MethodContext:
+  """What every method family builds from."""
+  task: Any
+  model: Any
+  params: Any                       # the global device model
+  cost_model: costs.CostModel
+  config: Any
+  source_prior: Any                 # the cloud's label prior, or None
+  val: dict                         # encoded validation devices (selection only)
+  workdir: str
+  metrics: Any                      # workdir.MetricsWriter
+  extra: dict = dataclasses.field(default_factory=dict)   # families' extra results.json fields
+
+
+def grid(**axes):
   out = [{}]
-  for k in keys:
+  for k in axes:
     out = [dict(g, **{k: v}) for g in out for v in axes[k]]
   return tuple(out)
 
@@ -40,104 +58,120 @@ def global_method():
                 lambda hp: costs.DeviceCost(), uses=())
 
 
-def fta(model, cm, cfg, k: int):
+def finetune_method(ctx, name, role, n, leaves, objective, optimizer, method_grid, *,
+                    labelled, first=None):
+  """On-device gradient steps on `role` (its first `first` samples if given): FTA, TENT and
+  the oracle differ only in these arguments. Costs: n samples x steps backward passes."""
+  loss_fn = device.objective(ctx.task, ctx.model, objective)
+  cm = ctx.cost_model
+
+  def adapt(params, dev, hp):
+    feats = dev[role] if first is None else jax.tree.map(lambda x: x[:first], dev[role])
+    return device.finetune(loss_fn, params, leaves, feats, optimizer=optimizer, lr=hp["lr"],
+                           steps=hp["steps"])
+
+  def cost(hp):
+    return costs.DeviceCost(
+        device_backward_passes=n * hp["steps"], labels_used_per_device=n if labelled else 0,
+        device_flops=cm.encode(n) + hp["steps"] * cm.step(n, leaves, objective, optimizer))
+
+  return Method(name, method_grid, adapt, cost, uses=(role,))
+
+
+def fta(ctx, k: int):
   """Fine-tuning on the device with the first k labelled support samples (backprop)."""
-  fc = cfg.baselines.fta
-  if k > cfg.data.support_size:
-    raise ValueError(f"fta k={k} needs k <= data.support_size={cfg.data.support_size}")
-
-  def adapt(params, dev, hp):
-    feats = jax.tree.map(lambda x: x[:k], dev["support"])
-    return device.finetune(model, params, fc.leaves, feats, objective="cross_entropy",
-                           optimizer="sgd", lr=hp["lr"], steps=hp["steps"])
-
-  def cost(hp):
-    return costs.DeviceCost(
-        device_backward_passes=k * hp["steps"], labels_used_per_device=k,
-        device_flops=cm.encode(k) + hp["steps"] * cm.step(k, fc.leaves, "cross_entropy", "sgd"))
-
-  return Method(f"fta_k{k}", _grid(lr=fc.learning_rates, steps=fc.steps), adapt, cost,
-                uses=("support",))
+  fc, d = ctx.config.baselines.fta, ctx.config.data
+  if k > d.support_size:
+    raise ValueError(f"fta k={k} needs k <= data.support_size={d.support_size}")
+  return finetune_method(ctx, f"fta_k{k}", ctx.task.support_role, k, fc.leaves, "supervised",
+                         "sgd", grid(lr=fc.learning_rates, steps=fc.steps), labelled=True,
+                         first=k)
 
 
-def tent(model, cm, cfg):
-  """Test-time entropy minimisation on the unlabelled context (normalisation affine)."""
-  tc = cfg.baselines.tent
-  n = cfg.data.context_size
-
-  def adapt(params, dev, hp):
-    return device.finetune(model, params, tc.leaves, dev["context"], objective="entropy",
-                           optimizer="adam", lr=hp["lr"], steps=hp["steps"])
-
-  def cost(hp):
-    return costs.DeviceCost(
-        device_backward_passes=n * hp["steps"],
-        device_flops=cm.encode(n) + hp["steps"] * cm.step(n, tc.leaves, "entropy", "adam"))
-
-  return Method("tent", _grid(lr=tc.learning_rates, steps=tc.steps), adapt, cost,
-                uses=("context",))
+def tent(ctx):
+  """Test-time entropy minimisation on the unlabelled context (the task's entropy)."""
+  tc = ctx.config.baselines.tent
+  return finetune_method(ctx, "tent", ctx.task.context_role, ctx.config.data.context_size,
+                         tc.leaves, "entropy", "adam", grid(lr=tc.learning_rates, steps=tc.steps),
+                         labelled=False)
 
 
-def prior_em(model, cm, cfg, source_prior, question_types="all",
-             bias_leaf="answer_head/out/bias"):
+def oracle(ctx):
+  """Upper bound, not a method: fine-tuning on plenty of the device's own labelled data."""
+  oc = ctx.config.baselines.oracle
+  return finetune_method(ctx, "oracle", ctx.task.oracle_role, ctx.config.data.oracle_size,
+                         oc.leaves, "supervised", "adam",
+                         grid(lr=oc.learning_rates, steps=oc.steps), labelled=True)
+
+
+def prior_em(ctx, question_types="all"):
   """EM label-shift correction (Saerens et al. 2002) on the unlabelled context, applied as a
-  logit bias: an edit of the answer head's bias. Forward passes only, no labels.
+  logit bias: an edit of the task's `label_bias_leaf`. Forward passes only, no labels.
 
-  question_types="all" (method `prior_em`): the device asks every question type of each
-  context video (one forward pass per type) and re-estimates each type's answer prior from
-  all its videos. "asked" (`prior_em_asked`): only the question the user asked, one EM over
-  the shared answer vocabulary, so each type's prior sees only the videos it was asked of."""
-  ec = cfg.baselines.prior_em
-  n = cfg.data.context_size
-  source_prior = jnp.asarray(source_prior)
-  P.select(cm.params, [bias_leaf])   # fail early if the model has no such leaf
-  nq = len(md.QUESTION_TYPES)
+  "all" (method `prior_em`): the device evaluates every label group on each context sample
+  (one forward pass per group) and re-estimates each group's prior from all samples. "asked"
+  (`prior_em_asked`): only what was asked of each sample, one EM over the whole label
+  vocabulary, so each group's prior sees only the samples it was asked of."""
+  task, model, cm = ctx.task, ctx.model, ctx.cost_model
+  ec = ctx.config.baselines.prior_em
+  n = ctx.config.data.context_size
+  source_prior = jnp.asarray(ctx.source_prior)
+  bias_leaf = task.label_bias_leaf
+  P.select(ctx.params, [bias_leaf])   # fail early if the model has no such leaf
 
   def adapt(params, dev, hp):
     if question_types == "all":
-      ratio = device.label_shift_ratio(model, params, dev["context"]["frames"], dev["type_q"],
-                                       source_prior, md.ANSWER_GROUPS,
-                                       iterations=ec.iterations, smoothing=hp["smoothing"])
+      ratio = device.label_shift_ratio(task.label_posteriors(model, params, dev), source_prior,
+                                       task.label_groups, iterations=ec.iterations,
+                                       smoothing=hp["smoothing"])
     else:
-      probs = jax.nn.softmax(device.logits(model, params, dev["context"]))
+      probs = task.asked_posteriors(model, params, dev)
       prior = device.em_prior(probs, source_prior, ec.iterations, hp["smoothing"])
       ratio = jnp.log(prior) - jnp.log(source_prior)
     return P.apply_edit(params, P.unflatten({bias_leaf: hp["scale"] * ratio}))
 
   def cost(hp):
-    passes = nq if question_types == "all" else 1
+    passes = len(task.label_groups) if question_types == "all" else 1
     return costs.DeviceCost(
         downlink_bytes=float(source_prior.size * source_prior.dtype.itemsize),  # source prior
         device_flops=cm.encode(n) + cm.forward(n * passes) + cm.em(n, ec.iterations))
 
   name = "prior_em" if question_types == "all" else "prior_em_asked"
-  return Method(name, _grid(smoothing=ec.smoothing, scale=ec.scales), adapt, cost,
-                uses=("context",))
+  return Method(name, grid(smoothing=ec.smoothing, scale=ec.scales), adapt, cost,
+                uses=(task.context_role,))
 
 
-def oracle(model, cm, cfg):
-  """Upper bound, not a method: fine-tuning on plenty of the device's own labelled data."""
-  oc = cfg.baselines.oracle
-  n = cfg.data.oracle_size
+def qb_norm(ctx):
+  """Querybank normalisation (Bogolin et al. 2022) with the inverted-softmax normaliser, the
+  device's own unlabelled queries as the bank: a gallery item that scores high against many
+  bank queries (a hub) is marked down,
+      s'(q, v) = s(q, v) - beta / lam * logsumexp_b(lam * s(b, v)).
+  Forward only, no labels; for tasks whose scores rank a gallery (`task.bank_scores`)."""
+  task, model, cm = ctx.task, ctx.model, ctx.cost_model
+  qc = ctx.config.baselines.qb_norm
+  n = ctx.config.data.context_size
 
-  def adapt(params, dev, hp):
-    return device.finetune(model, params, oc.leaves, dev["oracle"], objective="cross_entropy",
-                           optimizer="adam", lr=hp["lr"], steps=hp["steps"])
+  def rescore(params, dev, hp, scores):
+    bank = task.bank_scores(model, params, dev)                 # [n_bank, n_gallery]
+    norm = jax.nn.logsumexp(hp["lam"] * bank, axis=0) / hp["lam"]
+    return scores - hp["beta"] * norm[None, :]
 
   def cost(hp):
-    return costs.DeviceCost(
-        device_backward_passes=n * hp["steps"], labels_used_per_device=n,
-        device_flops=cm.encode(n) + hp["steps"] * cm.step(n, oc.leaves, "cross_entropy",
-                                                           "adam"))
+    return costs.DeviceCost(device_flops=cm.encode(n) + cm.forward(n))
 
-  return Method("oracle", _grid(lr=oc.learning_rates, steps=oc.steps), adapt, cost,
-                uses=("oracle",))
+  return Method("qb_norm", grid(lam=qc.inverse_temperatures, beta=qc.weights),
+                lambda params, dev, hp: params, cost, uses=(task.context_role,),
+                rescore=rescore)
 
 
-def build(model, cm, cfg, source_prior):
+def build(ctx):
+  bc = ctx.config.baselines
   methods = [global_method()]
-  methods += [fta(model, cm, cfg, k) for k in cfg.baselines.fta.ks]
-  methods += [tent(model, cm, cfg)]
-  methods += [prior_em(model, cm, cfg, source_prior, q) for q in cfg.baselines.prior_em.variants]
-  methods += [oracle(model, cm, cfg)]
+  methods += [fta(ctx, k) for k in bc.fta.ks]
+  methods += [tent(ctx)]
+  if ctx.task.label_groups:
+    methods += [prior_em(ctx, q) for q in bc.prior_em.variants]
+  if hasattr(ctx.task, "bank_scores") and "qb_norm" in bc:
+    methods += [qb_norm(ctx)]
+  methods += [oracle(ctx)]
   return methods

@@ -1,52 +1,63 @@
 """CDC-MMPG on a device: ADR anchors up, FDA edit down, merge, forward passes only.
 
-    device:  context frames --ADR--> (anchors, weights)            [uplink]
-             context videos --forward + EM--> prior log-ratio      [uplink, 14 floats]
-    cloud:   generate(fda_params, anchors, weights, ratio) -> edit [downlink]
+    device:  context --task.anchor_elements--> ADR --> (anchors, weights) per modality [uplink]
+             context --forward + EM--> label-prior log-ratio (label-group tasks)   [uplink]
+    cloud:   generate(fda_params, upload) -> edit                                    [downlink]
     device:  params <- apply_edit(params, edit, clip); infer
 
-`adapt_device` is the whole round trip for one device, pure (vmap over devices). `build`
-returns the `cdc_mmpg` method and its ablations (other selectors, a K sweep) as `Method`s.
+`device_upload` is what a device computes and sends, `adapt_device` the whole round trip for one
+device (pure; vmap over devices). `build(ctx)` meta-trains the FDA (meta_train.py) and returns
+the `cdc_mmpg` method and its ablations (other selectors, a K sweep) as `Method`s.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
-from mmpg_jax import costs
+from mmpg_jax import costs, meta_train
 from mmpg_jax import params as P
 from mmpg_jax.adapt import adr, device
 from mmpg_jax.adapt import fda as fda_lib
 from mmpg_jax.adapt.baselines import Method
-from mmpg_jax.data import moving_digits as md
 
 
-def device_anchors(context_frames, selector: str, k: int, key):
-  """On the device: frame embeddings [n, T, D] of its context -> (anchors, weights)."""
-  return adr.select(adr.frame_elements(context_frames), k, selector, key)
-
-
-def device_summary(model, cfg, source_prior):
-  """The device's forward-only EM estimate of its answer-prior shift (uploaded with the
-  anchors), or None when config.fda.use_device_prior is off."""
-  if not cfg.fda.use_device_prior:
+def device_summary(task, model, cfg, source_prior):
+  """The device's forward-only EM estimate of its label-prior shift (uploaded with the
+  anchors), or None (a task without label groups, or config.fda.use_device_prior off)."""
+  if not cfg.fda.use_device_prior or not task.label_groups:
     return None
   source_prior = jnp.asarray(source_prior)
 
-  def summary(params, context_frames, type_q):
-    return device.label_shift_ratio(model, params, context_frames, type_q, source_prior,
-                                    md.ANSWER_GROUPS, iterations=cfg.baselines.prior_em.iterations,
+  def summary(params, dev):
+    return device.label_shift_ratio(task.label_posteriors(model, params, dev), source_prior,
+                                    task.label_groups,
+                                    iterations=cfg.baselines.prior_em.iterations,
                                     smoothing=cfg.fda.device_prior_smoothing)
   return summary
 
 
-def adapt_device(params, fda, fda_params, context_frames, *, selector, k, clip, key,
-                 summary=None, type_q=None):
+def modality_key(key, i: int):
+  """The random selectors' key for the i-th modality (the primary one uses the device key)."""
+  return key if i == 0 else jax.random.fold_in(key, i)
+
+
+def device_upload(task, params, dev, *, selector, k, key, summary=None):
+  """On the device: its context -> {'anchors', 'weights'} per modality (+ 'summary')."""
+  anchors, weights = {}, {}
+  elements = task.anchor_elements(dev[task.context_role])
+  for i, mod in enumerate(task.anchor_modalities):
+    anchors[mod], weights[mod] = adr.select(elements[mod], k, selector, modality_key(key, i))
+  upload = {"anchors": anchors, "weights": weights}
+  if summary is not None:
+    upload["summary"] = summary(params, dev)
+  return upload
+
+
+def adapt_device(task, params, fda, fda_params, dev, *, selector, k, clip, key, summary=None):
   """Device: ADR (+ summary) -> cloud: generate -> device: merge. Returns the new params."""
-  anchors, weights = device_anchors(context_frames, selector, k, key)
-  ratio = None if summary is None else summary(params, context_frames, type_q)
-  edit = fda_lib.generate(fda, fda_params, anchors, weights, ratio)
-  return P.apply_edit(params, edit, clip)
+  upload = device_upload(task, params, dev, selector=selector, k=k, key=key, summary=summary)
+  return P.apply_edit(params, fda_lib.generate(fda, fda_params, upload), clip)
 
 
 def device_key(seed, dev):
@@ -54,50 +65,66 @@ def device_key(seed, dev):
   return jax.random.fold_in(jax.random.key(seed), dev["device_id"])
 
 
-def anchor_mmd(dev, selector, k, seed):
-  el = adr.frame_elements(dev["context"]["frames"])
-  a, w = adr.select(el, k, selector, device_key(seed, dev))
-  return adr.mmd2(a, w, el)
+def anchor_mmd(dev, task, selector, k, seed, modality):
+  el = task.anchor_elements(dev[task.context_role])
+  i = task.anchor_modalities.index(modality)
+  a, w = adr.select(el[modality], k, selector, modality_key(device_key(seed, dev), i))
+  return adr.mmd2(a, w, el[modality])
 
 
-def build(fda, fda_params, cm, cfg, summary=None):
-  """cdc_mmpg (herding, K = cfg.adr.k) and the ablations in cfg.adr. `summary`: see
-  `device_summary`."""
+def build(ctx):
+  """Meta-trains (or reloads) the FDA, then its methods (`make_methods`)."""
+  task, model, params, cfg = ctx.task, ctx.model, ctx.params, ctx.config
+  fda = fda_lib.from_config(cfg, task, params, ctx.source_prior,
+                            task.anchor_dims(model, params))
+  summary = device_summary(task, model, cfg, ctx.source_prior)
+  fda_params, fda_summary = meta_train.train_fda(task, model, fda, params, cfg, ctx.val,
+                                                 ctx.workdir, ctx.metrics, summary)
+  logging.info("FDA ready (%s)", fda_summary)
+  ctx.extra["fda"] = {**fda_summary, "params": P.tree_size(fda_params)}
+  return make_methods(ctx, fda, fda_params, summary)
+
+
+def make_methods(ctx, fda, fda_params, summary=None):
+  """cdc_mmpg (selector cfg.adr.selector, K = cfg.adr.k) and the ablations in cfg.adr, for a
+  given FDA and its parameters."""
+  task, model, params, cfg, cm = ctx.task, ctx.model, ctx.params, ctx.config, ctx.cost_model
   ac = cfg.adr
-  n_frames = cfg.data.context_size * cfg.data.frames
-  n_el = cfg.data.context_size * (cfg.data.frames - 1)
-  anchor_dim = 2 * cfg.model.embed_dim
-  dbytes = costs.dtype_bytes(cfg.comm_dtype)
-  edit_shape = jax.eval_shape(
-      lambda p: fda_lib.generate(fda, p, jnp.zeros((4, anchor_dim)), jnp.full((4,), 0.25)),
-      fda_params)
-  down = fda_lib.edit_bytes(edit_shape, dbytes)
+  anchor_dims = task.anchor_dims(model, params)
   n_ctx = cfg.data.context_size
-  n_types = len(fda.answer_groups)
-  summary_floats = len(fda.source_prior) if summary is not None else 0
+  n_el = task.num_elements(model, params, n_ctx)
+  dbytes = costs.dtype_bytes(cfg.comm_dtype)
+  edit_shape = jax.eval_shape(lambda p: fda_lib.generate(fda, p, fda_lib.example_upload(fda)),
+                              fda_params)
+  down = fda_lib.edit_bytes(edit_shape, dbytes)
+  n_groups = len(task.label_groups)
+  summary_floats = fda.summary_dim if summary is not None else 0
+  primary = next(iter(anchor_dims))
   variants = [("cdc_mmpg", ac.selector, ac.k)]
   variants += [(f"cdc_mmpg_{'all_frames' if s == 'all' else s}", s, ac.k) for s in ac.ablations]
   variants += [(f"cdc_mmpg_k{k}", ac.selector, k) for k in ac.k_sweep if k != ac.k]
   methods = []
   for name, selector, k in variants:   # K ranges: config_checks.validate
-    kk = n_el if selector == "all" else k
+    kk = {m: (n if selector == "all" else k) for m, n in n_el.items()}
 
     def adapt(params, dev, hp, selector=selector, k=k):
-      return adapt_device(params, fda, fda_params, dev["context"]["frames"], selector=selector,
-                          k=k, clip=cfg.fda.clip, key=device_key(cfg.seed, dev), summary=summary,
-                          type_q=dev["type_q"])
+      return adapt_device(task, params, fda, fda_params, dev, selector=selector, k=k,
+                          clip=cfg.fda.clip, key=device_key(cfg.seed, dev), summary=summary)
 
     def cost(hp, kk=kk, selector=selector, k=k):
       flops = cm.encode(n_ctx) + cm.adr(selector, k) + cm.merge(edit_shape)
-      if summary is not None:     # every question type asked of every context video, + EM
-        flops += cm.forward(n_ctx * n_types) + 2 * cm.em(n_ctx, cfg.baselines.prior_em.iterations)
-      return costs.DeviceCost(
-          uplink_bytes=float((kk * (anchor_dim + 1) + summary_floats) * dbytes),
-          downlink_bytes=float(down), device_flops=flops)
+      if summary is not None:     # every label group asked of every context sample, + EM
+        flops += cm.forward(n_ctx * n_groups) + 2 * cm.em(n_ctx, cfg.baselines.prior_em.iterations)
+      up = sum(kk[m] * (d + 1) for m, d in anchor_dims.items()) + summary_floats
+      return costs.DeviceCost(uplink_bytes=float(up * dbytes), downlink_bytes=float(down),
+                              device_flops=flops)
 
-    diag = functools.partial(anchor_mmd, selector=selector, k=k, seed=cfg.seed)
-    methods.append(Method(name, ({},), adapt, cost, uses=("context",),
-                          diagnostics={"anchor_mmd2": diag},
-                          info={"selector": selector, "k": kk,
-                                "frames_in_context": n_frames, "frame_elements": n_el}))
+    diags = {"anchor_mmd2" + ("" if m == primary else f"_{m}"): functools.partial(
+        anchor_mmd, task=task, selector=selector, k=k, seed=cfg.seed, modality=m)
+             for m in anchor_dims}
+    info = {"selector": selector, "k": kk[primary]}
+    info.update(task.anchor_info(cfg) if hasattr(task, "anchor_info") else {})
+    info.update({f"k_{m}": kk[m] for m in kk if m != primary})
+    methods.append(Method(name, ({},), adapt, cost, uses=(task.context_role,),
+                          diagnostics=diags, info=info))
   return methods

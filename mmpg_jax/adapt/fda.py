@@ -1,5 +1,7 @@
 """FDA: the Fast Domain Adaptor, the cloud hypernetwork that maps anchors to an edit.
 
+Per modality of the upload (video frame elements; caption codes; ...) a set encoder, then:
+
     anchors [K, E] + weights [K]
       -> per-anchor MLP (LayerNorm, 2 x Dense)                        phi_k
       -> aux head: per-anchor answer posteriors (one softmax per question type's answers)
@@ -13,7 +15,8 @@
          factor / full delta is zero-initialised, so a fresh FDA's edit is exactly zero
       -> the answer-bias leaf also gets alpha * r + beta * r_dev (alpha, beta zero-initialised):
          the edit is a learned residual on top of the closed-form label-shift correction.
-`generate(fda, fda_params, anchors, weights) -> edit` is pure; `jax.vmap` it over devices.
+The label-prior parts (aux head, EM, the bias residual) exist only for tasks with label groups.
+`generate(fda, fda_params, upload) -> edit` is pure; `jax.vmap` it over devices.
 
 Anchors with weight 0 are ignored exactly (masked out of the pooling and the EM), so a padded
 set [N, E] with zero weights gives the same edit as the K live anchors alone.
@@ -26,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpg_jax import params as P
-from mmpg_jax.data import moving_digits as md
 
 
 def layer_spec(dynamic_params, edit_leaves):
@@ -55,9 +57,11 @@ def weighted_em(post, weights, source, iterations: int):
 
 class FDA(nn.Module):
   spec: tuple                         # layer_spec(...)
-  answer_groups: tuple                # ((start, stop), ...) answer ids of each question type
-  source_prior: tuple                 # the cloud's answer prior, len = num answers
-  prior_bias_leaf: str = "answer_head/out/bias"
+  modalities: tuple                   # ((name, anchor dim), ...): the upload's anchor sets
+  label_groups: tuple = ()            # ((start, stop), ...) label ids of each label group
+  source_prior: tuple = ()            # the cloud's label prior (with label groups)
+  prior_bias_leaf: str | None = None  # the leaf the label-shift residual edits
+  summary_dim: int = 0                # floats of the device's summary in the upload (0: none)
   hidden: int = 128
   code_dim: int = 128
   num_queries: int = 4
@@ -66,39 +70,59 @@ class FDA(nn.Module):
   full_delta_max: int = 256           # leaves with at most this many entries get a full delta
   em_iterations: int = 10
 
-  @nn.compact
-  def __call__(self, anchors, weights, device_ratio=None):
-    """Returns (edit, aux) where aux has the per-anchor answer logits and the prior ratio.
-
-    `device_ratio` [A] (optional) is the device's own forward-only EM estimate of
-    log(target / source) answer prior (`device.label_shift_ratio`), uploaded with the anchors.
-    """
+  def _encode_set(self, anchors, weights, prefix):
+    """Per-anchor MLP, then attention pooling with learned queries (log-weights as a prior on
+    attention). Returns (per-anchor features [K, H], pooled [M*H]). The primary modality's
+    layers keep unprefixed names (and creation order), so a one-modality FDA is unchanged."""
     live = weights > 0
-    h = nn.LayerNorm(name="in_norm")(anchors)
-    h = nn.relu(nn.Dense(self.hidden, name="phi1")(h))
-    h = nn.relu(nn.Dense(self.hidden, name="phi2")(h))           # [K, H]
+    h = nn.LayerNorm(name=f"{prefix}in_norm")(anchors)
+    h = nn.relu(nn.Dense(self.hidden, name=f"{prefix}phi1")(h))
+    h = nn.relu(nn.Dense(self.hidden, name=f"{prefix}phi2")(h))    # [K, H]
+    return h, live
 
-    num_answers = len(self.source_prior)
-    aux_logits = nn.Dense(num_answers, name="aux")(h)            # [K, A]
-    src = jnp.asarray(self.source_prior, jnp.float32)
-    ratio = jnp.zeros(num_answers)
-    for lo, hi in self.answer_groups:
-      s = src[lo:hi] / src[lo:hi].sum()
-      post = jax.nn.softmax(aux_logits[:, lo:hi], -1)
-      prior = weighted_em(post, weights, s, self.em_iterations)
-      ratio = ratio.at[lo:hi].set(jnp.log(prior) - jnp.log(s))
-
-    # Attention pooling: learned queries over the anchors, log-weights as a prior on attention.
-    queries = self.param("queries", nn.initializers.normal(0.02), (self.num_queries, self.hidden))
-    keys = nn.Dense(self.hidden, name="key")(h)
+  def _pool(self, h, live, weights, prefix):
+    queries = self.param(f"{prefix}queries", nn.initializers.normal(0.02),
+                         (self.num_queries, self.hidden))
+    keys = nn.Dense(self.hidden, name=f"{prefix}key")(h)
     logits = queries @ keys.T / np.sqrt(self.hidden) + jnp.log(jnp.where(live, weights, 1.0))
     logits = jnp.where(live[None, :], logits, -1e30)
     attn = jax.nn.softmax(logits, -1)                            # [M, K]
-    pooled = (attn @ h).reshape(-1)
-    if device_ratio is None:
-      device_ratio = jnp.zeros(num_answers)
-    z = nn.relu(nn.Dense(self.code_dim, name="code")(
-        jnp.concatenate([pooled, ratio, device_ratio])))
+    return (attn @ h).reshape(-1)
+
+  @nn.compact
+  def __call__(self, upload):
+    """upload: {'anchors': {modality: [K, E]}, 'weights': {modality: [K]}, 'summary'?: [S]}.
+    Returns (edit, aux); aux has the per-anchor label logits and the anchor EM's prior ratio
+    (tasks with label groups).
+
+    `summary` is the device's own forward-only statistic (for label-group tasks its EM
+    estimate of log(target / source) label prior, `device.label_shift_ratio`)."""
+    parts, aux, ratio = [], {}, None
+    for i, (mod, _) in enumerate(self.modalities):
+      prefix = "" if i == 0 else f"{mod}_"
+      weights = upload["weights"][mod]
+      h, live = self._encode_set(upload["anchors"][mod], weights, prefix)
+      if i == 0 and self.label_groups:
+        num_labels = len(self.source_prior)
+        aux_logits = nn.Dense(num_labels, name="aux")(h)           # [K, A]
+        src = jnp.asarray(self.source_prior, jnp.float32)
+        ratio = jnp.zeros(num_labels)
+        for lo, hi in self.label_groups:
+          s = src[lo:hi] / src[lo:hi].sum()
+          post = jax.nn.softmax(aux_logits[:, lo:hi], -1)
+          prior = weighted_em(post, weights, s, self.em_iterations)
+          ratio = ratio.at[lo:hi].set(jnp.log(prior) - jnp.log(s))
+        aux = {"aux_logits": aux_logits, "prior_ratio": ratio}
+      parts.append(self._pool(h, live, weights, prefix))
+    if ratio is not None:
+      parts.append(ratio)
+    summary = None
+    if self.summary_dim:
+      summary = upload.get("summary")
+      if summary is None:
+        summary = jnp.zeros(self.summary_dim)
+      parts.append(summary)
+    z = nn.relu(nn.Dense(self.code_dim, name="code")(jnp.concatenate(parts)))
 
     # Cross-layer knowledge transfer: a GRU walks the edited layers in forward order.
     cell = nn.GRUCell(self.layer_dim, name="layer_gru")
@@ -114,10 +138,11 @@ class FDA(nn.Module):
         if size <= self.full_delta_max or len(shape) < 2:
           delta = nn.Dense(size, kernel_init=nn.initializers.zeros, name=f"{name}__full")(e)
           delta = delta.reshape(shape)
-          if path == self.prior_bias_leaf:
+          if path == self.prior_bias_leaf and ratio is not None:
+            # A learned residual on the closed-form label-shift corrections.
             alpha = self.param("prior_scale", nn.initializers.zeros, (size,))
             beta = self.param("device_prior_scale", nn.initializers.zeros, (size,))
-            delta = delta + alpha * ratio + beta * device_ratio
+            delta = delta + alpha * ratio + beta * (summary if summary is not None else 0.0)
           edit[path] = delta
         else:
           rows, cols = size // shape[-1], shape[-1]
@@ -126,29 +151,46 @@ class FDA(nn.Module):
           b = nn.Dense(cols * self.rank, kernel_init=nn.initializers.zeros,
                        name=f"{name}__b")(e).reshape(self.rank, cols)
           edit[path] = P.LowRankDelta(a, b)
-    return P.unflatten(edit), {"aux_logits": aux_logits, "prior_ratio": ratio}
+    return P.unflatten(edit), aux
+
+  def upload_spec(self) -> dict:
+    """What an upload must hold: anchor dims per modality and the summary's length."""
+    return {"anchors": dict(self.modalities), "summary": self.summary_dim}
 
 
-def from_config(config, device_params, source_prior) -> FDA:
-  """The FDA for a device model's parameters and an experiment config (config.fda)."""
+def from_config(config, task, device_params, source_prior, anchor_dims: dict) -> FDA:
+  """The FDA for a task's device model and an experiment config (config.fda). `anchor_dims`:
+  {modality: dim} of the task's anchor elements (primary modality first)."""
   _, dynamic = P.split(device_params, config.dynamic_leaves)
   fc = config.fda
+  groups = tuple(task.label_groups) if source_prior is not None else ()
+  summary_dim = len(source_prior) if groups else 0   # the device's label-shift estimate
   return FDA(
-      spec=layer_spec(dynamic, fc.edit_leaves), answer_groups=md.ANSWER_GROUPS,
-      source_prior=tuple(float(x) for x in source_prior), prior_bias_leaf=fc.prior_bias_leaf,
+      spec=layer_spec(dynamic, fc.edit_leaves), modalities=tuple(anchor_dims.items()),
+      label_groups=groups,
+      source_prior=tuple(float(x) for x in source_prior) if groups else (),
+      prior_bias_leaf=task.label_bias_leaf if groups else None, summary_dim=summary_dim,
       hidden=fc.hidden, code_dim=fc.code_dim, num_queries=fc.num_queries,
       layer_dim=fc.layer_dim, rank=fc.rank, full_delta_max=fc.full_delta_max,
       em_iterations=fc.em_iterations)
 
 
-def generate(fda: FDA, fda_params, anchors, weights, device_ratio=None):
-  """anchors [K, E], weights [K] (+ device_ratio [A]) -> edit (the delta tree). Pure: vmap
-  over devices."""
-  return fda.apply({"params": fda_params}, anchors, weights, device_ratio)[0]
+def generate(fda: FDA, fda_params, upload):
+  """One device's upload -> its edit (the delta tree). Pure: vmap over devices."""
+  return fda.apply({"params": fda_params}, upload)[0]
 
 
-def init(fda: FDA, key, anchor_dim: int, k: int = 4):
-  return fda.init(key, jnp.zeros((k, anchor_dim)), jnp.full((k,), 1.0 / k))["params"]
+def example_upload(fda: FDA, k: int = 4) -> dict:
+  """An upload of k anchors per modality (zeros, equal weights) and a zero summary."""
+  up = {"anchors": {m: jnp.zeros((k, d)) for m, d in fda.modalities},
+        "weights": {m: jnp.full((k,), 1.0 / k) for m, _ in fda.modalities}}
+  if fda.summary_dim:
+    up["summary"] = jnp.zeros(fda.summary_dim)
+  return up
+
+
+def init(fda: FDA, key, k: int = 4):
+  return fda.init(key, example_upload(fda, k))["params"]
 
 
 def edit_bytes(edit, dtype_bytes: int) -> int:

@@ -18,6 +18,8 @@ from scipy import ndimage
 
 from mmpg_jax.data import digits
 
+# Bump when the generator's output changes: it is part of the prepared data's cache key.
+GENERATOR_VERSION = 3
 QUESTION_TYPES = ("digit", "direction")
 DIRECTIONS = ("up", "down", "left", "right")
 _DIR_STEP = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]])   # (dy, dx) per frame
@@ -35,6 +37,16 @@ QUESTION_TEMPLATES = {
 }
 PAD, UNK = "<pad>", "<unk>"
 
+# Captions (what a user types to find a video) in several phrasings. The cloud's own captions
+# follow data.cloud_caption_mix (mostly the first two); each device has its own mix over all
+# of them (text-side shift), and the OOD group uses phrasings that no training data ever shows.
+# {t} thickness word, {d} digit word, {m} direction.
+CAPTION_TEMPLATES = (
+    "a {t} {d} moving {m}", "{d} going {m}", "the number {d} slides {m}", "{m} moving {d}",
+    "a {t} digit {d} heads {m}", "video of {d} drifting {m}")
+OOD_CAPTION_TEMPLATES = ("{m} goes the {t} {d}", "watch {d} travel {m}", "{d} {m} clip")
+MAX_CAPTION_TEMPLATES = max(len(CAPTION_TEMPLATES), len(OOD_CAPTION_TEMPLATES))
+
 
 def _build_vocab():
   words = {w for ts in QUESTION_TEMPLATES.values() for t in ts for w in t.split()}
@@ -45,15 +57,51 @@ def _build_vocab():
 VOCAB = _build_vocab()
 _WORD_ID = {w: i for i, w in enumerate(VOCAB)}
 
+
+def _build_caption_vocab():
+  """Every caption word, OOD phrasings included (their embeddings are never trained)."""
+  words = set(DIGIT_WORDS) | set(DIRECTIONS) | set(THICKNESS_WORDS.values())
+  for t in CAPTION_TEMPLATES + OOD_CAPTION_TEMPLATES:
+    words |= {w for w in t.split() if not w.startswith("{")}
+  return (PAD, UNK) + tuple(sorted(words))
+
+
+CAPTION_VOCAB = _build_caption_vocab()
+_CAPTION_ID = {w: i for i, w in enumerate(CAPTION_VOCAB)}
+
 SPLIT_CODES = {"global_train": 1, "meta": 2, "validation": 3, "test": 4, "test_ood": 5}
 SPLIT_POOL = {"global_train": "global", "meta": "meta", "validation": "eval", "test": "eval",
               "test_ood": "eval"}
 ROLE_CODES = {"train": 1, "context": 2, "support": 3, "query": 4, "oracle": 5}
+CAPTION_STYLE_CODE = 6          # RNG stream of a device's caption mix
+CAPTION_ROLE_OFFSET = 100       # + ROLE_CODES[role]: RNG stream of a role's caption phrasings
 
 
-def tokenize(text: str, length: int) -> np.ndarray:
-  ids = [_WORD_ID.get(w, 1) for w in text.split()][:length]
+def tokenize(text: str, length: int, vocab=None) -> np.ndarray:
+  vocab = _WORD_ID if vocab is None else vocab
+  ids = [vocab.get(w, 1) for w in text.split()][:length]
   return np.array(ids + [0] * (length - len(ids)), np.int32)
+
+
+def caption_templates(ood: bool) -> tuple:
+  return OOD_CAPTION_TEMPLATES if ood else CAPTION_TEMPLATES
+
+
+def caption_mix(cfg, split: str, index: int) -> np.ndarray:
+  """A device's mix over its caption phrasings (its own RNG stream: the video and question
+  streams are unchanged by it). The cloud's training devices share data.cloud_caption_mix."""
+  if split == "global_train":
+    mix = np.asarray(cfg["cloud_caption_mix"], np.float64)
+    if mix.shape != (len(CAPTION_TEMPLATES),) or (mix < 0).any() or mix.sum() <= 0:
+      raise ValueError(f"data.cloud_caption_mix={tuple(mix)} must be {len(CAPTION_TEMPLATES)} "
+                       f"non-negative weights, one per caption phrasing {CAPTION_TEMPLATES}")
+  else:
+    rng = _rng(cfg, split, index, CAPTION_STYLE_CODE)
+    mix = _dirichlet(rng, cfg["caption_concentration"],
+                     len(caption_templates(split == "test_ood")))
+  out = np.zeros(MAX_CAPTION_TEMPLATES, np.float32)    # fixed length for the TFDS feature
+  out[:len(mix)] = mix
+  return out
 
 
 def _dirichlet(rng, concentration, k):
@@ -100,8 +148,13 @@ def _stroke(imgs: np.ndarray, thickness: int) -> np.ndarray:
 
 
 def render(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.ndarray, n: int,
-           cfg: Mapping) -> dict:
-  """Renders n videos of one device. Returns every field; roles keep what they may show."""
+           cfg: Mapping, caption_rng: np.random.Generator | None = None,
+           phrasings: tuple = CAPTION_TEMPLATES) -> dict:
+  """Renders n videos of one device. Returns every field; roles keep what they may show.
+
+  Captions are phrased with `phrasings` (caption templates) drawn from `shift['caption_mix']` using `caption_rng`
+  (a stream of its own, so the videos, questions and answers do not depend on it); `content`
+  = digit * 4 + direction is what a caption says (the retrieval label)."""
   frames, size, speed = int(cfg["frames"]), int(cfg["size"]), int(cfg["speed"])
   crop = digits.CROP
   digit = rng.choice(10, size=n, p=shift["label_prior"] / shift["label_prior"].sum())
@@ -145,23 +198,31 @@ def render(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.n
     for i in range(n):
       questions[i, q] = tokenize(templates[which[i]], qlen)
   thick_word = THICKNESS_WORDS[int(shift["thickness"])]
+  caption_rng = caption_rng if caption_rng is not None else np.random.default_rng(0)
+  mix = np.asarray(shift.get("caption_mix", np.eye(len(phrasings))[0]), np.float64)
+  mix = mix[:len(phrasings)]
+  which = caption_rng.choice(len(phrasings), size=n, p=mix / mix.sum())
   captions = np.stack([
-      tokenize(f"a {thick_word} {DIGIT_WORDS[d]} moving {DIRECTIONS[m]}", clen)
-      for d, m in zip(digit, direction)]) if n else np.zeros((0, clen), np.int32)
+      tokenize(phrasings[w].format(t=thick_word, d=DIGIT_WORDS[d], m=DIRECTIONS[m]), clen,
+               _CAPTION_ID)
+      for w, d, m in zip(which, digit, direction)]) if n else np.zeros((0, clen), np.int32)
   answers = np.stack([digit, 10 + direction], axis=1).astype(np.int32)
   return {"video": video, "questions": questions, "answers": answers,
-          "qtype": qtype.astype(np.int32), "caption": captions}
+          "qtype": qtype.astype(np.int32), "caption": captions,
+          "content": (digit * len(DIRECTIONS) + direction).astype(np.int32)}
 
 
-def _asked(full: dict, with_answer: bool, with_caption: bool) -> dict:
-  """Keeps the question the user asked (and its answer where the role is labelled)."""
+def _asked(full: dict, labelled: bool) -> dict:
+  """Keeps what a device sees: each video, the question the user asked of it and the caption
+  a user typed to find it (unlabelled context too: the device has its users' queries, not
+  which video answers them); answers and caption content only where the role is labelled.
+  A caption states its video's answers: a QA task must never read context captions."""
   rows = np.arange(len(full["qtype"]))
   out = {"video": full["video"], "question": full["questions"][rows, full["qtype"]],
-         "qtype": full["qtype"]}
-  if with_answer:
+         "qtype": full["qtype"], "caption": full["caption"]}
+  if labelled:
     out["answer"] = full["answers"][rows, full["qtype"]]
-  if with_caption:
-    out["caption"] = full["caption"]
+    out["content"] = full["content"]
   return out
 
 
@@ -178,8 +239,16 @@ def _pool(cfg, split):
 def device_shift(cfg: Mapping, split: str, index: int) -> dict:
   images, by_class = _pool(cfg, split)
   ranges = cfg["ood_shift"] if split == "test_ood" else cfg["shift"]
-  return sample_shift(_rng(cfg, split, index), ranges, int(cfg["size"]),
-                      images[np.concatenate(by_class)])
+  shift = sample_shift(_rng(cfg, split, index), ranges, int(cfg["size"]),
+                       images[np.concatenate(by_class)])
+  shift["caption_mix"] = caption_mix(cfg, split, index)
+  return shift
+
+
+def _render_role(cfg, split, index, role, shift, by_class, images, n):
+  return render(_rng(cfg, split, index, ROLE_CODES[role]), shift, by_class, images, int(n), cfg,
+                _rng(cfg, split, index, CAPTION_ROLE_OFFSET + ROLE_CODES[role]),
+                caption_templates(split == "test_ood"))
 
 
 def make_device(cfg: Mapping, split: str, index: int, roles: Mapping[str, int]) -> dict:
@@ -196,8 +265,8 @@ def make_device(cfg: Mapping, split: str, index: int, roles: Mapping[str, int]) 
   shift = device_shift(cfg, split, index)
   out = {"device_id": np.int32(index), "shift": shift}
   for role, n in roles.items():
-    full = render(_rng(cfg, split, index, ROLE_CODES[role]), shift, by_class, images, int(n), cfg)
-    out[role] = _asked(full, with_answer=(role != "context"), with_caption=(role != "context"))
+    full = _render_role(cfg, split, index, role, shift, by_class, images, n)
+    out[role] = _asked(full, labelled=(role != "context"))
   return out
 
 
@@ -207,10 +276,10 @@ def make_global_train_device(cfg: Mapping, index: int, n: int) -> dict:
   ranges = cfg["shift"]
   shift = sample_shift(_rng(cfg, "global_train", index), ranges, int(cfg["size"]),
                        images[np.concatenate(by_class)])
-  full = render(_rng(cfg, "global_train", index, ROLE_CODES["train"]), shift, by_class, images,
-                n, cfg)
+  shift["caption_mix"] = caption_mix(cfg, "global_train", index)
+  full = _render_role(cfg, "global_train", index, "train", shift, by_class, images, n)
   return {"video": full["video"], "questions": full["questions"], "answers": full["answers"],
-          "caption": full["caption"]}
+          "caption": full["caption"], "content": full["content"]}
 
 
 def device_roles(cfg: Mapping, split: str) -> dict:
@@ -230,7 +299,6 @@ def make_cloud_device(cfg: Mapping, split: str, index: int, roles: Mapping[str, 
   shift = device_shift(cfg, split, index)
   out = {"device_id": np.int32(index)}
   for role, n in roles.items():
-    full = render(_rng(cfg, split, index, ROLE_CODES[role]), shift, by_class, images, int(n), cfg)
-    out[role] = {"video": full["video"], "questions": full["questions"],
-                 "answers": full["answers"]}
+    full = _render_role(cfg, split, index, role, shift, by_class, images, n)
+    out[role] = {k: full[k] for k in ("video", "questions", "answers", "caption", "content")}
   return out

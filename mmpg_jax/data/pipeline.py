@@ -126,6 +126,19 @@ def prepare(data_cfg, data_dir: str | None = None) -> Benchmark:
   return bench
 
 
+def validate_data_config(cfg) -> None:
+  """The moving-digits data values a task on this benchmark relies on (ConfigError names the
+  key and the fix)."""
+  from mmpg_jax.config_checks import need   # config_checks is generic; this is the data's part
+  d = cfg.data
+  need(d.frames >= 2, "data.frames", d.frames, "need at least 2 frames: anchors carry the "
+       "temporal difference between consecutive frames, and motion needs 2 frames")
+  room = d.size - 20
+  need(d.speed * (d.frames - 1) <= room, "data.speed", d.speed,
+       f"a digit moving {d.speed} px/frame for {d.frames - 1} steps leaves a {d.size}px frame "
+       f"(room {room}px); lower data.speed or data.frames, or raise data.size")
+
+
 class MetaDeviceSampler:
   """Fresh meta-training devices on the fly (same generator as the builder, split 'meta').
 

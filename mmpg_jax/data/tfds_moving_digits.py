@@ -1,7 +1,8 @@
 """TFDS builders of the embedded benchmark (array_record, readable without TensorFlow).
 
-`moving_digits_cloud`   split global_train: one example per video, every question type answered;
-                        the cloud's pooled data for the global model.
+`moving_digits_cloud`   split global_train: one example per video, every question type answered,
+                        its caption and caption content; the cloud's pooled data for the
+                        global model.
 `moving_digits_devices` splits validation / test / test_ood: one example per device with its
                         roles (context, support, query, oracle) and its shift parameters.
                         validation is for model selection; test is touched only by the final
@@ -31,7 +32,9 @@ def data_config_dict(data_cfg) -> dict:
 
 
 def config_name(data_cfg) -> str:
-  blob = json.dumps(data_config_dict(data_cfg), sort_keys=True).encode()
+  """A hash of the data config and the generator's version: a rebuild whenever either moves."""
+  blob = json.dumps({**data_config_dict(data_cfg), "_generator": md.GENERATOR_VERSION},
+                    sort_keys=True).encode()
   return "cfg_" + hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -47,10 +50,11 @@ def _role_features(cfg, n, labelled):
   t, s, q, c = cfg["frames"], cfg["size"], cfg["question_len"], cfg["caption_len"]
   f = {"video": tfds.features.Tensor(shape=(n, t, s, s), dtype=np.uint8),
        "question": tfds.features.Tensor(shape=(n, q), dtype=np.int32),
-       "qtype": tfds.features.Tensor(shape=(n,), dtype=np.int32)}
+       "qtype": tfds.features.Tensor(shape=(n,), dtype=np.int32),
+       "caption": tfds.features.Tensor(shape=(n, c), dtype=np.int32)}
   if labelled:
     f["answer"] = tfds.features.Tensor(shape=(n,), dtype=np.int32)
-    f["caption"] = tfds.features.Tensor(shape=(n, c), dtype=np.int32)
+    f["content"] = tfds.features.Tensor(shape=(n,), dtype=np.int32)
   return tfds.features.FeaturesDict(f)
 
 
@@ -85,7 +89,7 @@ class MovingDigitsCloud(_Base):
         "questions": tfds.features.Tensor(shape=(nq, q), dtype=np.int32),
         "answers": tfds.features.Tensor(shape=(nq,), dtype=np.int32),
         "caption": tfds.features.Tensor(shape=(c,), dtype=np.int32),
-        "device_id": np.int32})
+        "content": np.int32, "device_id": np.int32})
 
   def _split_generators(self, dl_manager):
     return {"global_train": self._generate_examples()}
@@ -113,7 +117,9 @@ class MovingDigitsDevices(_Base):
              "background": tfds.features.Tensor(shape=(s, s), dtype=np.float32),
              "label_prior": tfds.features.Tensor(shape=(10,), dtype=np.float32),
              "motion_prior": tfds.features.Tensor(shape=(len(md.DIRECTIONS),), dtype=np.float32),
-             "question_mix": tfds.features.Tensor(shape=(nq,), dtype=np.float32)}
+             "question_mix": tfds.features.Tensor(shape=(nq,), dtype=np.float32),
+             "caption_mix": tfds.features.Tensor(shape=(md.MAX_CAPTION_TEMPLATES,),
+                                                 dtype=np.float32)}
     device = {"device_id": np.int32, "shift": tfds.features.FeaturesDict(shift)}
     for role, n in md.device_roles(cfg, "test").items():
       device[role] = _role_features(cfg, n, labelled=(role != "context"))

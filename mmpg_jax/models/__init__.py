@@ -1,9 +1,11 @@
-"""Device models (Flax linen). `build(config)` returns the configured device model."""
+"""Device models (Flax linen). `build(model_cfg, **dims)` returns the configured device model;
+the task passes the dimensions its data fixes (answers, vocabulary size)."""
 from mmpg_jax.models import video_lmm
 
+_MODELS = {"video_lmm": video_lmm.VideoLMM, "video_retrieval": video_lmm.VideoRetrieval}
 
-def build(model_cfg, num_answers: int, vocab_size: int):
-  if model_cfg.name == "video_lmm":
-    return video_lmm.VideoLMM(num_answers=num_answers, vocab_size=vocab_size,
-                              **{k: v for k, v in model_cfg.items() if k != "name"})
-  raise ValueError(f"unknown model.name {model_cfg.name!r}; known: 'video_lmm'")
+
+def build(model_cfg, **dims):
+  if model_cfg.name not in _MODELS:
+    raise ValueError(f"unknown model.name {model_cfg.name!r}; known: {sorted(_MODELS)}")
+  return _MODELS[model_cfg.name](**dims, **{k: v for k, v in model_cfg.items() if k != "name"})

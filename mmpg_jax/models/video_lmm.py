@@ -1,4 +1,4 @@
-"""The lightweight multi-modal video-QA device model (DESIGN §3.1).
+"""The lightweight multi-modal video device models (DESIGN §3.1): QA and retrieval.
 
     video [.., T, H, W] uint8 --frame_encoder (CNN)--> frame embeddings [.., T, D]  (static)
     question tokens [.., L]   --question_encoder (GRU)--> question code [.., Dq]     (static)
@@ -9,6 +9,10 @@ The encoders are static by default and the rest dynamic (config `dynamic_leaves`
 the expensive frame encoder is static, device-side adaptation can run on cached frame
 embeddings: `answer_from_features(frame_emb, q_code)` is the dynamic part alone.
 
+`VideoRetrieval` shares the frame encoder, the text (GRU) encoder and the temporal pooling, and
+replaces fusion + answer head by two projection heads into a joint space (cosine similarity
+with a learned temperature).
+
 Temporal pooling is mean + max + a centred linear (slope) weighting over time: mean and max
 are order-blind and cannot tell "up" from "down"; the slope term can.
 """
@@ -16,6 +20,7 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 
 class FrameEncoder(nn.Module):
@@ -72,15 +77,20 @@ class FiLMFusion(nn.Module):
     return nn.relu(v * (1.0 + gamma) + beta)
 
 
-class AnswerHead(nn.Module):
-  num_answers: int
+class MLPHead(nn.Module):
+  """LayerNorm -> Dense -> ReLU -> Dense: the answer head, and each side of the joint space."""
+  out_dim: int
   hidden: int = 128
 
   @nn.compact
   def __call__(self, x):
     x = nn.LayerNorm(name="norm")(x)
     x = nn.relu(nn.Dense(self.hidden, name="hidden")(x))
-    return nn.Dense(self.num_answers, name="out")(x)
+    return nn.Dense(self.out_dim, name="out")(x)
+
+
+def _unit(x):
+  return x / jnp.sqrt(jnp.maximum((x * x).sum(-1, keepdims=True), 1e-12))
 
 
 class VideoLMM(nn.Module):
@@ -96,7 +106,7 @@ class VideoLMM(nn.Module):
     self.question_encoder = QuestionEncoder(self.vocab_size, self.question_dim)
     self.temporal = TemporalPool(self.embed_dim)
     self.fusion = FiLMFusion()
-    self.answer_head = AnswerHead(self.num_answers, self.head_hidden)
+    self.answer_head = MLPHead(self.num_answers, self.head_hidden)
 
   def encode_frames(self, video):
     return self.frame_encoder(video)
@@ -109,3 +119,43 @@ class VideoLMM(nn.Module):
 
   def __call__(self, video, question):
     return self.answer_from_features(self.encode_frames(video), self.encode_question(question))
+
+
+class VideoRetrieval(nn.Module):
+  """Text-to-video retrieval: similarity = exp(logit_scale) * cos(video, text)."""
+  vocab_size: int
+  frame_channels: Sequence[int] = (16, 32, 32)
+  embed_dim: int = 64
+  text_dim: int = 32
+  joint_dim: int = 64
+  head_hidden: int = 128
+  init_temperature: float = 0.07
+
+  def setup(self):
+    self.frame_encoder = FrameEncoder(tuple(self.frame_channels), self.embed_dim)
+    self.text_encoder = QuestionEncoder(self.vocab_size, self.text_dim)
+    self.temporal = TemporalPool(self.embed_dim)
+    self.video_head = MLPHead(self.joint_dim, self.head_hidden)
+    self.text_head = MLPHead(self.joint_dim, self.head_hidden)
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(
+        float(np.log(1.0 / self.init_temperature))), ())
+
+  def encode_frames(self, video):
+    return self.frame_encoder(video)
+
+  def encode_text(self, tokens):
+    return self.text_encoder(tokens)
+
+  def video_embedding(self, frame_emb):          # [..., T, D] -> [..., J], unit norm
+    return _unit(self.video_head(self.temporal(frame_emb)))
+
+  def text_embedding(self, text_code):           # [..., Dt] -> [..., J], unit norm
+    return _unit(self.text_head(text_code))
+
+  def similarity_from_features(self, frame_emb, text_code):
+    """Frame embeddings of n videos [n, T, D], codes of m texts [m, Dt] -> logits [m, n]."""
+    v, t = self.video_embedding(frame_emb), self.text_embedding(text_code)
+    return jnp.exp(jnp.minimum(self.logit_scale, np.log(100.0))) * t @ v.T
+
+  def __call__(self, video, caption):
+    return self.similarity_from_features(self.encode_frames(video), self.encode_text(caption))

@@ -1,0 +1,173 @@
+"""The task interface: everything specific to one task, behind one small class.
+
+A *task* owns its device model, its data, its supervised and unsupervised losses, its metrics,
+what a device's unlabelled context contributes as anchor elements, and (where it has them) its
+label groups. The main job, the evaluator, the baselines, the stage loop, meta-training, costs,
+the report, generation and the benchmarks are written once against this class and never import
+a benchmark's constants.
+
+Data a task hands to the generic code:
+  * `prepare_data()` -> an object with `global_batches(batch_size, seed)` (batch i a function of
+    (seed, i)) and `devices(split)` (a split's raw devices stacked over a leading device axis);
+  * `encode_split(model, params, devices)` -> a device pytree: `{role: {field: [N, n, ...]},
+    'device_id': [N], ...}` where each role holds features of the static encoders; every leaf
+    has the device axis first, so the evaluator can vmap and chunk it without knowing the
+    fields;
+  * `meta_devices(indices)` / `encode_meta(model, params, raw)`: fresh, fully labelled
+    (cloud-side) meta-training devices for hypernetwork meta-training.
+
+Device-side functions take one device's features (no device axis) and are pure, so the
+generic code can jit and vmap them.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  name: str
+  higher_is_better: bool = True
+
+
+class Task:
+  """Base class: a subclass fills in what its task owns. See video_qa.py for a full one."""
+
+  name = ""
+  datasets = ()                 # data.name values the task can read
+  # The first metric is the selection metric (hyper-parameters, FDA steps, 'margin closed').
+  metrics = (Metric("accuracy"),)
+  # Label groups ((lo, hi), ...): label ids sharing one softmax, for EM label-shift correction
+  # (prior_em) and the FDA's anchor EM. Empty: the task has no labels to re-weight.
+  label_groups = ()
+  label_bias_leaf = None        # the leaf a label-shift correction edits (an output bias)
+  encoder_prefixes = ()         # leaves of the static encoders (their outputs are cached)
+  # Keys of `anchor_elements`, primary first. Explicit because JAX pytrees sort dict keys.
+  anchor_modalities = ("video",)
+  roles = ("context", "support", "query", "oracle")
+  support_role, oracle_role, context_role, query_role = "support", "oracle", "context", "query"
+
+  def __init__(self, config):
+    self.config = config
+
+  # ---- model ---------------------------------------------------------------------------------
+  def build_model(self):
+    raise NotImplementedError
+
+  def example_inputs(self, n: int) -> tuple:
+    """Raw model inputs for n samples (zeros): for init and the cost model."""
+    raise NotImplementedError
+
+  def init_params(self, model, seed: int):
+    return model.init(jax.random.key(seed), *self.example_inputs(1))["params"]
+
+  def encode(self, model, params, *inputs) -> dict:
+    """The static encoders on raw inputs -> a role's feature dict (no labels)."""
+    raise NotImplementedError
+
+  def example_features(self, model, params, n: int) -> dict:
+    """Features of n labelled samples (zeros), shaped as `encode_split` gives them."""
+    f = jax.eval_shape(lambda p: self.encode(model, p, *self.example_inputs(n)), params)
+    out = {k: jnp.zeros(v.shape, v.dtype) for k, v in f.items()}
+    out.update(self.example_labels(n))
+    return out
+
+  def example_labels(self, n: int) -> dict:
+    return {"answer": jnp.zeros((n,), jnp.int32)}
+
+  # ---- data ----------------------------------------------------------------------------------
+  def prepare_data(self):
+    raise NotImplementedError
+
+  def encode_split(self, model, params, devices: dict) -> dict:
+    raise NotImplementedError
+
+  def global_loss(self, model, params, batch):
+    """Cloud training on a raw batch -> (loss, {metric: value})."""
+    raise NotImplementedError
+
+  def device_constants(self, model, params) -> dict:
+    """Arrays every device carries beside its roles (e.g. canonical question codes), added by
+    `encode_split` and by the generic meta-training pool."""
+    return {}
+
+  def source_prior(self, data):
+    """The cloud's label prior (EM's source prior), or None for a task without label groups."""
+    return None
+
+  # ---- the device side, on features -----------------------------------------------------------
+  def scores(self, model, params, feats):
+    """What inference produces on a role (logits; a similarity matrix)."""
+    raise NotImplementedError
+
+  def metric_values(self, scores, feats) -> dict:
+    """{metric name: scalar} for one device's role from its scores."""
+    raise NotImplementedError
+
+  def loss(self, model, params, feats):
+    """The supervised loss on a labelled role (FTA, oracle)."""
+    raise NotImplementedError
+
+  def entropy(self, model, params, feats):
+    """The unsupervised objective on an unlabelled role (TENT)."""
+    raise NotImplementedError
+
+  def label_posteriors(self, model, params, dev):
+    """[n, G, A] posteriors of every label group on each context sample (forward only)."""
+    raise NotImplementedError(f"task {self.name!r} has no label groups")
+
+  def asked_posteriors(self, model, params, dev):
+    """[n, A] posteriors of what was actually asked of each context sample."""
+    raise NotImplementedError(f"task {self.name!r} has no label groups")
+
+  def anchor_elements(self, context) -> dict:
+    """{modality: [N, E]}: what a device's unlabelled context contributes as anchor elements.
+    The first modality is the primary one (its elements carry the cloud-side labels)."""
+    raise NotImplementedError
+
+  def element_labels(self, dev):
+    """[N, G] cloud-side labels of the primary modality's context elements (meta-training's
+    auxiliary loss only; a device never sends labels). None: the task has none."""
+    return None
+
+  # ---- meta-training (cloud only) ------------------------------------------------------------
+  def meta_devices(self, indices, query_size: int) -> dict:
+    """Fresh, fully labelled meta devices (numpy, stacked): the cloud's view."""
+    raise NotImplementedError
+
+  def encode_meta(self, model, params, raw) -> dict:
+    """Jittable: raw meta devices -> {'context': feats, 'query': feats (labelled)}."""
+    raise NotImplementedError
+
+  def meta_loss(self, model, params, query):
+    """(loss, selection metric) on a meta device's labelled query (all it is labelled with)."""
+    raise NotImplementedError
+
+  # ---- checks --------------------------------------------------------------------------------
+  def validate_config(self, cfg) -> None:
+    """Raises config_checks.ConfigError for task-specific invalid values."""
+
+  # helpers --------------------------------------------------------------------------------------
+  @property
+  def selection_metric(self) -> Metric:
+    return self.metrics[0]
+
+  def anchor_dims(self, model, params) -> dict:
+    """{modality: element dim}, primary first."""
+    el = jax.eval_shape(self.anchor_elements, self.example_features(model, params, 2))
+    return {m: int(el[m].shape[-1]) for m in self.anchor_modalities}
+
+  def num_elements(self, model, params, n_context: int) -> dict:
+    """{modality: elements in a context of n_context samples}, primary first."""
+    el = jax.eval_shape(self.anchor_elements, self.example_features(model, params, n_context))
+    return {m: int(el[m].shape[0]) for m in self.anchor_modalities}
+
+
+def stack(examples):
+  """A list of nested dicts of arrays -> one nested dict with a leading axis."""
+  first = examples[0]
+  if isinstance(first, dict):
+    return {k: stack([e[k] for e in examples]) for k in first}
+  return np.stack([np.asarray(e) for e in examples])

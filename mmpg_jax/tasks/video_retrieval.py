@@ -1,0 +1,152 @@
+"""Text-to-video retrieval on the moving-digits benchmark (DESIGN §3.1, §4).
+
+Device model: `models.video_lmm.VideoRetrieval` (static frame CNN and caption GRU; dynamic
+temporal pooling, video and text projection heads into a joint space, learned temperature).
+Per sample a role holds the frame embeddings `frames` [T, D] and the caption code `text` [Dt];
+labelled roles also hold `content` (= digit * 4 + direction, what the caption says). Scores of
+a role are the similarity logits of its captions against its videos, [n texts, n videos]: each
+device's query role is its own gallery.
+
+Captions repeat inside a gallery (a device sees many "seven moving left"), so a retrieved video
+counts as a hit when its caption states the same content as the query's (the same digit and
+direction; the phrasing aside). Ranks count the non-matching videos scored above the best
+matching one: R@k = rank < k, median rank = median of rank + 1 over a device's queries.
+
+Device shift reaches the text side: each device phrases its captions with its own mix of
+templates (the cloud's captions are mostly two of them), and the OOD group with phrasings never
+used in training. The unlabelled context holds the device's videos and its users' query texts
+(not which video answers which), and both are anchor elements: video frame elements and
+caption codes.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmpg_jax import models
+from mmpg_jax.data import moving_digits as md
+from mmpg_jax.data import pipeline
+from mmpg_jax.tasks import _video
+from mmpg_jax.tasks.base import Metric
+from mmpg_jax.tasks.base import Task as _Base
+from mmpg_jax.tasks.base import stack
+
+
+def info_nce(logits, content):
+  """Symmetric InfoNCE with every same-content item a positive: logits [n, n] (texts x
+  videos of n pairs), content [n]."""
+  same = (content[:, None] == content[None, :]).astype(logits.dtype)
+  target = same / same.sum(-1, keepdims=True)
+  t2v = -(target * jax.nn.log_softmax(logits, -1)).sum(-1).mean()
+  v2t = -(target.T * jax.nn.log_softmax(logits.T, -1)).sum(-1).mean()
+  return 0.5 * (t2v + v2t)
+
+
+def hit_ranks(scores, query_content, gallery_content):
+  """For each query (row), how many non-matching gallery items score above its best match."""
+  same = query_content[:, None] == gallery_content[None, :]
+  best = jnp.max(jnp.where(same, scores, -jnp.inf), axis=-1, keepdims=True)
+  return jnp.sum((scores > best) & ~same, axis=-1)
+
+
+def retrieval_metrics(scores, query_content, gallery_content):
+  rank = hit_ranks(scores, query_content, gallery_content)
+  return {"r1": (rank < 1).mean(), "r5": (rank < 5).mean(), "r10": (rank < 10).mean(),
+          "median_rank": jnp.median(rank + 1.0)}
+
+
+class Task(_Base):
+  name = "video_retrieval"
+  datasets = ("moving_digits",)
+  metrics = (Metric("r1"), Metric("r5"), Metric("r10"), Metric("median_rank", False))
+  encoder_prefixes = ("frame_encoder/", "text_encoder/")
+  anchor_modalities = ("video", "text")
+
+  def build_model(self):
+    return models.build(self.config.model, vocab_size=len(md.CAPTION_VOCAB))
+
+  def example_inputs(self, n):
+    d = self.config.data
+    return (jnp.zeros((n, d.frames, d.size, d.size), jnp.uint8),
+            jnp.ones((n, d.caption_len), jnp.int32))
+
+  def example_labels(self, n):
+    return {"content": jnp.arange(n, dtype=jnp.int32)}
+
+  def encode(self, model, params, video, caption):
+    """Static encoders: video [n,T,H,W] uint8, caption [n,L] -> {'frames', 'text'}."""
+    frames = model.apply({"params": params}, video, method=model.encode_frames)
+    text = model.apply({"params": params}, caption, method=model.encode_text)
+    return {"frames": frames, "text": text}
+
+  # ---- data ----------------------------------------------------------------------------------
+  def prepare_data(self):
+    return pipeline.prepare(self.config.data)
+
+  def encode_split(self, model, params, devices, chunk: int = 512):
+    enc = jax.jit(lambda p, v, c: self.encode(model, p, v, c))
+    return _video.encode_roles(enc, params, devices, ("video", "caption"), ("content",), chunk)
+
+  def global_loss(self, model, params, batch):
+    """Symmetric InfoNCE over the batch's (video, caption) pairs, same content = positive."""
+    feats = self.encode(model, params, batch["video"], batch["caption"])
+    scores = self.scores(model, params, feats)
+    content = batch["content"]
+    return info_nce(scores, content), {"r1": retrieval_metrics(scores, content, content)["r1"]}
+
+  # ---- the device side -----------------------------------------------------------------------
+  def scores(self, model, params, feats):
+    return model.apply({"params": params}, feats["frames"], feats["text"],
+                       method=model.similarity_from_features)
+
+  def metric_values(self, scores, feats):
+    return retrieval_metrics(scores, feats["content"], feats["content"])
+
+  def loss(self, model, params, feats):
+    return info_nce(self.scores(model, params, feats), feats["content"])
+
+  def entropy(self, model, params, feats):
+    """Entropy of each query text's softmax over the role's videos (the gallery)."""
+    lp = jax.nn.log_softmax(self.scores(model, params, feats), -1)
+    return -(jnp.exp(lp) * lp).sum(-1).mean()
+
+  def bank_scores(self, model, params, dev):
+    """The device's own unlabelled query texts (context) against its gallery (query videos):
+    the query bank of querybank normalisation, [n_bank, n_gallery]."""
+    return model.apply({"params": params}, dev[self.query_role]["frames"],
+                       dev[self.context_role]["text"], method=model.similarity_from_features)
+
+  def anchor_elements(self, context):
+    return {"video": _video.frame_elements(context["frames"]), "text": context["text"]}
+
+  def anchor_info(self, cfg):
+    d = cfg.data
+    return {"frames_in_context": d.context_size * d.frames,
+            "frame_elements": d.context_size * (d.frames - 1), "texts_in_context": d.context_size}
+
+  # ---- meta-training -------------------------------------------------------------------------
+  def meta_devices(self, indices, query_size):
+    roles = {"context": self.config.data.context_size, "query": query_size}
+    sampler = pipeline.MetaDeviceSampler(self.config.data, roles=roles, labelled=True)
+    return stack([sampler.device(int(i)) for i in indices])
+
+  def encode_meta(self, model, params, raw):
+    out = {}
+    for role in ("context", "query"):
+      out[role] = self.encode(model, params, raw[role]["video"], raw[role]["caption"])
+    out["query"]["content"] = raw["query"]["content"]
+    return out
+
+  def meta_loss(self, model, params, query):
+    scores = self.scores(model, params, query)
+    return (info_nce(scores, query["content"]),
+            retrieval_metrics(scores, query["content"], query["content"])["r1"])
+
+  def validate_config(self, cfg):
+    pipeline.validate_data_config(cfg)
+
+  def report_notes(self, cfg):
+    return ["Text-to-video retrieval inside each device's own gallery (its query videos, "
+            f"{cfg.data.query_size} per device): a retrieved video is a hit when its caption "
+            "states the same content as the query's (the same digit and direction; the phrasing "
+            "aside), since captions repeat inside a gallery. median_rank is the mean over "
+            "devices of each device's median rank (lower is better)."]

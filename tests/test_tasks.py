@@ -1,0 +1,328 @@
+"""The task interface: a toy task defined here runs through the real main job; the batch
+generation path equals the evaluated cdc_mmpg path on both embedded tasks; retrieval's heads
+and metrics; bad task configs and uploads."""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mmpg_jax import config_checks, generate, main, tasks
+from mmpg_jax import params as P
+from mmpg_jax.adapt import cdc_mmpg
+from mmpg_jax.adapt import fda as fda_lib
+from mmpg_jax.data import pipeline
+from mmpg_jax.tasks import video_retrieval
+from mmpg_jax.tasks.base import Metric, Task, stack
+
+
+# ---------- a toy task: 3-class Gaussian blobs, devices with label and mean shift -------------
+
+class _BlobsModel(nn.Module):
+  def setup(self):
+    self.encoder = nn.Dense(8)
+    self.head = nn.Dense(3)
+
+  def encode(self, x):
+    return nn.relu(self.encoder(x))
+
+  def logits(self, h):
+    return self.head(h)
+
+  def __call__(self, x):
+    return self.logits(self.encode(x))
+
+
+def _blob_device(seed, split, index, sizes, ood=False):
+  rng = np.random.default_rng([seed, split, index])
+  prior = rng.dirichlet(np.full(3, 0.5))
+  offset = rng.normal(0, 2.0 if ood else 0.7, 4)
+  dev = {"device_id": np.int32(index)}
+  for r, (role, n) in enumerate(sizes.items()):
+    rr = np.random.default_rng([seed, split, index, r + 1])
+    y = rr.choice(3, n, p=prior)
+    x = np.eye(3, 4)[y] * 2.0 + offset + rr.normal(0, 0.8, (n, 4))
+    dev[role] = {"x": x.astype(np.float32), "y": y.astype(np.int32)}
+  return dev
+
+
+class _BlobData:
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  def global_batches(self, batch_size, seed):
+    cfg = self.cfg
+
+    class _Batches:
+      def __getitem__(self, step):
+        devs = [_blob_device(seed, 1, step * 4 + j, {"train": batch_size // 4}) for j in range(4)]
+        return {k: np.concatenate([d["train"][k] for d in devs]) for k in ("x", "y")}
+    return _Batches()
+
+  def devices(self, split):
+    d = self.cfg.data
+    n = {"validation": d.num_val_devices, "test": d.num_test_devices,
+         "test_ood": d.num_ood_devices}[split]
+    sizes = {"context": d.context_size, "support": d.support_size, "query": d.query_size,
+             "oracle": d.oracle_size}
+    devs = [_blob_device(self.cfg.data.seed, 2 + ("validation", "test", "test_ood").index(split),
+                         i, sizes, ood=(split == "test_ood")) for i in range(n)]
+    for dv in devs:
+      del dv["context"]["y"]                       # the context is unlabelled
+    return stack(devs)
+
+
+class ToyTask(Task):
+  """Everything a task owns, for 3-class blobs: ~60 lines, no change outside this class."""
+  name = "toy"
+  datasets = ("toy_blobs",)
+  metrics = (Metric("accuracy"),)
+  label_groups = ((0, 3),)
+  label_bias_leaf = "head/bias"
+  encoder_prefixes = ("encoder/",)
+  anchor_modalities = ("feat",)
+
+  def build_model(self):
+    return _BlobsModel()
+
+  def example_inputs(self, n):
+    return (jnp.zeros((n, 4)),)
+
+  def example_labels(self, n):
+    return {"y": jnp.zeros((n,), jnp.int32)}
+
+  def encode(self, model, params, x):
+    return {"h": model.apply({"params": params}, x, method=model.encode)}
+
+  def prepare_data(self):
+    return _BlobData(self.config)
+
+  def encode_split(self, model, params, devices):
+    out = {"device_id": devices["device_id"]}
+    for role in self.roles:
+      out[role] = dict(self.encode(model, params, devices[role]["x"]))
+      if "y" in devices[role]:
+        out[role]["y"] = devices[role]["y"]
+    return jax.tree.map(np.asarray, out)
+
+  def global_loss(self, model, params, batch):
+    loss = self.loss(model, params, {**self.encode(model, params, batch["x"]), "y": batch["y"]})
+    return loss, {}
+
+  def source_prior(self, data):
+    return np.full(3, 1 / 3, np.float32)
+
+  def scores(self, model, params, feats):
+    return model.apply({"params": params}, feats["h"], method=model.logits)
+
+  def metric_values(self, scores, feats):
+    return {"accuracy": (scores.argmax(-1) == feats["y"]).mean()}
+
+  def loss(self, model, params, feats):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        self.scores(model, params, feats), feats["y"]).mean()
+
+  def entropy(self, model, params, feats):
+    lp = jax.nn.log_softmax(self.scores(model, params, feats))
+    return -(jnp.exp(lp) * lp).sum(-1).mean()
+
+  def label_posteriors(self, model, params, dev):
+    return jax.nn.softmax(self.scores(model, params, dev["context"]))[:, None, :]
+
+  def asked_posteriors(self, model, params, dev):
+    return jax.nn.softmax(self.scores(model, params, dev["context"]))
+
+  def anchor_elements(self, context):
+    return {"feat": context["h"]}
+
+  def element_labels(self, dev):
+    return dev["context"]["y"][:, None]
+
+  def meta_devices(self, indices, query_size):
+    sizes = {"context": self.config.data.context_size, "query": query_size}
+    return stack([_blob_device(0, 9, int(i), sizes) for i in indices])
+
+  def encode_meta(self, model, params, raw):
+    return {r: {**self.encode(model, params, raw[r]["x"]), "y": raw[r]["y"]}
+            for r in ("context", "query")}
+
+  def meta_loss(self, model, params, query):
+    s = self.scores(model, params, query)
+    return (optax.softmax_cross_entropy_with_integer_labels(s, query["y"]).mean(),
+            (s.argmax(-1) == query["y"]).mean())
+
+
+def _toy_config(smoke_config):
+  cfg = smoke_config.copy_and_resolve_references()
+  cfg.unlock()
+  cfg.task, cfg.benchmark = "toy", "toy_blobs"
+  cfg.data = type(cfg.data)(dict(name="toy_blobs", seed=0, num_global_devices=4,
+                                 num_val_devices=3, num_test_devices=3, num_ood_devices=2,
+                                 context_size=8, support_size=10, query_size=8, oracle_size=12))
+  cfg.model = type(cfg.model)(dict(name="toy"))
+  cfg.dynamic_leaves = ("head/.*",)
+  cfg.baselines.fta.leaves = cfg.baselines.oracle.leaves = cfg.fda.edit_leaves = ("head/.*",)
+  cfg.baselines.tent.leaves = ("head/bias",)
+  cfg.lock()
+  return cfg
+
+
+def test_a_task_defined_outside_the_package_runs_through_the_real_main_job(smoke_config,
+                                                                          tmp_path):
+  tasks.register("toy", ToyTask)
+  res = main.run(_toy_config(smoke_config), str(tmp_path / "w"))
+  assert res["task"] == "toy" and res["num_eval_devices"] == 3 and res["num_ood_devices"] == 2
+  # every generic family applies: the baselines (prior_em: the toy has a label group) and
+  # CDC-MMPG meta-trained on the toy's own meta devices
+  assert {"global", "fta_k5", "tent", "prior_em", "oracle", "cdc_mmpg"} <= set(res["methods"])
+  assert "qb_norm" not in res["methods"]                  # the toy ranks no gallery
+  on_disk = json.loads((tmp_path / "w" / "results.json").read_text())
+  assert on_disk["methods"]["cdc_mmpg"]["device_backward_passes"] == 0
+  assert on_disk["methods"]["fta_k5"]["labels_used_per_device"] == 5
+  assert "| cdc_mmpg |" in (tmp_path / "w" / "report.md").read_text()
+
+
+# ---------- bad task configs ------------------------------------------------------------------
+
+def test_unknown_task_names_the_known_tasks(smoke_config, tmp_path):
+  cfg = smoke_config.copy_and_resolve_references()
+  cfg.task = "video_qq"
+  with pytest.raises(tasks.UnknownTaskError, match=r"video_qq.*known tasks: .*video_qa.*"
+                                                   r"video_retrieval"):
+    main.run(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_config_whose_task_and_data_disagree_is_refused_before_any_work(smoke_config,
+                                                                          tmp_path):
+  cfg = smoke_config.copy_and_resolve_references()
+  cfg.data.name = "msrvtt"
+  with pytest.raises(config_checks.ConfigError, match=r"data.name='msrvtt'.*reads "
+                                                      r"\('moving_digits',\)"):
+    main.run(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+# ---------- generation path == evaluated path, on both embedded tasks -------------------------
+
+@pytest.fixture(scope="module", params=["moving_digits_qa", "moving_digits_retrieval"])
+def trained_fda(request, data_dir):
+  import importlib
+  cfg = importlib.import_module(request.param).get_config("smoke")
+  task = tasks.build(cfg)
+  model = task.build_model()
+  params = task.init_params(model, 0)
+  data = pipeline.prepare(cfg.data, data_dir)
+  val = task.encode_split(model, params, data.devices("validation"))
+  prior = task.source_prior(data)
+  fda = fda_lib.from_config(cfg, task, params, prior, task.anchor_dims(model, params))
+  leaves, tdef = jax.tree.flatten(fda_lib.init(fda, jax.random.key(0)))
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  fp = jax.tree.unflatten(tdef, [x + 0.05 * jax.random.normal(k, x.shape)
+                                 for x, k in zip(leaves, keys)])
+  summary = cdc_mmpg.device_summary(task, model, cfg, prior)
+  return cfg, task, model, params, val, fda, fp, summary
+
+
+def test_batch_generation_gives_the_edits_the_evaluated_method_applies(trained_fda):
+  cfg, task, model, params, val, fda, fp, summary = trained_fda
+  key = lambda dev: cdc_mmpg.device_key(cfg.seed, dev)
+  kw = dict(selector=cfg.adr.selector, k=cfg.adr.k)
+  uploads = jax.vmap(lambda dev: cdc_mmpg.device_upload(task, params, dev, key=key(dev),
+                                                        summary=summary, **kw))(val)
+  assert set(uploads["anchors"]) == set(task.anchor_modalities)
+  edits = generate.EditGenerator(fda, fp, device_batch=8)(uploads)     # validated, sharded
+  evaluated = jax.vmap(lambda dev: cdc_mmpg.adapt_device(
+      task, params, fda, fp, dev, clip=cfg.fda.clip, key=key(dev), summary=summary, **kw))(val)
+  for i in range(len(val["device_id"])):
+    edit_i = jax.tree.map(lambda x: x[i], edits)
+    assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(edit_i))
+    batch_path = P.apply_edit(params, edit_i, cfg.fda.clip)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y[i], rtol=1e-5, atol=1e-6),
+                 batch_path, evaluated)
+
+
+def test_an_upload_missing_a_modality_or_the_summary_is_refused(trained_fda):
+  cfg, task, model, params, val, fda, fp, summary = trained_fda
+  dev = jax.tree.map(lambda x: x[0], val)
+  up = cdc_mmpg.device_upload(task, params, dev, selector="herding", k=2,
+                              key=jax.random.key(0), summary=summary)
+  spec = fda.upload_spec()
+  generate.validate_upload(up, spec)                      # the real upload passes
+  for mod in task.anchor_modalities:
+    bad = {"anchors": {m: a for m, a in up["anchors"].items() if m != mod},
+           "weights": {m: w for m, w in up["weights"].items() if m != mod}}
+    if "summary" in up:
+      bad["summary"] = up["summary"]
+    with pytest.raises(generate.UploadError, match=rf"no \['{mod}'\] anchors; this FDA was "
+                                                   rf"meta-trained with anchors of"):
+      generate.validate_upload(bad, spec)
+  if spec["summary"]:
+    with pytest.raises(generate.UploadError, match="no 'summary'"):
+      generate.validate_upload({k: v for k, v in up.items() if k != "summary"}, spec)
+
+
+# ---------- retrieval: heads, loss and metrics ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def retrieval():
+  import moving_digits_retrieval
+  cfg = moving_digits_retrieval.get_config("smoke")
+  task = tasks.build(cfg)
+  model = task.build_model()
+  return cfg, task, model, task.init_params(model, 0)
+
+
+def _pairs(task, model, params, cfg, n, seed):
+  rng = np.random.default_rng(seed)
+  d = cfg.data
+  video = rng.integers(0, 255, (n, d.frames, d.size, d.size), dtype=np.uint8)
+  caption = rng.integers(1, 20, (n, d.caption_len)).astype(np.int32)
+  f = task.encode(model, params, video, caption)
+  f["content"] = jnp.asarray(rng.integers(0, 6, n), jnp.int32)
+  return f
+
+
+def test_retrieval_zero_edit_is_the_base_model_and_vmapped_equals_looped(retrieval):
+  cfg, task, model, params = retrieval
+  _, dynamic = P.split(params, cfg.dynamic_leaves)
+  f = _pairs(task, model, params, cfg, 7, 0)
+  base = task.scores(model, params, f)
+  zero = task.scores(model, P.apply_edit(params, P.zeros_edit(dynamic), cfg.fda.clip), f)
+  assert np.array_equal(np.asarray(base), np.asarray(zero))
+  assert base.shape == (7, 7)                             # texts x videos
+  devs = [_pairs(task, model, params, cfg, 7, s) for s in range(3)]
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *devs)
+  one = lambda dv: task.metric_values(task.scores(model, params, dv), dv)
+  vm = jax.vmap(one)(stacked)
+  for i, dv in enumerate(devs):
+    for k, v in one(dv).items():
+      np.testing.assert_allclose(vm[k][i], v, rtol=1e-6)
+  # the similarity is a temperature-scaled cosine: bounded by exp(logit_scale)
+  assert float(jnp.abs(base).max()) <= float(jnp.exp(params["logit_scale"])) + 1e-4
+
+
+def test_retrieval_ranks_count_same_content_videos_as_hits():
+  scores = jnp.array([[0.9, 0.8, 0.1, 0.0],      # query content 0: best video 1 (content 0)
+                      [0.9, 0.1, 0.2, 0.3],      # query content 2: video 3 has it, 2 above
+                      [0.0, 0.1, 0.2, 0.3]])     # query content 1: video 2 is the only one
+  query, gallery = jnp.array([0, 2, 1]), jnp.array([3, 0, 1, 2])
+  assert video_retrieval.hit_ranks(scores, query, gallery).tolist() == [1, 1, 1]
+  m = video_retrieval.retrieval_metrics(scores, query, gallery)
+  assert float(m["r1"]) == 0.0 and float(m["r5"]) == 1.0 and float(m["median_rank"]) == 2.0
+  m = video_retrieval.retrieval_metrics(jnp.eye(3), jnp.arange(3), jnp.arange(3))
+  assert float(m["r1"]) == 1.0 and float(m["median_rank"]) == 1.0
+
+
+def test_info_nce_treats_duplicate_captions_as_positives():
+  content = jnp.array([0, 0, 1])
+  good = jnp.array([[5.0, 5.0, -5.0], [5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
+  bad = good[::-1]
+  assert float(video_retrieval.info_nce(good, content)) < float(
+      video_retrieval.info_nce(bad, content))
+  # the loss's minimum is log(#positives): equal logits over the two same-content videos
+  np.testing.assert_allclose(float(video_retrieval.info_nce(10 * good, content)),
+                             (2 * np.log(2) + 0) / 3, atol=1e-3)
