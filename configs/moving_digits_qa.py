@@ -52,6 +52,9 @@ def get_config(arg: str = ""):
       # The cloud's captions: mostly the first two phrasings (moving_digits.CAPTION_TEMPLATES),
       # so a device that phrases its queries otherwise shifts the text side.
       cloud_caption_mix=(0.6, 0.38, 0.005, 0.005, 0.005, 0.005),
+      # ... and words digits and directions the plain way (md.DIGIT_FORMS, DIRECTION_FORMS):
+      # numerals, "-ward" and compass words are a device's own vocabulary.
+      cloud_digit_forms=(0.99, 0.01), cloud_direction_forms=(0.99, 0.005, 0.005),
       data_dir="",                      # "" = $MMPG_DATA_DIR or ~/.cache/mmpg_jax/tfds
   ))
   c.data.shift = shift_ranges()

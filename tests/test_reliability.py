@@ -27,11 +27,14 @@ def _train(cfg, bench, workdir):
 
 
 def _truncate(step_dir):
+  """Every array data file of the step cut to half (a partially written checkpoint). Which of
+  orbax's data folders a restore reads varies, so all are cut; the metadata is left alone."""
   files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state"))
-           for f in fs]
-  big = max(files, key=os.path.getsize)
-  with open(big, "r+b") as f:
-    f.truncate(os.path.getsize(big) // 2)
+           for f in fs if os.path.basename(r) == "d"]
+  assert files
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
 
 
 def _scramble(step_dir):

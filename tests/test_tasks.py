@@ -206,6 +206,19 @@ def test_a_config_whose_task_and_data_disagree_is_refused_before_any_work(smoke_
   assert not (tmp_path / "w").exists()
 
 
+def test_an_unknown_method_family_or_caption_mix_is_refused_before_any_work(smoke_config,
+                                                                          tmp_path):
+  cfg = smoke_config.copy_and_resolve_references()
+  cfg.method_families = ("baselines", "persnoa")
+  with pytest.raises(config_checks.ConfigError, match=r"persnoa.*mmpg_jax.adapt.persnoa"):
+    main.run(cfg, str(tmp_path / "w"))
+  cfg = smoke_config.copy_and_resolve_references()
+  cfg.data.cloud_caption_mix = (1.0, 0.0)
+  with pytest.raises(config_checks.ConfigError, match=r"cloud_caption_mix.*6 non-negative"):
+    main.run(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
 # ---------- generation path == evaluated path, on both embedded tasks -------------------------
 
 @pytest.fixture(scope="module", params=["moving_digits_qa", "moving_digits_retrieval"])

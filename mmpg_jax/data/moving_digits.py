@@ -19,7 +19,7 @@ from scipy import ndimage
 from mmpg_jax.data import digits
 
 # Bump when the generator's output changes: it is part of the prepared data's cache key.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 QUESTION_TYPES = ("digit", "direction")
 DIRECTIONS = ("up", "down", "left", "right")
 _DIR_STEP = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]])   # (dy, dx) per frame
@@ -46,6 +46,12 @@ CAPTION_TEMPLATES = (
     "a {t} digit {d} heads {m}", "video of {d} drifting {m}")
 OOD_CAPTION_TEMPLATES = ("{m} goes the {t} {d}", "watch {d} travel {m}", "{d} {m} clip")
 MAX_CAPTION_TEMPLATES = max(len(CAPTION_TEMPLATES), len(OOD_CAPTION_TEMPLATES))
+# How a caption words its content: digits as words or numerals, directions plain, "-ward" or
+# by compass. The cloud almost always uses the first form (data.cloud_*_forms); each device
+# has its own mix (vocabulary shift on the text side).
+DIGIT_FORMS = (DIGIT_WORDS, tuple(str(d) for d in range(10)))
+DIRECTION_FORMS = (DIRECTIONS, ("upward", "downward", "leftward", "rightward"),
+                   ("north", "south", "west", "east"))
 
 
 def _build_vocab():
@@ -60,7 +66,8 @@ _WORD_ID = {w: i for i, w in enumerate(VOCAB)}
 
 def _build_caption_vocab():
   """Every caption word, OOD phrasings included (their embeddings are never trained)."""
-  words = set(DIGIT_WORDS) | set(DIRECTIONS) | set(THICKNESS_WORDS.values())
+  words = set(THICKNESS_WORDS.values())
+  words |= {w for forms in DIGIT_FORMS + DIRECTION_FORMS for w in forms}
   for t in CAPTION_TEMPLATES + OOD_CAPTION_TEMPLATES:
     words |= {w for w in t.split() if not w.startswith("{")}
   return (PAD, UNK) + tuple(sorted(words))
@@ -87,21 +94,25 @@ def caption_templates(ood: bool) -> tuple:
   return OOD_CAPTION_TEMPLATES if ood else CAPTION_TEMPLATES
 
 
-def caption_mix(cfg, split: str, index: int) -> np.ndarray:
-  """A device's mix over its caption phrasings (its own RNG stream: the video and question
-  streams are unchanged by it). The cloud's training devices share data.cloud_caption_mix."""
+def caption_style(cfg, split: str, index: int) -> dict:
+  """A device's caption style: its mix over phrasings (padded to MAX_CAPTION_TEMPLATES for a
+  fixed TFDS feature) and over the word forms of digits and directions. Its own RNG stream:
+  the video and question streams are unchanged by it. The cloud's training devices share
+  data.cloud_caption_mix / cloud_digit_forms / cloud_direction_forms."""
   if split == "global_train":
     mix = np.asarray(cfg["cloud_caption_mix"], np.float64)
-    if mix.shape != (len(CAPTION_TEMPLATES),) or (mix < 0).any() or mix.sum() <= 0:
-      raise ValueError(f"data.cloud_caption_mix={tuple(mix)} must be {len(CAPTION_TEMPLATES)} "
-                       f"non-negative weights, one per caption phrasing {CAPTION_TEMPLATES}")
+    digit = np.asarray(cfg["cloud_digit_forms"], np.float64)
+    direction = np.asarray(cfg["cloud_direction_forms"], np.float64)
   else:
     rng = _rng(cfg, split, index, CAPTION_STYLE_CODE)
-    mix = _dirichlet(rng, cfg["caption_concentration"],
-                     len(caption_templates(split == "test_ood")))
-  out = np.zeros(MAX_CAPTION_TEMPLATES, np.float32)    # fixed length for the TFDS feature
+    conc = cfg["caption_concentration"]
+    mix = _dirichlet(rng, conc, len(caption_templates(split == "test_ood")))
+    digit = _dirichlet(rng, conc, len(DIGIT_FORMS))
+    direction = _dirichlet(rng, conc, len(DIRECTION_FORMS))
+  out = np.zeros(MAX_CAPTION_TEMPLATES, np.float32)
   out[:len(mix)] = mix
-  return out
+  return {"caption_mix": out, "digit_forms": digit.astype(np.float32),
+          "direction_forms": direction.astype(np.float32)}
 
 
 def _dirichlet(rng, concentration, k):
@@ -199,13 +210,18 @@ def render(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.n
       questions[i, q] = tokenize(templates[which[i]], qlen)
   thick_word = THICKNESS_WORDS[int(shift["thickness"])]
   caption_rng = caption_rng if caption_rng is not None else np.random.default_rng(0)
-  mix = np.asarray(shift.get("caption_mix", np.eye(len(phrasings))[0]), np.float64)
-  mix = mix[:len(phrasings)]
-  which = caption_rng.choice(len(phrasings), size=n, p=mix / mix.sum())
+  def draw(key, k):                 # which phrasing / word form each caption uses
+    mix = np.asarray(shift.get(key, np.eye(k)[0]), np.float64)[:k]
+    return caption_rng.choice(k, size=n, p=mix / mix.sum())
+
+  which = draw("caption_mix", len(phrasings))
+  dform, mform = draw("digit_forms", len(DIGIT_FORMS)), draw("direction_forms",
+                                                              len(DIRECTION_FORMS))
   captions = np.stack([
-      tokenize(phrasings[w].format(t=thick_word, d=DIGIT_WORDS[d], m=DIRECTIONS[m]), clen,
-               _CAPTION_ID)
-      for w, d, m in zip(which, digit, direction)]) if n else np.zeros((0, clen), np.int32)
+      tokenize(phrasings[w].format(t=thick_word, d=DIGIT_FORMS[fd][d],
+                                   m=DIRECTION_FORMS[fm][m]), clen, _CAPTION_ID)
+      for w, d, m, fd, fm in zip(which, digit, direction, dform, mform)
+  ]) if n else np.zeros((0, clen), np.int32)
   answers = np.stack([digit, 10 + direction], axis=1).astype(np.int32)
   return {"video": video, "questions": questions, "answers": answers,
           "qtype": qtype.astype(np.int32), "caption": captions,
@@ -241,7 +257,7 @@ def device_shift(cfg: Mapping, split: str, index: int) -> dict:
   ranges = cfg["ood_shift"] if split == "test_ood" else cfg["shift"]
   shift = sample_shift(_rng(cfg, split, index), ranges, int(cfg["size"]),
                        images[np.concatenate(by_class)])
-  shift["caption_mix"] = caption_mix(cfg, split, index)
+  shift.update(caption_style(cfg, split, index))
   return shift
 
 
@@ -276,7 +292,7 @@ def make_global_train_device(cfg: Mapping, index: int, n: int) -> dict:
   ranges = cfg["shift"]
   shift = sample_shift(_rng(cfg, "global_train", index), ranges, int(cfg["size"]),
                        images[np.concatenate(by_class)])
-  shift["caption_mix"] = caption_mix(cfg, "global_train", index)
+  shift.update(caption_style(cfg, "global_train", index))
   full = _render_role(cfg, "global_train", index, "train", shift, by_class, images, n)
   return {"video": full["video"], "questions": full["questions"], "answers": full["answers"],
           "caption": full["caption"], "content": full["content"]}

@@ -137,6 +137,17 @@ def validate_data_config(cfg) -> None:
   need(d.speed * (d.frames - 1) <= room, "data.speed", d.speed,
        f"a digit moving {d.speed} px/frame for {d.frames - 1} steps leaves a {d.size}px frame "
        f"(room {room}px); lower data.speed or data.frames, or raise data.size")
+  mix = tuple(d.cloud_caption_mix)
+  need(len(mix) == len(md.CAPTION_TEMPLATES) and min(mix) >= 0 and sum(mix) > 0,
+       "data.cloud_caption_mix", mix, f"{len(md.CAPTION_TEMPLATES)} non-negative weights, one "
+       f"per caption phrasing {md.CAPTION_TEMPLATES}")
+  for key, forms in (("cloud_digit_forms", md.DIGIT_FORMS),
+                     ("cloud_direction_forms", md.DIRECTION_FORMS)):
+    mix = tuple(d[key])
+    need(len(mix) == len(forms) and min(mix) >= 0 and sum(mix) > 0, f"data.{key}", mix,
+         f"{len(forms)} non-negative weights, one per word form {forms}")
+  need(d.caption_concentration > 0, "data.caption_concentration", d.caption_concentration,
+       "the Dirichlet concentration of a device's phrasing mix must be > 0")
 
 
 class MetaDeviceSampler:

@@ -119,7 +119,11 @@ class MovingDigitsDevices(_Base):
              "motion_prior": tfds.features.Tensor(shape=(len(md.DIRECTIONS),), dtype=np.float32),
              "question_mix": tfds.features.Tensor(shape=(nq,), dtype=np.float32),
              "caption_mix": tfds.features.Tensor(shape=(md.MAX_CAPTION_TEMPLATES,),
-                                                 dtype=np.float32)}
+                                                 dtype=np.float32),
+             "digit_forms": tfds.features.Tensor(shape=(len(md.DIGIT_FORMS),),
+                                                 dtype=np.float32),
+             "direction_forms": tfds.features.Tensor(shape=(len(md.DIRECTION_FORMS),),
+                                                     dtype=np.float32)}
     device = {"device_id": np.int32, "shift": tfds.features.FeaturesDict(shift)}
     for role, n in md.device_roles(cfg, "test").items():
       device[role] = _role_features(cfg, n, labelled=(role != "context"))
