@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mmpg_jax.tasks._video import pad_to
+from mmpg_jax.tasks.base import pad_to
 
 
 def _split_hp(hp):

@@ -78,7 +78,7 @@ def write_report(workdir: str, results: dict, cfg, task) -> None:
       f"{results['device_model_bytes']:,} bytes; one inference "
       f"{results['device_inference_flops_per_sample']:.3g} FLOPs.", "",
   ]
-  for note in getattr(task, "report_notes", lambda c: [])(cfg):
+  for note in task.report_notes(cfg):
     lines += [note, ""]
   if margin:
     lines += [f"**Oracle − global margin: {_fmt(sel, margin['test'])}{unit} of {sel.name} on "

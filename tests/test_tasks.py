@@ -187,34 +187,25 @@ def test_a_task_defined_outside_the_package_runs_through_the_real_main_job(smoke
 
 # ---------- bad task configs ------------------------------------------------------------------
 
-def test_unknown_task_names_the_known_tasks(smoke_config, tmp_path):
+@pytest.mark.parametrize("key,value,error,match", [
+    ("task", "video_qq", tasks.UnknownTaskError,
+     r"video_qq.*known tasks: .*video_qa.*video_retrieval"),
+    ("data.name", "msrvtt", config_checks.ConfigError,       # task and data disagree
+     r"data.name='msrvtt'.*reads \('moving_digits',\)"),
+    ("method_families", ("baselines", "persnoa"), config_checks.ConfigError,
+     r"persnoa.*mmpg_jax.adapt.persnoa"),
+    ("data.cloud_caption_mix", (1.0, 0.0), config_checks.ConfigError,
+     r"cloud_caption_mix.*6 non-negative"),
+])
+def test_bad_task_configs_are_refused_before_any_work(smoke_config, tmp_path, key, value,
+                                                      error, match):
   cfg = smoke_config.copy_and_resolve_references()
-  cfg.task = "video_qq"
-  with pytest.raises(tasks.UnknownTaskError, match=r"video_qq.*known tasks: .*video_qa.*"
-                                                   r"video_retrieval"):
-    main.run(cfg, str(tmp_path / "w"))
-  assert not (tmp_path / "w").exists()
-
-
-def test_a_config_whose_task_and_data_disagree_is_refused_before_any_work(smoke_config,
-                                                                          tmp_path):
-  cfg = smoke_config.copy_and_resolve_references()
-  cfg.data.name = "msrvtt"
-  with pytest.raises(config_checks.ConfigError, match=r"data.name='msrvtt'.*reads "
-                                                      r"\('moving_digits',\)"):
-    main.run(cfg, str(tmp_path / "w"))
-  assert not (tmp_path / "w").exists()
-
-
-def test_an_unknown_method_family_or_caption_mix_is_refused_before_any_work(smoke_config,
-                                                                          tmp_path):
-  cfg = smoke_config.copy_and_resolve_references()
-  cfg.method_families = ("baselines", "persnoa")
-  with pytest.raises(config_checks.ConfigError, match=r"persnoa.*mmpg_jax.adapt.persnoa"):
-    main.run(cfg, str(tmp_path / "w"))
-  cfg = smoke_config.copy_and_resolve_references()
-  cfg.data.cloud_caption_mix = (1.0, 0.0)
-  with pytest.raises(config_checks.ConfigError, match=r"cloud_caption_mix.*6 non-negative"):
+  node = cfg
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(error, match=match):
     main.run(cfg, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 

@@ -123,7 +123,7 @@ def make_methods(ctx, fda, fda_params, summary=None):
         anchor_mmd, task=task, selector=selector, k=k, seed=cfg.seed, modality=m)
              for m in anchor_dims}
     info = {"selector": selector, "k": kk[primary]}
-    info.update(task.anchor_info(cfg) if hasattr(task, "anchor_info") else {})
+    info.update(task.anchor_info(cfg))
     info.update({f"k_{m}": kk[m] for m in kk if m != primary})
     methods.append(Method(name, ({},), adapt, cost, uses=(task.context_role,),
                           diagnostics=diags, info=info))

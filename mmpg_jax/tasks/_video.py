@@ -3,13 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def pad_to(x, n):
-  """x padded along axis 0 to n rows by repeating its last row (fixed shapes: one compile)."""
-  if len(x) == n:
-    return x
-  pad = np.repeat(x[-1:], n - len(x), axis=0)
-  return np.concatenate([x, pad], axis=0)
+from mmpg_jax.tasks.base import pad_to
 
 
 def encode_roles(enc, params, devices: dict, inputs: tuple, keep: tuple,

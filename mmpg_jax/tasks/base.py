@@ -127,6 +127,18 @@ class Task:
     The first modality is the primary one (its elements carry the cloud-side labels)."""
     raise NotImplementedError
 
+  def anchor_info(self, cfg) -> dict:
+    """Facts about a device's anchor elements copied into each anchored method's `info`."""
+    return {}
+
+  def report_notes(self, cfg) -> list:
+    """Paragraphs report.md states before the table (e.g. how a metric counts hits)."""
+    return []
+
+  # Optional capability: `bank_scores(model, params, dev)` -> [n_bank, n_gallery], the
+  # device's own unlabelled queries scored against its gallery, for tasks whose scores rank a
+  # gallery; querybank normalisation (baselines.qb_norm) is built only for such tasks.
+
   def element_labels(self, dev):
     """[N, G] cloud-side labels of the primary modality's context elements (meta-training's
     auxiliary loss only; a device never sends labels). None: the task has none."""
@@ -163,6 +175,13 @@ class Task:
     """{modality: elements in a context of n_context samples}, primary first."""
     el = jax.eval_shape(self.anchor_elements, self.example_features(model, params, n_context))
     return {m: int(el[m].shape[0]) for m in self.anchor_modalities}
+
+
+def pad_to(x, n):
+  """x padded along axis 0 to n rows by repeating its last row (fixed shapes: one compile)."""
+  if len(x) == n:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)], axis=0)
 
 
 def stack(examples):
