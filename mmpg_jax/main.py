@@ -38,8 +38,8 @@ def method_family(name: str):
 
 
 def check(config):
-  """Every check that needs no data: task, config values, leaf regexes. Returns (task, model,
-  abstract params)."""
+  """Every check that needs no data: task, config values, leaf regexes, each method family's
+  own block (its optional `validate_config`). Returns (task, model, family modules)."""
   task = tasks.build(config)
   config_checks.validate(config, task)
   families = [method_family(f) for f in config.method_families]
@@ -47,9 +47,9 @@ def check(config):
   abstract = jax.eval_shape(lambda: task.init_params(model, config.seed))
   P.select(abstract, config.dynamic_leaves)
   device.cached_features_valid(abstract, config.dynamic_leaves, task.encoder_prefixes)
-  edited = P.select(abstract, config.fda.edit_leaves)
-  config_checks.validate(config, task, task.num_elements(model, abstract, config.data.context_size),
-                         {p: s.shape for p, s in P.flatten(abstract).items() if p in edited})
+  for family in families:
+    if hasattr(family, "validate_config"):
+      family.validate_config(config, task, model, abstract)
   return task, model, families
 
 

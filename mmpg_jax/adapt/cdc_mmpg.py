@@ -13,9 +13,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
-from mmpg_jax import costs, meta_train
+from mmpg_jax import config_checks, costs, meta_train
 from mmpg_jax import params as P
 from mmpg_jax.adapt import adr, device
 from mmpg_jax.adapt import fda as fda_lib
@@ -72,6 +73,35 @@ def anchor_mmd(dev, task, selector, k, seed, modality):
   return adr.mmd2(a, w, el[modality])
 
 
+def validate_config(cfg, task, model, abstract_params) -> None:
+  """The cdc_mmpg config blocks (fda, adr) against the task's anchor elements and the edited
+  layers; ConfigError names the key (called by main.check before any work)."""
+  for key in ("fda.learning_rate", "fda.num_steps", "fda.devices_per_step", "fda.meta_devices",
+              "fda.rank", "fda.clip", "fda.checkpoint_every", "fda.eval_every",
+              "fda.log_every"):
+    config_checks.positive(cfg, key)
+  num_elements = task.num_elements(model, abstract_params, cfg.data.context_size)
+  n_el = min(num_elements.values())
+  where = ", ".join(f"{m}: {n}" for m, n in num_elements.items())
+  a, need = cfg.adr, config_checks.need
+  for key, k in [("adr.k", a.k)] + [("adr.k_sweep", k) for k in a.k_sweep]:
+    need(1 <= k <= n_el, key, k, f"K must be between 1 and the {n_el} anchor elements of a "
+         f"device's context ({where}; data.context_size={cfg.data.context_size})")
+  for k in cfg.fda.train_ks:
+    need(0 <= k <= n_el, "fda.train_ks", cfg.fda.train_ks,
+         f"each K in 0..{n_el} (0 = all anchor elements; {where})")
+  for sel in (a.selector,) + tuple(a.ablations):
+    need(sel in adr.SELECTORS, "adr.selector/ablations", sel, f"known: {adr.SELECTORS}")
+  flat = P.flatten(abstract_params)
+  for path in P.select(abstract_params, cfg.fda.edit_leaves):
+    shape = flat[path].shape
+    if len(shape) >= 2 and int(np.prod(shape)) > cfg.fda.full_delta_max:
+      rows, cols = int(np.prod(shape[:-1])), int(shape[-1])
+      need(cfg.fda.rank <= min(rows, cols), "fda.rank", cfg.fda.rank,
+           f"larger than layer {path} ({rows} x {cols}); a rank-r edit of it needs "
+           f"r <= {min(rows, cols)}")
+
+
 def build(ctx):
   """Meta-trains (or reloads) the FDA, then its methods (`make_methods`)."""
   task, model, params, cfg = ctx.task, ctx.model, ctx.params, ctx.config
@@ -104,7 +134,7 @@ def make_methods(ctx, fda, fda_params, summary=None):
   variants += [(f"cdc_mmpg_{'all_frames' if s == 'all' else s}", s, ac.k) for s in ac.ablations]
   variants += [(f"cdc_mmpg_k{k}", ac.selector, k) for k in ac.k_sweep if k != ac.k]
   methods = []
-  for name, selector, k in variants:   # K ranges: config_checks.validate
+  for name, selector, k in variants:   # K ranges: validate_config
     kk = {m: (n if selector == "all" else k) for m, n in n_el.items()}
 
     def adapt(params, dev, hp, selector=selector, k=k):
