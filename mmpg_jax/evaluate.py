@@ -41,9 +41,8 @@ class Evaluator:
     self.chunk = device_chunk
     self._compiled = {}
 
-  def _sub(self, method, feats):
-    """The roles a method reads (+ the query role and every per-device constant)."""
-    roles = set(method.uses) | {self.task.query_role}
+  def _sub(self, roles, feats):
+    """Only the given roles of a device split (+ every per-device constant)."""
     return {k: v for k, v in feats.items() if k in roles or k not in self.task.roles}
 
   def per_device_metrics(self, method, params, feats, hp) -> dict:
@@ -56,7 +55,7 @@ class Evaluator:
                               {**dict(static), **traced})
       self._compiled[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, None)))
     fn = self._compiled[key]
-    return self._chunked(lambda part: fn(params, part, traced), self._sub(method, feats))
+    return self._chunked(lambda part: fn(params, part, traced), self._sub(set(method.uses) | {self.task.query_role}, feats))
 
   def _chunked(self, fn, sub):
     """fn over fixed-size chunks of devices (padded), so every split compiles once."""
@@ -73,8 +72,7 @@ class Evaluator:
       key = (method.name, "diag", name)
       if key not in self._compiled:
         self._compiled[key] = jax.jit(jax.vmap(fn))
-      sub = {k: v for k, v in feats.items() if k in method.uses or k not in self.task.roles}
-      out[name] = self._chunked(self._compiled[key], sub)
+      out[name] = self._chunked(self._compiled[key], self._sub(method.uses, feats))
     return out
 
   def _score(self, per_device):

@@ -56,10 +56,10 @@ def _fmt_flops(x):
 
 
 def _fmt(metric, x):
-  """Rates in %, ranks as they are."""
+  """Rates in %, other metrics (ranks) as they are."""
   if x is None or not np.isfinite(x):
     return "–"
-  return f"{x:.2f}" if "rank" in metric.name else f"{100 * x:.2f}"
+  return f"{100 * x:.2f}" if metric.percent else f"{x:.2f}"
 
 
 def write_report(workdir: str, results: dict, cfg, task) -> None:
@@ -69,7 +69,7 @@ def write_report(workdir: str, results: dict, cfg, task) -> None:
   m = results["methods"]
   margin = results["oracle_global_margin"]
   sel = task.selection_metric
-  unit = "" if "rank" in sel.name else " points"
+  unit = " points" if sel.percent else ""
   lines = [
       f"# {results['benchmark']} ({results['task']})", "",
       f"{results['num_eval_devices']} test devices, {results['num_ood_devices']} "

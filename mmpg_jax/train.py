@@ -97,16 +97,12 @@ def run_stage(stage: str, state, sc, *, workdir, metrics, key, prepare, after_st
   return state
 
 
-def global_state(task, model, config, tx):
-  params = task.init_params(model, config.seed)
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
-
-
 def train_global(task, model, config, data, workdir, metrics) -> dict:
   """Trains (or resumes, or reloads a finished) global model; returns its params."""
   tc = config.train
   tx = make_optimizer(tc, "train")
-  state = global_state(task, model, config, tx)
+  params = task.init_params(model, config.seed)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
 
   def prepare(state, start):
     batches = data.global_batches(tc.batch_size, seed=config.seed)

@@ -19,6 +19,20 @@ def checkpoint_steps(d):
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
 
 
+def random_features(task, model, params, n, seed):
+  """A task's encoded features of n random samples (pixels 0..254, tokens 1..19, drawn in the
+  order of `task.example_inputs`), and the generator, for the caller's labels."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  raw = []
+  for x in task.example_inputs(n):
+    if x.dtype == np.uint8:
+      raw.append(rng.integers(0, 255, x.shape, dtype=np.uint8))
+    else:
+      raw.append(rng.integers(1, 20, x.shape).astype(np.int32))
+  return task.encode(model, params, *raw), rng
+
+
 @pytest.fixture(scope="session")
 def smoke_config():
   import moving_digits_qa

@@ -7,6 +7,8 @@ from mmpg_jax import costs, evaluate
 from mmpg_jax import params as P
 from mmpg_jax.adapt import baselines, device
 
+from conftest import random_features
+
 
 def test_em_recovers_a_shifted_label_prior():
   # A calibrated source model under a uniform prior; the target prior is skewed.
@@ -27,12 +29,8 @@ def test_em_recovers_a_shifted_label_prior():
   np.testing.assert_allclose(est_s, source, atol=1e-3)
 
 
-def _feats(task, model, params, cfg, n, seed):
-  rng = np.random.default_rng(seed)
-  d = cfg.data
-  video = rng.integers(0, 255, (n, d.frames, d.size, d.size), dtype=np.uint8)
-  question = rng.integers(1, 20, (n, d.question_len)).astype(np.int32)
-  f = task.encode(model, params, video, question)
+def _feats(task, model, params, n, seed):
+  f, rng = random_features(task, model, params, n, seed)
   f["answer"] = jnp.asarray(rng.integers(0, 14, n), jnp.int32)
   f["qtype"] = jnp.zeros(n, jnp.int32)
   return f
@@ -47,7 +45,7 @@ def _ctx(task, model, params, cfg):
 def test_finetune_changes_only_the_selected_leaves_and_lowers_the_loss(smoke_config, task,
                                                                        model_and_params):
   model, params = model_and_params
-  f = _feats(task, model, params, smoke_config, 12, 0)
+  f = _feats(task, model, params, 12, 0)
   leaves = ["answer_head/.*"]
   out = device.finetune(device.objective(task, model, "supervised"), params, leaves, f,
                         optimizer="adam", lr=1e-2, steps=30)
@@ -61,8 +59,8 @@ def test_finetune_changes_only_the_selected_leaves_and_lowers_the_loss(smoke_con
 
 def test_vmapped_evaluation_equals_a_loop_over_devices(smoke_config, task, model_and_params):
   model, params = model_and_params
-  devs = [{"support": _feats(task, model, params, smoke_config, 10, s),
-           "query": _feats(task, model, params, smoke_config, 8, 100 + s)} for s in range(3)]
+  devs = [{"support": _feats(task, model, params, 10, s),
+           "query": _feats(task, model, params, 8, 100 + s)} for s in range(3)]
   stacked = jax.tree.map(lambda *x: np.stack(x), *devs)
   stacked["device_id"] = np.arange(3, dtype=np.int32)
   stacked["type_q"] = np.zeros((3, 2, smoke_config.model.question_dim), np.float32)

@@ -18,6 +18,8 @@ from mmpg_jax.data import pipeline
 from mmpg_jax.tasks import video_retrieval
 from mmpg_jax.tasks.base import Metric, Task, stack
 
+from conftest import random_features
+
 
 # ---------- a toy task: 3-class Gaussian blobs, devices with label and mean shift -------------
 
@@ -280,12 +282,8 @@ def retrieval():
   return cfg, task, model, task.init_params(model, 0)
 
 
-def _pairs(task, model, params, cfg, n, seed):
-  rng = np.random.default_rng(seed)
-  d = cfg.data
-  video = rng.integers(0, 255, (n, d.frames, d.size, d.size), dtype=np.uint8)
-  caption = rng.integers(1, 20, (n, d.caption_len)).astype(np.int32)
-  f = task.encode(model, params, video, caption)
+def _pairs(task, model, params, n, seed):
+  f, rng = random_features(task, model, params, n, seed)
   f["content"] = jnp.asarray(rng.integers(0, 6, n), jnp.int32)
   return f
 
@@ -293,12 +291,12 @@ def _pairs(task, model, params, cfg, n, seed):
 def test_retrieval_zero_edit_is_the_base_model_and_vmapped_equals_looped(retrieval):
   cfg, task, model, params = retrieval
   _, dynamic = P.split(params, cfg.dynamic_leaves)
-  f = _pairs(task, model, params, cfg, 7, 0)
+  f = _pairs(task, model, params, 7, 0)
   base = task.scores(model, params, f)
   zero = task.scores(model, P.apply_edit(params, P.zeros_edit(dynamic), cfg.fda.clip), f)
   assert np.array_equal(np.asarray(base), np.asarray(zero))
   assert base.shape == (7, 7)                             # texts x videos
-  devs = [_pairs(task, model, params, cfg, 7, s) for s in range(3)]
+  devs = [_pairs(task, model, params, 7, s) for s in range(3)]
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *devs)
   one = lambda dv: task.metric_values(task.scores(model, params, dv), dv)
   vm = jax.vmap(one)(stacked)

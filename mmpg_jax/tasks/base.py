@@ -30,6 +30,7 @@ import numpy as np
 class Metric:
   name: str
   higher_is_better: bool = True
+  percent: bool = True          # a rate in [0, 1], reported in %; False: reported as is
 
 
 class Task:

@@ -57,7 +57,7 @@ def retrieval_metrics(scores, query_content, gallery_content):
 class Task(_Base):
   name = "video_retrieval"
   datasets = ("moving_digits",)
-  metrics = (Metric("r1"), Metric("r5"), Metric("r10"), Metric("median_rank", False))
+  metrics = (Metric("r1"), Metric("r5"), Metric("r10"), Metric("median_rank", higher_is_better=False, percent=False))
   encoder_prefixes = ("frame_encoder/", "text_encoder/")
   anchor_modalities = ("video", "text")
 
