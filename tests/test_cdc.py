@@ -69,6 +69,21 @@ def test_frame_elements_carry_motion():
   np.testing.assert_allclose(el[0], jnp.concatenate([frames[0, 0], frames[0, 1] - frames[0, 0]]))
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 17, 224])
+def test_the_sort_free_median_equals_jnp_median_bit_for_bit(n):
+  """ADR's bandwidth (median of pairwise distances, ties and zeros included) is unchanged."""
+  x = jax.random.normal(jax.random.key(n), (6, n, 16)) * jnp.arange(1, 7)[:, None, None]
+  x = x.at[:, 0].set(x[:, -1])                         # a duplicate element: zero distances
+  rows, cols = np.triu_indices(n, k=1)
+  d = jax.vmap(lambda e: adr._sq_dists(e, e)[rows, cols])(x)
+  new = jax.jit(jax.vmap(adr.median_nonneg))(d)
+  old = jax.jit(jax.vmap(jnp.median))(d)
+  np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+  odd = d[:, :-1] if d.shape[1] > 1 else d
+  np.testing.assert_array_equal(np.asarray(jax.vmap(adr.median_nonneg)(odd)),
+                                np.asarray(jax.vmap(jnp.median)(odd)))
+
+
 def test_herding_beats_random_on_mmd_and_weights_are_masses():
   key = jax.random.key(0)
   centres = jax.random.normal(key, (5, 6)) * 4

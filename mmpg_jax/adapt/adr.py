@@ -28,13 +28,44 @@ def _sq_dists(x, y):
   return jnp.maximum(d, 0.0)
 
 
+def _kth_smallest_bits(bits, k: int):
+  """The k-th smallest (0-based) of non-negative float32 values given as their int32 bit
+  patterns (which order like the floats): a bisection over the 31 value bits, counting."""
+
+  def body(_, lo_hi):
+    lo, hi = lo_hi
+    mid = lo + (hi - lo) // 2
+    ok = (bits <= mid).sum() >= k + 1
+    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+  lo, _ = jax.lax.fori_loop(0, 31, body, (jnp.int32(0), jnp.int32(0x7F800000)))
+  return lo
+
+
+def median_nonneg(v):
+  """jnp.median of a 1-D array of non-negative floats, bit for bit, without sorting it.
+
+  A sort of the ~25k pairwise distances of a 224-element context is what made ADR herding cost
+  4 ms per device on a CPU core; counting passes are 6x faster under vmap (bench: adr)."""
+  v = jnp.abs(v.astype(jnp.float32))                           # -0.0 -> 0.0: bits order
+  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+  m = v.shape[0]
+  lo_bits = _kth_smallest_bits(bits, (m - 1) // 2)
+  lo = jax.lax.bitcast_convert_type(lo_bits, jnp.float32)
+  if m % 2:
+    return lo
+  above = jnp.min(jnp.where(bits > lo_bits, v, jnp.inf))      # the next order statistic
+  hi = jnp.where((bits <= lo_bits).sum() >= m // 2 + 1, lo, above)
+  return (lo + hi) / 2
+
+
 def median_bandwidth(x):
   """Median heuristic: the median pairwise squared distance (a robust kernel scale)."""
   n = x.shape[0]
   if n < 2:
     return jnp.float32(1.0)
   rows, cols = np.triu_indices(n, k=1)                          # static: n is a shape
-  return jnp.maximum(jnp.median(_sq_dists(x, x)[rows, cols]), 1e-6)
+  return jnp.maximum(median_nonneg(_sq_dists(x, x)[rows, cols]), 1e-6)
 
 
 def rbf(x, y, bw):
