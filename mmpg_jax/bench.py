@@ -1,17 +1,35 @@
-r"""Benchmarks: figures and ratios measured side by side in one run, printed as JSON.
+r"""Benchmarks: figures and ratios measured side by side in one run, one JSON object per line.
 
-  python -m mmpg_jax.bench --what=generate [--num_devices=1024 --device_batch=256]
-      cloud edit generation for many devices: a Python loop over devices (jitted generate per
-      device) vs jit(vmap(generate)) in fixed chunks vs the same sharded over every
-      accelerator (NamedSharding over a Mesh). Devices/s and speed-ups.
-  python -m mmpg_jax.bench --what=adr [--k=16]
-      on-device anchor selection: time per device of each ADR selector, jitted.
+  python -m mmpg_jax.bench [--what=generate,stream,device_adaptation,main_job,adr]
+      [--config=configs/moving_digits_qa.py] [--run_dir=<a finished run of that config>]
 
-Model sizes and the task (its upload's modalities) come from --config (default: the default
-experiment); parameter values are random (timings do not depend on them). Set XLA_FLAGS=--xla_force_host_platform_device_count=8 to see
-the sharded path spread over 8 simulated CPU devices.
+  generate           cloud edit generation (the FDA forward) for N = --num_devices (default
+                     1,000 / 10,000 / 100,000) devices: a per-device Python loop of a jitted
+                     generate vs jit(vmap(generate)) streamed in chunks of --device_batch, sharded
+                     over every local accelerator, results fetched to the host as the command
+                     does. flops_per_device (XLA cost analysis), devices/s of both and their
+                     ratio, achieved GFLOP/s beside the float32 matmul peak measured in the same
+                     run, and their ratio. FDA parameters random (timings do not depend on them).
+  stream             the streaming command itself (`python -m mmpg_jax.generate`, a subprocess
+                     per N, writing edit shards to a temporary directory) on --run_dir: devices/s
+                     including the device-side uploads it simulates, and peak_rss_mb at each N.
+  device_adaptation  device-side FLOPs (XLA) and seconds per device of each hypernetwork
+                     method's device path (anchor selection + summary, then merging the edit)
+                     against fta_k5, with bytes up and down; on the validation devices of the
+                     config's data, with --run_dir's trained model and FDA when given.
+  main_job           `python -m mmpg_jax.main` with this --config into a fresh workdir; its
+                     stage times (data, global training, method families incl. meta-training,
+                     evaluation) from the run's metrics.jsonl.
+  adr                on-device anchor selection: ms per device and MMD of each selector.
+
+Set XLA_FLAGS=--xla_force_host_platform_device_count=8 to see the sharded path spread over 8
+simulated CPU devices (they share the same cores: not faster).
 """
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -20,21 +38,26 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmpg_jax import generate, tasks
-from mmpg_jax.adapt import adr
+from mmpg_jax import costs, generate, tasks
+from mmpg_jax import params as P
+from mmpg_jax.adapt import adr, baselines, cdc_mmpg
 from mmpg_jax.adapt import fda as fda_lib
 
+BENCHMARKS = ("generate", "stream", "device_adaptation", "main_job", "adr")
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/moving_digits_qa.py",
                                           "experiment config", lock_config=True)
-_WHAT = flags.DEFINE_enum("what", "generate", ["generate", "adr"], "which benchmark")
-_N = flags.DEFINE_integer("num_devices", 1024, "simulated devices to generate edits for")
-_BATCH = flags.DEFINE_integer("device_batch", 256, "devices per compiled chunk")
+_WHAT = flags.DEFINE_list("what", ["generate", "device_adaptation"],
+                          f"benchmarks to run, in order; any of {BENCHMARKS}")
+_RUN_DIR = flags.DEFINE_string("run_dir", None, "a finished run of --config (for stream; "
+                               "device_adaptation uses its trained model if given)")
+_N = flags.DEFINE_list("num_devices", ["1000", "10000", "100000"], "device counts")
+_BATCH = flags.DEFINE_integer("device_batch", 1024, "devices per compiled chunk")
 _K = flags.DEFINE_integer("k", 16, "anchors per device")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats (best is reported)")
 
 
 def _best_time(fn, repeats):
-  fn()                                              # compile / warm up
+  jax.block_until_ready(fn())                      # compile / warm up
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
@@ -43,7 +66,22 @@ def _best_time(fn, repeats):
   return best
 
 
-def _fda(cfg):
+def _xla_flops(jitted, *args) -> float:
+  return float(jitted.lower(*args).compile().cost_analysis()["flops"])
+
+
+def matmul_peak(repeats: int) -> dict:
+  """Best float32 matmul throughput of this backend (n = 1024 and 2048), GFLOP/s."""
+  out = {}
+  for n in (1024, 2048):
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+    out[n] = 2 * n ** 3 / _best_time(lambda: mm(a, a), repeats) / 1e9
+  return {"matmul_gflops": max(out.values()),
+          "matmul_gflops_by_size": {str(k): v for k, v in out.items()}}
+
+
+def _random_fda(cfg):
   task = tasks.build(cfg)
   model = task.build_model()
   params = task.init_params(model, 0)
@@ -57,8 +95,8 @@ def _fda(cfg):
   return task, model, params, fda, fp
 
 
-def _uploads(fda, n, k):
-  keys = iter(jax.random.split(jax.random.key(2), 8))
+def _uploads(fda, n, k, seed):
+  keys = iter(jax.random.split(jax.random.key(seed), 8))
   up = {"anchors": {m: np.asarray(jax.random.normal(next(keys), (n, k, d)), np.float32)
                     for m, d in fda.modalities},
         "weights": {m: np.full((n, k), 1.0 / k, np.float32) for m, _ in fda.modalities}}
@@ -68,34 +106,175 @@ def _uploads(fda, n, k):
   return up
 
 
-def bench_generate(cfg):
-  _, _, _, fda, fp = _fda(cfg)
-  n, k = _N.value, _K.value
-  up = _uploads(fda, n, k)
+def _stream_chunks(gen, banks, n):
+  """n devices through gen in chunks, as the command streams them: chunk i+1 is dispatched
+  before chunk i is fetched to the host. Upload chunks cycle through a few host banks."""
+  b = gen.device_batch
+  pending = None
+  for i in range(-(-n // b)):
+    out = gen.chunk(banks[i % len(banks)])
+    if pending is not None:
+      jax.tree.map(np.asarray, pending)
+    pending = out
+  jax.tree.map(np.asarray, pending)
+
+
+def bench_generate(cfg, peak):
+  _, _, _, fda, fp = _random_fda(cfg)
+  k, b = _K.value, _BATCH.value
   one = jax.jit(lambda p, u: fda_lib.generate(fda, p, u))
-  n_loop = min(n, 128)                              # the loop is slow; time a slice, scale
-  t_loop = _best_time(lambda: [one(fp, jax.tree.map(lambda x: x[i], up))
-                               for i in range(n_loop)], 1) * n / n_loop
-  single = generate.EditGenerator(fda, fp, _BATCH.value,
-                                  mesh=generate.make_mesh(jax.devices()[:1]))
-  t_vmap = _best_time(lambda: single(up, validate=False), _REPEATS.value)
-  sharded = generate.EditGenerator(fda, fp, _BATCH.value)
-  t_shard = _best_time(lambda: sharded(up, validate=False), _REPEATS.value)
-  t_checked = _best_time(lambda: sharded(up, validate=True), 1)
-  return {"benchmark": "generate", "task": cfg.task, "num_devices": n, "k": k,
-          "modalities": [m for m, _ in fda.modalities], "device_batch": _BATCH.value,
-          "accelerators": jax.device_count(), "backend": jax.default_backend(),
-          "devices_per_s": {"loop": n / t_loop, "jit_vmap_1_accelerator": n / t_vmap,
-                            "jit_vmap_sharded": n / t_shard,
-                            "jit_vmap_sharded_with_upload_checks": n / t_checked},
-          "speedup_vmap_over_loop": t_loop / t_vmap,
-          "speedup_sharded_over_loop": t_loop / t_shard,
-          "speedup_sharded_over_vmap": t_vmap / t_shard}
+  single = jax.tree.map(lambda x: x[0], _uploads(fda, 1, k, 2))
+  flops = _xla_flops(one, fp, single)
+  gen = generate.EditGenerator(fda, fp, b)
+  banks = [_uploads(fda, b, k, 10 + i) for i in range(4)]
+  flops_batched = _xla_flops(gen.fn, gen._params, jax.device_put(banks[0], gen.sharding)) / b
+  loop_bank = _uploads(fda, 256, k, 3)
+  per_device = [jax.tree.map(lambda x: x[i], loop_bank) for i in range(256)]
+  jax.block_until_ready(one(fp, per_device[0]))
+  _stream_chunks(gen, banks, b)                      # compile
+  rows = []
+  for n in (int(x) for x in _N.value):
+    t = time.perf_counter()
+    for i in range(n):
+      out = one(fp, per_device[i % 256])
+    jax.block_until_ready(out)
+    t_loop = time.perf_counter() - t
+    t_batch = min(_timed(lambda: _stream_chunks(gen, banks, n)) for _ in range(_REPEATS.value))
+    rate = n / t_batch
+    rows.append({
+        "benchmark": "generate", "task": cfg.task, "num_devices": n, "k": k,
+        "modalities": [m for m, _ in fda.modalities], "device_batch": b,
+        "accelerators": gen.mesh.devices.size, "backend": jax.default_backend(),
+        "flops_per_device": flops, "flops_per_device_batched": flops_batched,
+        "devices_per_s": {"loop": n / t_loop, "batched_sharded": rate},
+        "speedup_batched_over_loop": t_loop / t_batch,
+        "achieved_gflops": rate * flops / 1e9, **peak,
+        "share_of_matmul_peak": rate * flops / 1e9 / peak["matmul_gflops"]})
+  return rows
+
+
+def _timed(fn):
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def _config_args():
+  """This command's --config flags (file and overrides), for the subprocesses it starts."""
+  return [a for a in sys.argv[1:] if a.startswith("--config")]
+
+
+def bench_stream(cfg):
+  if not _RUN_DIR.value:
+    raise app.UsageError("the stream benchmark runs `python -m mmpg_jax.generate` on a finished "
+                         "run: pass --run_dir=<workdir of python -m mmpg_jax.main with the same "
+                         "--config>")
+  rows = []
+  for n in (int(x) for x in _N.value):
+    with tempfile.TemporaryDirectory() as out:
+      cmd = [sys.executable, "-m", "mmpg_jax.generate", *_config_args(),
+             f"--workdir={_RUN_DIR.value}", f"--num_devices={n}",
+             f"--device_batch={_BATCH.value}", f"--out={out}/edits"]
+      r = subprocess.run(cmd, capture_output=True, text=True)
+      if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+      row = json.loads(r.stdout.strip().splitlines()[-1])
+    rows.append({"benchmark": "stream", "task": cfg.task, "num_devices": n,
+                 **{k: row[k] for k in ("device_batch", "accelerators", "backend",
+                                        "devices_per_s", "seconds", "pool_seconds",
+                                        "wall_seconds", "peak_rss_mb", "compiles")}})
+  base = rows[0]["peak_rss_mb"]
+  for r in rows:
+    r["peak_rss_vs_smallest_n"] = r["peak_rss_mb"] / base
+  return rows
+
+
+def _trained_or_random(cfg):
+  """(task, model, params, fda, fda params, summary fn, source prior, data, selected hps)."""
+  task = tasks.build(cfg)
+  model = task.build_model()
+  data = task.prepare_data()
+  prior = task.source_prior(data)
+  if _RUN_DIR.value:
+    task, model, params, fda, fp, summary = generate.restore_run(cfg, _RUN_DIR.value)
+    with open(os.path.join(_RUN_DIR.value, "results.json")) as f:
+      hps = {n: m["hp"] for n, m in json.load(f)["methods"].items()}
+  else:
+    params = task.init_params(model, cfg.seed)
+    fda = fda_lib.from_config(cfg, task, params, prior, task.anchor_dims(model, params))
+    fp = fda_lib.init(fda, jax.random.key(0))
+    summary, hps = cdc_mmpg.device_summary(task, model, cfg, prior), {}
+  return task, model, params, fda, fp, summary, prior, data, hps
+
+
+def bench_device_adaptation(cfg):
+  task, model, params, fda, fp, summary, prior, data, hps = _trained_or_random(cfg)
+  val = task.encode_split(model, params, data.devices("validation"))
+  n_dev = len(val["device_id"])
+  cm = costs.CostModel(task, model, params)
+  ctx = baselines.MethodContext(task=task, model=model, params=params, cost_model=cm, config=cfg,
+                                source_prior=prior, val=val, workdir=None, metrics=None)
+  fta = next(m for m in baselines.build(ctx) if m.name == "fta_k5")
+  hp = hps.get("fta_k5", fta.grid[0])
+  ctx_sub = {k: v for k, v in val.items() if k in fta.uses or k not in task.roles}
+  t_fta = _best_time(lambda: jax.jit(jax.vmap(lambda d: fta.adapt(params, d, hp)))(ctx_sub),
+                     _REPEATS.value)
+  c = fta.cost(hp)
+  n_fta = c.labels_used_per_device
+  ref = {"method": "fta_k5", "hp": hp, "device_flops": c.device_flops,
+         "device_flops_without_encoding": c.device_flops - cm.encode(n_fta),
+         "seconds_per_device": t_fta / n_dev, "device_backward_passes": c.device_backward_passes,
+         "uplink_bytes": c.uplink_bytes, "downlink_bytes": c.downlink_bytes}
+  rows = []
+  ac = cfg.adr
+  for m in cdc_mmpg.make_methods(ctx, fda, fp, summary):
+    sel, k = m.info["selector"], m.info["k"]
+    sub = {kk: v for kk, v in val.items() if kk in m.uses or kk not in task.roles}
+    upload = jax.jit(jax.vmap(lambda d, sel=sel, k=k: cdc_mmpg.device_upload(
+        task, params, d, selector=sel, k=k, key=cdc_mmpg.device_key(cfg.seed, d),
+        summary=summary)))
+    edits = jax.jit(jax.vmap(lambda u: fda_lib.generate(fda, fp, u)))(upload(sub))   # cloud
+    merge = jax.jit(jax.vmap(lambda e: P.apply_edit(params, e, cfg.fda.clip)))
+    t_up = _best_time(lambda: upload(sub), _REPEATS.value)
+    t_merge = _best_time(lambda: merge(edits), _REPEATS.value)
+    c = m.cost({})
+    without = c.device_flops - cm.encode(cfg.data.context_size)
+    rows.append({"benchmark": "device_adaptation", "task": cfg.task, "method": m.name,
+                 "selector": sel, "k": k, "devices": n_dev, "device_flops": c.device_flops,
+                 "device_flops_without_encoding": without,
+                 "seconds_per_device": (t_up + t_merge) / n_dev,
+                 "seconds_per_device_upload": t_up / n_dev,
+                 "seconds_per_device_merge": t_merge / n_dev,
+                 "device_backward_passes": c.device_backward_passes,
+                 "uplink_bytes": c.uplink_bytes, "downlink_bytes": c.downlink_bytes,
+                 "fta_k5": ref,
+                 "flops_ratio_fta_k5_over_method": ref["device_flops"] / c.device_flops,
+                 "flops_ratio_without_encoding": ref["device_flops_without_encoding"] / without,
+                 "seconds_ratio_fta_k5_over_method": ref["seconds_per_device"]
+                 / ((t_up + t_merge) / n_dev),
+                 "default_method": sel == ac.selector and k == ac.k})
+  return rows
+
+
+def bench_main_job(cfg):
+  workdir = tempfile.mkdtemp(prefix="mmpg_bench_main_")
+  cmd = [sys.executable, "-m", "mmpg_jax.main", *_config_args(), f"--workdir={workdir}"]
+  t = time.time()
+  r = subprocess.run(cmd, capture_output=True, text=True)
+  if r.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+  wall = time.time() - t
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    done = [json.loads(line) for line in f if '"stage": "done"' in line][-1]
+  stages = {k.removesuffix("_seconds"): v for k, v in done.items() if k.endswith("_seconds")}
+  return [{"benchmark": "main_job", "task": cfg.task, "workdir": workdir,
+           "command_seconds": wall, "stage_seconds": stages,
+           "backend": jax.default_backend()}]
 
 
 def bench_adr(cfg):
   """ADR on the primary modality's elements of random contexts (64 devices)."""
-  task, model, params, _, _ = _fda(cfg)
+  task, model, params, _, _ = _random_fda(cfg)
   ctx = task.example_features(model, params, cfg.data.context_size)
   ctx = jax.tree.map(lambda x: jax.random.normal(jax.random.key(0), (64,) + x.shape)
                      if x.dtype.kind == "f" else jnp.broadcast_to(x, (64,) + x.shape), ctx)
@@ -110,14 +289,27 @@ def bench_adr(cfg):
     a, wt = fn(ctx)
     out["mmd2"][sel] = float(jnp.mean(jax.vmap(adr.mmd2)(a, wt, el)))
   out["herding_vs_random_mmd_ratio"] = out["mmd2"]["herding"] / out["mmd2"]["random"]
-  return out
+  sq = jax.vmap(lambda e: adr._sq_dists(e, e)[np.triu_indices(e.shape[0], k=1)])(el)
+  out["median_ms_per_device"] = {
+      "sort (jnp.median)": 1e3 * _best_time(lambda: jax.jit(jax.vmap(jnp.median))(sq), 3) / 64,
+      "counting (adr.median_nonneg)": 1e3 * _best_time(
+          lambda: jax.jit(jax.vmap(adr.median_nonneg))(sq), 3) / 64}
+  return [out]
 
 
 def main_(argv):
   del argv
   cfg = _CONFIG.value
-  res = bench_generate(cfg) if _WHAT.value == "generate" else bench_adr(cfg)
-  print(json.dumps(res, indent=2))
+  unknown = [w for w in _WHAT.value if w not in BENCHMARKS]
+  if unknown:
+    raise app.UsageError(f"--what: unknown benchmarks {unknown}; known: {BENCHMARKS}")
+  peak = matmul_peak(_REPEATS.value) if "generate" in _WHAT.value else None
+  for what in _WHAT.value:
+    fn = {"generate": lambda: bench_generate(cfg, peak), "stream": lambda: bench_stream(cfg),
+          "device_adaptation": lambda: bench_device_adaptation(cfg),
+          "main_job": lambda: bench_main_job(cfg), "adr": lambda: bench_adr(cfg)}[what]
+    for row in fn():
+      print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,12 @@ def _flat(tree):
   return {"/".join(_key_name(k) for k in p): v for p, v in leaves}
 
 
+def steps_on_disk(directory: str) -> list:
+  """The step numbers of a stage's checkpoint folder, without opening (or creating) it."""
+  return sorted(int(s) for s in os.listdir(directory) if s.isdigit()) \
+      if os.path.isdir(directory) else []
+
+
 class StageCheckpointer:
 
   def __init__(self, workdir: str, stage: str, keep: int = 2):

@@ -2,7 +2,14 @@
 
 (Unknown keys are refused earlier, by `lock_config=True` on the --config flag.)
 """
+import importlib
 import math
+
+import jax
+
+from mmpg_jax import params as P
+from mmpg_jax import tasks
+from mmpg_jax.adapt import device
 
 
 
@@ -30,7 +37,7 @@ def positive(cfg, key):
 def validate(cfg, task=None) -> None:
   """Raises ConfigError for the first invalid generic value (training, baselines, protocol);
   `task`: its data name and its own checks (`task.validate_config`). A method family checks
-  its own block (e.g. `cdc_mmpg.validate_config`), called by `main.check`."""
+  its own block (e.g. `cdc_mmpg.validate_config`), called by `config_checks.check`."""
   for key in ("train.learning_rate", "train.num_steps", "train.batch_size",
               "train.checkpoint_every", "train.log_every",
               "baselines.fta.learning_rates", "baselines.fta.steps",
@@ -51,3 +58,31 @@ def validate(cfg, task=None) -> None:
        cfg.baselines.fta.ks, f"FTA with k labels needs k <= data.support_size={d.support_size}")
   need(cfg.comm_dtype in ("float32", "float16", "bfloat16"), "comm_dtype", cfg.comm_dtype,
        "use float32, float16 or bfloat16")
+
+
+def method_family(name: str):
+  """A method family: `mmpg_jax.adapt.<name>` (or a module path) with `build(ctx)`."""
+  path = name if "." in name else f"mmpg_jax.adapt.{name}"
+  try:
+    module = importlib.import_module(path)
+  except ModuleNotFoundError as e:
+    raise ConfigError(
+        f"config.method_families names {name!r}, but {path} cannot be imported ({e}); families "
+        f"are modules under mmpg_jax/adapt/ with a build(ctx) function") from e
+  return module
+
+
+def check(config):
+  """Every check that needs no data: task, config values, leaf regexes, each method family's
+  own block (its optional `validate_config`). Returns (task, model, family modules)."""
+  task = tasks.build(config)
+  validate(config, task)
+  families = [method_family(f) for f in config.method_families]
+  model = task.build_model()
+  abstract = jax.eval_shape(lambda: task.init_params(model, config.seed))
+  P.select(abstract, config.dynamic_leaves)
+  device.cached_features_valid(abstract, config.dynamic_leaves, task.encoder_prefixes)
+  for family in families:
+    if hasattr(family, "validate_config"):
+      family.validate_config(config, task, model, abstract)
+  return task, model, families

@@ -1,20 +1,49 @@
-"""Cloud-side batch generation of edits for many devices: jit(vmap(generate)), sharded.
+r"""Cloud-side edit generation for many devices: jit(vmap(generate)), streamed and sharded.
 
-Uploads are checked at the boundary (`validate_upload`): a device may send anything, and a bad
-upload must be refused with a message, never turned into a silently wrong edit. An upload is
-what `cdc_mmpg.device_upload` makes on a device: `{'anchors': {modality: [K, E]}, 'weights':
-{modality: [K]}, 'summary'?: [S]}` — the same pytree the evaluated method feeds the FDA, so the
-batch path and the evaluated path give the same edits. Valid uploads sharing their anchor
-budgets are generated in fixed-size chunks of devices (`device_batch`, so memory stays flat
-however many devices there are and the function compiles once); each chunk's device axis is
-sharded with NamedSharding over a Mesh of every accelerator (JAX's own SPMD runtime; on a
-multi-host TPU pod the mesh spans all hosts after `jax.distributed.initialize()`).
+  python -m mmpg_jax.generate --config=configs/<experiment>.py --workdir=RUN --num_devices=N \
+      [--out=DIR] [--device_batch=1024] [--pool_devices=1024] [--evaluate] [--distributed]
+
+restores the hypernetwork (FDA) and the device model of a finished run (`RUN`, written by
+`python -m mmpg_jax.main` with the same config; another config is refused), then streams N
+simulated devices (`simulate.py`) through one jitted function per chunk of `device_batch`
+devices: on the accelerator each device makes its upload with the device-side code the
+evaluation runs (`cdc_mmpg.device_upload`: ADR anchors + its forward-only summary), and the FDA
+turns it into the edit. The chunk's device axis is sharded with NamedSharding over a Mesh of
+every local accelerator; the next chunk is dispatched before the previous one is fetched, and
+shards are written by a background thread, so host and accelerator work overlap. Edits go to
+numpy shards with a JSON index (`edit_shards.py`), or with `--evaluate` only per-shard sums of
+the devices' query metric with and without their edit. Memory is flat in N. A rerun skips the
+shards already written (a killed run resumes by chunk and ends with the same bytes). With
+`--distributed` (multi-host TPU), `jax.distributed.initialize()` connects the hosts and host p
+of P takes shards p, p+P, ...
+
+Uploads that arrive from real devices are checked at the boundary (`validate_upload`): a bad
+upload is refused with a message, never turned into a silently wrong edit. An upload is what
+`cdc_mmpg.device_upload` makes: `{'anchors': {modality: [K, E]}, 'weights': {modality: [K]},
+'summary'?: [S]}`. `EditGenerator` maps such uploads (a leading device axis) to edits, in
+fixed-size sharded chunks.
 """
+import collections
+import concurrent.futures
+import hashlib
+import json
+import os
+import resource
+import time
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
+from ml_collections import config_flags
 
+from mmpg_jax import checkpointing, config_checks, edit_shards, meta_train, preemption, simulate, train
+from mmpg_jax import params as P
+from mmpg_jax import workdir as workdir_lib
+from mmpg_jax.adapt import cdc_mmpg
 from mmpg_jax.adapt import fda as fda_lib
 
 
@@ -92,27 +121,32 @@ def validate_upload(upload, spec: dict, max_anchors: int | None = None) -> dict:
 
 
 def make_mesh(devices=None) -> Mesh:
-  return Mesh(np.array(devices if devices is not None else jax.devices()), ("data",))
+  """A 1-D mesh ('data') over the given accelerators (default: this host's own)."""
+  return Mesh(np.array(devices if devices is not None else jax.local_devices()), ("data",))
+
+
+def _check_batch(device_batch: int, mesh) -> None:
+  n = mesh.devices.size
+  if device_batch <= 0 or device_batch % n:
+    raise ValueError(f"device_batch={device_batch} must be a positive multiple of the {n} "
+                     f"accelerators in the mesh (each takes device_batch / {n} devices)")
 
 
 class EditGenerator:
-  """Edits for many devices at once: `gen(uploads) -> edits`, uploads an upload pytree whose
-  leaves have a leading device axis N; every edit leaf gets the same leading axis."""
+  """Edits for uploads that arrived from devices: `gen(uploads) -> edits`, uploads an upload
+  pytree whose leaves have a leading device axis N; every edit leaf gets the same axis.
+  `chunks(uploads)` yields them chunk by chunk (memory flat in N); `gen(uploads)` concatenates."""
 
   def __init__(self, fda, fda_params, device_batch: int = 256, mesh=None,
                max_anchors: int | None = None):
     self.fda, self.fda_params = fda, fda_params
     self.mesh = mesh or make_mesh()
-    n = self.mesh.devices.size
-    if device_batch % n:
-      raise ValueError(f"device_batch={device_batch} must be a multiple of the {n} "
-                       f"accelerators in the mesh")
+    _check_batch(device_batch, self.mesh)
     self.device_batch, self.max_anchors = device_batch, max_anchors
-    self._batch = NamedSharding(self.mesh, PS("data"))
-    self._replicated = NamedSharding(self.mesh, PS())
-    self._params = jax.device_put(fda_params, self._replicated)
-    self._fn = jax.jit(jax.vmap(lambda p, u: fda_lib.generate(fda, p, u), in_axes=(None, 0)),
-                       out_shardings=self._batch)
+    self.sharding = NamedSharding(self.mesh, PS("data"))
+    self._params = jax.device_put(fda_params, NamedSharding(self.mesh, PS()))
+    self.fn = jax.jit(jax.vmap(lambda p, u: fda_lib.generate(fda, p, u), in_axes=(None, 0)),
+                      out_shardings=self.sharding)
 
   def validate(self, uploads):
     n = len(jax.tree.leaves(uploads)[0])
@@ -126,16 +160,344 @@ class EditGenerator:
                           f"{sorted(ks)}. Group uploads by K.")
     return jax.tree.map(lambda *xs: np.stack(xs), *checked)
 
-  def __call__(self, uploads, validate: bool = True):
+  def chunk(self, uploads_chunk):
+    """One full chunk [device_batch, ...] of uploads -> its edits, on the accelerators (async)."""
+    return self.fn(self._params, jax.device_put(uploads_chunk, self.sharding))
+
+  def chunks(self, uploads, validate: bool = True):
     if validate:
       uploads = self.validate(uploads)
     n, b = len(jax.tree.leaves(uploads)[0]), self.device_batch
-    parts = []
     for s in range(0, n, b):
-      chunk = jax.tree.map(lambda x: np.asarray(x)[s:s + b], uploads)
-      pad = b - len(jax.tree.leaves(chunk)[0])
+      part = jax.tree.map(lambda x: np.asarray(x)[s:s + b], uploads)
+      pad = b - len(jax.tree.leaves(part)[0])
       if pad:                                   # fixed shapes: one compile for every chunk
-        chunk = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], pad, 0)]), chunk)
-      out = self._fn(self._params, jax.device_put(chunk, self._batch))
-      parts.append(jax.tree.map(lambda x: np.asarray(x)[:b - pad], out))
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+        part = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], pad, 0)]), part)
+      yield s, jax.tree.map(lambda x: np.asarray(x)[:b - pad], self.chunk(part))
+
+  def __call__(self, uploads, validate: bool = True):
+    return jax.tree.map(lambda *xs: np.concatenate(xs),
+                        *[e for _, e in self.chunks(uploads, validate)])
+
+
+# ---------- a finished run's hypernetwork ------------------------------------------------------
+
+class RunMismatchError(ValueError):
+  """The workdir was written by another config (or is not a run's workdir)."""
+
+
+class RunNotFinishedError(RuntimeError):
+  """The workdir's run has not finished the stage generation needs."""
+
+
+def _flat_config(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_run_config(config, workdir: str) -> None:
+  """The workdir's config.json must be this config, key for key."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise RunMismatchError(f"{workdir} has no config.json, so it is not the workdir of a run of "
+                           f"`python -m mmpg_jax.main`; pass --workdir=<a finished run's "
+                           f"workdir>.")
+  with open(path) as f:
+    have = _flat_config(json.load(f))
+  want = _flat_config(json.loads(config.to_json_best_effort()))
+  diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+  if diff:
+    shown = "; ".join(f"{k}: run {have.get(k, 'missing')!r} vs now {want.get(k, 'missing')!r}"
+                      for k in diff[:6])
+    raise RunMismatchError(
+        f"{workdir} was written by a different config ({len(diff)} keys differ: {shown}). Its "
+        f"hypernetwork belongs to that config: pass the config and overrides the run was made "
+        f"with (its config.json), or another --workdir.")
+
+
+def _restore_finished(workdir, stage, target, num_steps):
+  directory = os.path.join(workdir, "checkpoints", stage)
+  steps = checkpointing.steps_on_disk(directory)
+  if not steps or steps[-1] < num_steps:
+    raise RunNotFinishedError(
+        f"the run in {workdir} has not finished its '{stage}' stage (checkpoint steps "
+        f"{steps or 'none'} of {num_steps}); finish it first with `python -m mmpg_jax.main` and "
+        f"the same --config and --workdir (it resumes).")
+  with checkpointing.StageCheckpointer(workdir, stage) as ck:
+    state, _ = ck.restore(target, step=steps[-1])
+  return state
+
+
+def restore_run(config, workdir: str):
+  """(task, model, base params, fda, fda params, summary fn) of a finished run."""
+  workdir = os.path.abspath(workdir)
+  check_run_config(config, workdir)
+  task, model, _ = config_checks.check(config)
+  if "cdc_mmpg" not in config.method_families:
+    raise RunNotFinishedError(f"config.method_families={tuple(config.method_families)} has no "
+                              f"cdc_mmpg, so its runs train no FDA to generate edits with.")
+  prior = task.source_prior(task.prepare_data())
+  _, target = train.initial_state(task, model, config)
+  params = _restore_finished(workdir, train.STAGE, target, config.train.num_steps)["params"]
+  fda = fda_lib.from_config(config, task, params, prior, task.anchor_dims(model, params))
+  _, target = meta_train.initial_state(fda, config)
+  fda_params = _restore_finished(workdir, meta_train.STAGE, target,
+                                 config.fda.num_steps)["best_params"]
+  return task, model, params, fda, fda_params, cdc_mmpg.device_summary(task, model, config, prior)
+
+
+# ---------- streaming many simulated devices ---------------------------------------------------
+
+class Streamer:
+  """One jitted, sharded function from a chunk of device indices to their edits (flat rows in
+  the comm dtype) or, with `evaluate`, their query metric with and without the edit. Compiles
+  once (`traces` counts it)."""
+
+  def __init__(self, task, model, config, params, fda, fda_params, summary, pool, *,
+               device_batch: int, evaluate: bool = False, mesh=None):
+    self.mesh = mesh or make_mesh()
+    _check_batch(device_batch, self.mesh)
+    self.device_batch, self.evaluate, self.traces = device_batch, evaluate, 0
+    self.sharding = NamedSharding(self.mesh, PS("data"))
+    replicated = NamedSharding(self.mesh, PS())
+    self.dtype = jnp.dtype(config.comm_dtype)
+    constants = task.device_constants(model, params)
+    ac = config.adr
+
+    def one(base, fp, pool, n):
+      dev = simulate.device(task, pool, n, config.seed, constants)
+      upload = cdc_mmpg.device_upload(task, base, dev, selector=ac.selector, k=ac.k,
+                                      key=cdc_mmpg.device_key(config.seed, dev),
+                                      summary=summary)
+      edit = fda_lib.generate(fda, fp, upload)
+      if not evaluate:
+        return edit_shards.flatten(edit, self.dtype)
+      query = dev[task.query_role]
+      adapted = P.apply_edit(base, edit, config.fda.clip)
+      return {"global": task.meta_loss(model, base, query)[1],
+              "cdc_mmpg": task.meta_loss(model, adapted, query)[1]}
+
+    def chunk_fn(base, fp, pool, ids):
+      self.traces += 1                          # runs at trace time only
+      return jax.vmap(one, in_axes=(None, None, None, 0))(base, fp, pool, ids)
+
+    self._fn = jax.jit(chunk_fn, out_shardings=self.sharding)
+    self._args = jax.device_put((params, fda_params, pool), replicated)
+    self.edit_shape = fda_lib.edit_shape(fda, fda_params, ac.k)
+
+  def __call__(self, start: int, stop: int):
+    """Devices [start, stop) (stop - start <= device_batch), dispatched asynchronously."""
+    ids = np.arange(start, start + self.device_batch, dtype=np.int32)
+    ids[stop - start:] = stop - 1                        # a short last chunk: same shape
+    return self._fn(*self._args, jax.device_put(ids, self.sharding))
+
+
+def _summarise(values: dict) -> dict:
+  """Per-shard sums of the query metric with/without the edit (aggregated later)."""
+  g, e = (np.asarray(values[k], np.float64) for k in ("global", "cdc_mmpg"))
+  return {"devices": int(len(g)), "sum": {"global": float(g.sum()), "cdc_mmpg": float(e.sum())},
+          "sum_sq": {"global": float((g * g).sum()), "cdc_mmpg": float((e * e).sum())},
+          "gain_sum": float((e - g).sum()), "gain_sum_sq": float(((e - g) ** 2).sum()),
+          "improved": int((e > g).sum())}
+
+
+def aggregate(parts: list) -> dict:
+  n = sum(p["devices"] for p in parts)
+  out = {"devices": n}
+  for m in ("global", "cdc_mmpg"):
+    mean = sum(p["sum"][m] for p in parts) / n
+    out[m] = {"mean": mean, "std": float(np.sqrt(max(sum(p["sum_sq"][m] for p in parts) / n
+                                                     - mean * mean, 0.0)))}
+  gain = sum(p["gain_sum"] for p in parts) / n
+  out["gain"] = {"mean": gain, "std": float(np.sqrt(max(
+      sum(p["gain_sum_sq"] for p in parts) / n - gain * gain, 0.0)))}
+  out["share_improved"] = sum(p["improved"] for p in parts) / n
+  return out
+
+
+def run_index(config, fda, fda_params, num_devices, device_batch, pool_devices,
+              evaluate) -> dict:
+  """What identifies a generation run: a rerun must match it to resume into the same OUT."""
+  cfg_json = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+  index = {"format": edit_shards.FORMAT, "num_devices": num_devices,
+           "devices_per_shard": device_batch, "pool_devices": pool_devices,
+           "mode": "metrics" if evaluate else "edits",
+           "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
+           "fda_sha256": checkpointing.state_checksum(fda_params), "seed": config.seed,
+           "simulated_devices": simulate.__doc__.split("\n\n")[1].split("\n")[0]}
+  if not evaluate:
+    shape = fda_lib.edit_shape(fda, fda_params, config.adr.k)
+    index.update(dtype=jnp.dtype(config.comm_dtype).name, leaves=edit_shards.leaf_table(shape),
+                 row_floats=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shape)))
+  return index
+
+
+def stream(streamer, out, num_devices: int, index: dict, *, process=(0, 1),
+           log_every_s: float = 10.0) -> dict:
+  """Streams this host's shards into OUT (skipping finished ones); returns this host's stats."""
+  pid, nproc = process
+  per = streamer.device_batch
+  total = edit_shards.num_shards(num_devices, per)
+  kind = "metrics" if streamer.evaluate else "edits"
+
+  def done(k):
+    path = edit_shards.shard_path(out, kind, k, total)
+    if streamer.evaluate:
+      return path.exists()
+    rows = len(edit_shards.shard_range(k, per, num_devices))
+    return edit_shards.shard_complete(path, rows, index["row_floats"], streamer.dtype)
+
+  mine = list(range(pid, total, nproc))
+  todo = [k for k in mine if not done(k)]
+  logging.info("generate: %d devices in %d shards of %d; host %d/%d has %d shards, %d already "
+               "written, %d to go", num_devices, total, per, pid, nproc, len(mine),
+               len(mine) - len(todo), len(todo))
+  writes = collections.deque()
+  n_todo = sum(len(edit_shards.shard_range(k, per, num_devices)) for k in todo)
+  t0, last, written = time.time(), time.time(), 0
+
+  def finish(k, result):
+    rows = len(edit_shards.shard_range(k, per, num_devices))
+    host = jax.tree.map(lambda x: np.asarray(x)[:rows], result)   # waits for this chunk only
+    path = edit_shards.shard_path(out, kind, k, total)
+    if streamer.evaluate:
+      writes.append(writer.submit(edit_shards.write_json, path, _summarise(host)))
+    else:
+      writes.append(writer.submit(edit_shards.write_shard, path, host))
+    while len(writes) > 2:                      # at most 2 shards in flight: memory flat in N
+      writes.popleft().result()
+    return rows
+
+  with concurrent.futures.ThreadPoolExecutor(1) as writer:
+    pending = None
+    for k in todo:
+      r = edit_shards.shard_range(k, per, num_devices)
+      result = streamer(r.start, r.stop)        # dispatched: the accelerator starts on it now
+      if pending is not None:
+        written += finish(*pending)
+      pending = (k, result)
+      if preemption.requested():
+        break
+      if time.time() - last > log_every_s:
+        rate = written / max(time.time() - t0, 1e-9)
+        logging.info("generate: %d/%d devices | %.0f devices/s, ETA %.0fs", written, n_todo,
+                     rate, (n_todo - written) / max(rate, 1e-9))
+        last = time.time()
+    if pending is not None:
+      written += finish(*pending)
+    for w in writes:
+      w.result()
+  if preemption.requested():
+    raise preemption.Preempted(f"generate: preempted (SIGTERM) after {written} devices; "
+                               f"finished shards are in {out}; rerun the same command to "
+                               f"resume")
+  seconds = time.time() - t0
+  return {"devices": written, "shards_written": len(todo), "shards_skipped": len(mine) - len(todo),
+          "seconds": seconds, "devices_per_s": written / max(seconds, 1e-9),
+          "compiles": streamer.traces}
+
+
+def finalize(out, num_devices: int, index: dict, evaluate: bool) -> dict:
+  """done.json once every shard is there (host 0, after every host's stream)."""
+  per = index["devices_per_shard"]
+  total = edit_shards.num_shards(num_devices, per)
+  kind = "metrics" if evaluate else "edits"
+  missing = [k for k in range(total) if not edit_shards.shard_path(out, kind, k, total).exists()]
+  if missing:
+    raise RunNotFinishedError(f"{len(missing)} of {total} shards are missing in {out} (e.g. "
+                              f"{missing[:5]}); rerun the same command to write them.")
+  done = {"num_devices": num_devices, "num_shards": total, "mode": kind}
+  if evaluate:
+    parts = [json.loads(edit_shards.shard_path(out, kind, k, total).read_text())
+             for k in range(total)]
+    done["query_metric"] = aggregate(parts)
+  edit_shards.write_json(os.path.join(out, "done.json"), done)
+  return done
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run(config, workdir, num_devices, out=None, device_batch=1024, pool_devices=1024,
+        evaluate=False) -> dict:
+  """The whole command; returns its summary (also printed as one JSON line)."""
+  if num_devices is None or num_devices <= 0:
+    raise ValueError(f"--num_devices={num_devices}: give the number of devices to generate "
+                     f"edits for, a positive integer.")
+  if pool_devices <= 0:
+    raise ValueError(f"--pool_devices={pool_devices} must be positive.")
+  t_start = time.time()
+  task, model, params, fda, fda_params, summary = restore_run(config, workdir)
+  out = out or os.path.join(os.path.abspath(workdir), "generated",
+                            f"{'metrics' if evaluate else 'edits'}_n{num_devices}")
+  mesh = make_mesh()
+  _check_batch(device_batch, mesh)
+  index = run_index(config, fda, fda_params, num_devices, device_batch, pool_devices, evaluate)
+  if jax.process_index() == 0:
+    edit_shards.open_output(out, index)            # a different run's OUT fails here, early
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("mmpg_jax.generate: index written")
+    edit_shards.open_output(out, index)              # every host checks it is the same run
+  t = time.time()
+  pool = simulate.build_pool(task, model, params, config.fda, pool_devices)
+  t_pool = time.time() - t
+  streamer = Streamer(task, model, config, params, fda, fda_params, summary, pool,
+                      device_batch=device_batch, evaluate=evaluate, mesh=mesh)
+  stats = stream(streamer, out, num_devices, index,
+                 process=(jax.process_index(), jax.process_count()))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("mmpg_jax.generate: every shard written")
+  done = finalize(out, num_devices, index, evaluate) if jax.process_index() == 0 else {}
+  summary_row = {"out": str(out), "num_devices": num_devices, "device_batch": device_batch,
+                 "accelerators": mesh.devices.size, "backend": jax.default_backend(),
+                 "process": jax.process_index(), "pool_seconds": t_pool, **stats,
+                 "wall_seconds": time.time() - t_start, "peak_rss_mb": peak_rss_mb(),
+                 **({"query_metric": done["query_metric"]} if "query_metric" in done else {})}
+  logging.info("generate: %d devices in %.1fs (%.0f devices/s streaming); peak RSS %.0f MB; %s",
+               stats["devices"], stats["seconds"], stats["devices_per_s"],
+               summary_row["peak_rss_mb"], out)
+  return summary_row
+
+
+def _define_flags():
+  """The command's flags (defined only when run as a command: tests import this module beside
+  mmpg_jax.main, which has its own --config)."""
+  config_flags.DEFINE_config_file("config", None, "the run's config (and overrides)",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "a finished run's workdir (python -m mmpg_jax.main)")
+  flags.DEFINE_integer("num_devices", None, "simulated devices to generate edits for")
+  flags.DEFINE_string("out", None, "output directory (default: "
+                      "WORKDIR/generated/<edits|metrics>_n<N>)")
+  flags.DEFINE_integer("device_batch", 1024, "devices per compiled chunk and per shard (a "
+                       "multiple of the local accelerators)")
+  flags.DEFINE_integer("pool_devices", 1024, "real devices rendered once; simulated devices "
+                       "resample their contexts (see simulate.py)")
+  flags.DEFINE_bool("evaluate", False, "keep only aggregated query metrics (with and without "
+                    "the edit) instead of writing the edits")
+  flags.DEFINE_bool("distributed", bool(os.environ.get("MMPG_DISTRIBUTED")),
+                    "multi-host: jax.distributed.initialize() first")
+  flags.mark_flags_as_required(["config", "workdir", "num_devices"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  workdir_lib.quiet_library_logs()
+  preemption.install()
+  if f.distributed:
+    jax.distributed.initialize()   # multi-host TPU: JAX's runtime finds the coordinator
+  row = run(f.config, f.workdir, f.num_devices, f.out, f.device_batch, f.pool_devices,
+            f.evaluate)
+  print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

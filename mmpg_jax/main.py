@@ -6,7 +6,6 @@ It knows no task and no method family by name: `config.task` picks the task (mmp
 and `config.method_families` the modules under mmpg_jax/adapt/ whose `build(ctx)` return the
 methods. Rerunning with the same workdir resumes every stage from its last checkpoint.
 """
-import importlib
 import json
 import os
 import time
@@ -25,58 +24,34 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go")
 
 
-def method_family(name: str):
-  """A method family: `mmpg_jax.adapt.<name>` (or a module path) with `build(ctx)`."""
-  path = name if "." in name else f"mmpg_jax.adapt.{name}"
-  try:
-    module = importlib.import_module(path)
-  except ModuleNotFoundError as e:
-    raise config_checks.ConfigError(
-        f"config.method_families names {name!r}, but {path} cannot be imported ({e}); families "
-        f"are modules under mmpg_jax/adapt/ with a build(ctx) function") from e
-  return module
-
-
-def check(config):
-  """Every check that needs no data: task, config values, leaf regexes, each method family's
-  own block (its optional `validate_config`). Returns (task, model, family modules)."""
-  task = tasks.build(config)
-  config_checks.validate(config, task)
-  families = [method_family(f) for f in config.method_families]
-  model = task.build_model()
-  abstract = jax.eval_shape(lambda: task.init_params(model, config.seed))
-  P.select(abstract, config.dynamic_leaves)
-  device.cached_features_valid(abstract, config.dynamic_leaves, task.encoder_prefixes)
-  for family in families:
-    if hasattr(family, "validate_config"):
-      family.validate_config(config, task, model, abstract)
-  return task, model, families
-
-
 def run(config, workdir: str) -> dict:
   """Runs every stage; returns the results dict (also written to WORKDIR/results.json)."""
   t_start = time.time()
   # Everything a config can get wrong fails here, before the workdir is touched.
-  task, model, families = check(config)
+  task, model, families = config_checks.check(config)
 
   workdir = wd.prepare(workdir)
   wd.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   metrics = wd.MetricsWriter(workdir)
 
+  seconds = {}                       # stage wall times -> metrics.jsonl (never results.json)
   t = time.time()
   data = task.prepare_data()
-  logging.info("data ready in %.1fs", time.time() - t)
+  seconds["data"] = time.time() - t
+  logging.info("data ready in %.1fs", seconds["data"])
 
   t = time.time()
   params = train.train_global(task, model, config, data, workdir, metrics)
-  logging.info("global model ready in %.1fs", time.time() - t)
+  seconds["global_training"] = time.time() - t
+  logging.info("global model ready in %.1fs", seconds["global_training"])
 
   t = time.time()
   val = task.encode_split(model, params, data.devices("validation"))
   groups = {"test": task.encode_split(model, params, data.devices("test"))}
   if config.data.num_ood_devices > 0:
     groups["test_ood"] = task.encode_split(model, params, data.devices("test_ood"))
-  logging.info("encoded evaluation devices in %.1fs", time.time() - t)
+  seconds["encode_eval_devices"] = time.time() - t
+  logging.info("encoded evaluation devices in %.1fs", seconds["encode_eval_devices"])
 
   cm = costs.CostModel(task, model, params)
   ctx = baselines.MethodContext(task=task, model=model, params=params, cost_model=cm,
@@ -86,11 +61,13 @@ def run(config, workdir: str) -> dict:
   for family in families:
     t = time.time()
     methods += family.build(ctx)
+    seconds[f"family_{family.__name__.rsplit('.', 1)[-1]}"] = time.time() - t
     logging.info("method family %s ready in %.1fs", family.__name__, time.time() - t)
   t = time.time()
   evals = evaluate.Evaluator(task, model, config.eval.device_chunk).run(methods, params, val,
                                                                        groups)
-  logging.info("evaluated %d methods in %.1fs", len(methods), time.time() - t)
+  seconds["evaluation"] = time.time() - t
+  logging.info("evaluated %d methods in %.1fs", len(methods), seconds["evaluation"])
   method_costs = {m.name: m.cost(evals[m.name]["hp"]) for m in methods}
   method_info = {m.name: m.info for m in methods}
 
@@ -100,23 +77,13 @@ def run(config, workdir: str) -> dict:
   results = report.build_results(config, task, evals, method_costs, extra, method_info)
   report.write_report(workdir, results, config, task)
   wall = time.time() - t_start
-  metrics.write("done", 0, wall_seconds=wall)
+  metrics.write("done", 0, wall_seconds=wall, **{f"{k}_seconds": v for k, v in seconds.items()})
   logging.info("wrote %s/results.json and report.md in %.0fs", workdir, wall)
   return results
 
 
-class _QuietLibraries:
-  """Drops orbax's and TFDS's per-save INFO chatter from the absl log; warnings still show."""
-
-  def filter(self, record):
-    noisy = ("/orbax/", "/tensorflow_datasets/")
-    if "Using custom data configuration" in str(record.msg):
-      return False
-    return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
-
-
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  wd.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   preemption.install()

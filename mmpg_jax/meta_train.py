@@ -30,46 +30,63 @@ from mmpg_jax.adapt import fda as fda_lib
 STAGE = "fda"
 
 
-def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int = 64) -> dict:
-  """Encodes `fc.meta_devices` fresh meta devices (`task.meta_devices`, `task.encode_meta`).
-
-  What depends only on the frozen device model is computed here once per device, not in
-  every step: the herding order of each modality's context elements (greedy herding is
-  prefix-consistent, so the first k of a K_max selection are the k-anchor selection) and the
-  device's summary. Logs progress with its rate and ETA."""
-  k_max = max(max(fc.train_ks), 1)
-  consts = task.device_constants(model, params)
+def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
+                   what: str = "meta devices", chunk_devices: int = 64) -> dict:
+  """Renders and encodes the meta-distribution devices `ids` (`task.meta_devices`,
+  `task.encode_meta`) in fixed-size chunks (one compile), honouring SIGTERM after each chunk and
+  logging progress with its rate and ETA. `extra(params, encoded) -> dict` adds per-device
+  arrays computed once here (vmapped over the chunk by the caller's function)."""
 
   @jax.jit
   def enc(p, raw):
     out = task.encode_meta(model, p, raw)
-    ctx = out["context"]
-    elements = jax.vmap(task.anchor_elements)(ctx)
-    out["herd_idx"] = {m: jax.vmap(lambda e: adr.herding(e, k_max)[0])(el)
-                       for m, el in elements.items()}
-    if summary is not None:
-      out["summary"] = jax.vmap(lambda c: summary(p, {task.context_role: c, **consts}))(ctx)
+    if extra is not None:
+      out.update(extra(p, out))
     return out
 
+  ids = [int(i) for i in ids]
+  n = len(ids)
   parts = []
-  n = fc.meta_devices
   t0, last_log = time.time(), time.time()
   for s in range(0, n, chunk_devices):
-    ids = list(range(s, min(n, s + chunk_devices)))
-    ids += [ids[-1]] * (chunk_devices - len(ids))             # fixed shapes: one compile
-    f = jax.tree.map(np.asarray, enc(params, task.meta_devices(ids, fc.meta_query_size)))
+    part = ids[s:s + chunk_devices]
+    part += [part[-1]] * (chunk_devices - len(part))            # fixed shapes: one compile
+    f = jax.tree.map(np.asarray, enc(params, task.meta_devices(part, query_size)))
     parts.append(jax.tree.map(lambda v: v[:min(chunk_devices, n - s)], f))
     done = min(n, s + chunk_devices)
     if preemption.requested():        # minutes of encoding: stop now, nothing to save yet
-      raise preemption.Preempted(f"fda: preempted (SIGTERM) while encoding meta devices "
-                                 f"({done}/{n}); the pool is recomputed on rerun, which resumes "
-                                 f"from the last fda checkpoint")
+      raise preemption.Preempted(f"preempted (SIGTERM) while encoding {what} ({done}/{n}); "
+                                 f"they are recomputed on rerun, which resumes from the last "
+                                 f"checkpoint")
     if time.time() - last_log > 10 or done == n:
       rate = done / max(time.time() - t0, 1e-9)
-      logging.info("fda: encoded %d/%d meta devices | %.1f devices/s, ETA %.0fs", done, n, rate,
+      logging.info("encoded %d/%d %s | %.1f devices/s, ETA %.0fs", done, n, what, rate,
                    (n - done) / max(rate, 1e-9))
       last_log = time.time()
   return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+
+
+def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int = 64) -> dict:
+  """Encodes `fc.meta_devices` fresh meta devices (ids 0..meta_devices-1).
+
+  What depends only on the frozen device model is computed here once per device, not in
+  every step: the herding order of each modality's context elements (greedy herding is
+  prefix-consistent, so the first k of a K_max selection are the k-anchor selection) and the
+  device's summary."""
+  k_max = max(max(fc.train_ks), 1)
+  consts = task.device_constants(model, params)
+
+  def extra(p, out):
+    ctx = out["context"]
+    elements = jax.vmap(task.anchor_elements)(ctx)
+    more = {"herd_idx": {m: jax.vmap(lambda e: adr.herding(e, k_max)[0])(el)
+                         for m, el in elements.items()}}
+    if summary is not None:
+      more["summary"] = jax.vmap(lambda c: summary(p, {task.context_role: c, **consts}))(ctx)
+    return more
+
+  return encode_devices(task, model, params, range(fc.meta_devices), fc.meta_query_size, extra,
+                        what="fda meta devices", chunk_devices=chunk_devices)
 
 
 def episode_upload(task, dev, k):
@@ -155,16 +172,21 @@ def make_validator(task, model, fda, base_params, val_feats, cfg, summary=None):
   return lambda fda_params: batched(fda_params, sub)
 
 
+def initial_state(fda, cfg):
+  """(optimiser, the stage's state before step 1): also the restore target of its checkpoints."""
+  fda_params = fda_lib.init(fda, jax.random.key(cfg.seed + 1))
+  tx = train.make_optimizer(cfg.fda, "fda")
+  return tx, {"fda_params": fda_params, "opt_state": tx.init(fda_params), "step": jnp.int32(0),
+              "best_params": fda_params, "best_score": jnp.float32(-np.inf),
+              "best_step": jnp.int32(0)}
+
+
 def train_fda(task, model, fda, base_params, cfg, val_feats, workdir, metrics, summary=None):
   """Meta-trains (or resumes, or reloads) the FDA; returns the validation-selected params."""
   fc = cfg.fda
   name = task.selection_metric.name
-  fda_params = fda_lib.init(fda, jax.random.key(cfg.seed + 1))
-  tx = train.make_optimizer(fc, "fda")
+  tx, state = initial_state(fda, cfg)
   validate = make_validator(task, model, fda, base_params, val_feats, cfg, summary)
-  state = {"fda_params": fda_params, "opt_state": tx.init(fda_params), "step": jnp.int32(0),
-           "best_params": fda_params, "best_score": jnp.float32(-np.inf),
-           "best_step": jnp.int32(0)}
 
   def prepare(state, start):
     if start == 0:

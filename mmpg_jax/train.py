@@ -97,12 +97,17 @@ def run_stage(stage: str, state, sc, *, workdir, metrics, key, prepare, after_st
   return state
 
 
+def initial_state(task, model, config):
+  """(optimiser, stage-1 state before step 1): also the restore target of its checkpoints."""
+  tx = make_optimizer(config.train, "train")
+  params = task.init_params(model, config.seed)
+  return tx, {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+
+
 def train_global(task, model, config, data, workdir, metrics) -> dict:
   """Trains (or resumes, or reloads a finished) global model; returns its params."""
   tc = config.train
-  tx = make_optimizer(tc, "train")
-  params = task.init_params(model, config.seed)
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+  tx, state = initial_state(task, model, config)
 
   def prepare(state, start):
     batches = data.global_batches(tc.batch_size, seed=config.seed)

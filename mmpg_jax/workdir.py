@@ -1,7 +1,9 @@
-"""The self-describing workdir: a writability check, config.json, metrics.jsonl."""
+"""The self-describing workdir: a writability check, config.json, metrics.jsonl, a quiet log."""
 import json
 import os
 import time
+
+from absl import logging
 
 
 class WorkdirError(OSError):
@@ -58,3 +60,17 @@ class MetricsWriter:
         f.write(json.dumps(row) + "\n")
     except OSError as e:
       raise WorkdirError(e.errno, _cannot_write(self.path, e)) from e
+
+
+class _QuietLibraries:
+  """Drops orbax's and TFDS's per-save INFO chatter from the absl log; warnings still show."""
+
+  def filter(self, record):
+    noisy = ("/orbax/", "/tensorflow_datasets/")
+    if "Using custom data configuration" in str(record.msg):
+      return False
+    return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
+
+
+def quiet_library_logs():
+  logging.get_absl_handler().addFilter(_QuietLibraries())

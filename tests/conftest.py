@@ -5,6 +5,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -16,7 +17,8 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 def checkpoint_steps(d):
   """The step numbers of an orbax checkpoint folder (empty if it does not exist)."""
-  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+  from mmpg_jax import checkpointing
+  return checkpointing.steps_on_disk(d)
 
 
 def random_features(task, model, params, n, seed):
@@ -61,3 +63,32 @@ def task(smoke_config):
 def model_and_params(task):
   model = task.build_model()
   return model, task.init_params(model, 0)
+
+
+# Smoke config, trained long enough to be interrupted several times in each training stage.
+LONG = ["--config.train.num_steps=60", "--config.train.checkpoint_every=4",
+        "--config.train.log_every=4", "--config.fda.num_steps=24", "--config.fda.eval_every=4",
+        "--config.fda.checkpoint_every=2"]
+
+
+def main_cmd(workdir, *extra, module="mmpg_jax.main"):
+  """A command line of the real entry point (smoke config) as a subprocess runs it."""
+  return [sys.executable, "-m", module, "--config=configs/moving_digits_qa.py:smoke",
+          f"--workdir={workdir}", *extra]
+
+
+def subprocess_env(data_dir):
+  """One CPU accelerator (not the 8 simulated ones of the test process), the tests' data."""
+  env = dict(os.environ, MMPG_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+@pytest.fixture(scope="session")
+def clean_run(tmp_path_factory, data_dir):
+  """One uninterrupted run of `python -m mmpg_jax.main` (smoke config + LONG)."""
+  workdir = tmp_path_factory.mktemp("clean") / "run"
+  r = subprocess.run(main_cmd(workdir, *LONG), cwd=ROOT, env=subprocess_env(data_dir),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return workdir

@@ -14,45 +14,22 @@ import pytest
 
 from mmpg_jax import checkpointing, tasks, train
 
-from conftest import ROOT
+from conftest import LONG, ROOT, main_cmd, subprocess_env
 from conftest import checkpoint_steps as _steps
 
-# Long enough to be interrupted several times in each training stage.
-LONG = ["--config.train.num_steps=60", "--config.train.checkpoint_every=4",
-        "--config.train.log_every=4", "--config.fda.num_steps=24", "--config.fda.eval_every=4",
-        "--config.fda.checkpoint_every=2"]
 # The smoke config runs one FTA budget and two ADR ablations (the default config runs them all).
 METHODS = {"global", "fta_k5", "tent", "prior_em", "prior_em_asked", "oracle", "cdc_mmpg",
            "cdc_mmpg_random", "cdc_mmpg_all_frames"}
 
 
 def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "mmpg_jax.main", "--config=configs/moving_digits_qa.py:smoke",
-          f"--workdir={workdir}", *LONG, *extra]
-
-
-def _env(data_dir):
-  env = dict(os.environ, MMPG_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return env
-
-
-@pytest.fixture(scope="module")
-def clean_run(tmp_path_factory, data_dir):
-  """One uninterrupted run of `python -m mmpg_jax.main` (smoke config, longer training)."""
-  workdir = tmp_path_factory.mktemp("clean") / "run"
-  r = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(data_dir), capture_output=True,
-                     text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return workdir
+  return main_cmd(workdir, *LONG, *extra)
 
 
 def _final_global_params(workdir, cfg):
   task = tasks.build(cfg)
   model = task.build_model()
-  params = task.init_params(model, cfg.seed)
-  tx = train.make_optimizer(cfg.train, "train")
-  target = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.int32(0)}
+  _, target = train.initial_state(task, model, cfg)
   with checkpointing.StageCheckpointer(str(workdir), "global") as ck:
     state, _ = ck.restore(target)
   return state
@@ -101,7 +78,7 @@ def test_sigterm_and_repeated_sigkill_end_exactly_like_an_uninterrupted_run(
   for stage, sig in plan:
     ckpt = killed / "checkpoints" / stage
     seen = _steps(ckpt)
-    p = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(data_dir),
+    p = subprocess.Popen(_cmd(killed), cwd=ROOT, env=subprocess_env(data_dir),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and (not _steps(ckpt) or _steps(ckpt)[-1] <= max(seen or [0])):
@@ -119,7 +96,7 @@ def test_sigterm_and_repeated_sigkill_end_exactly_like_an_uninterrupted_run(
     if stage == "global":
       assert _steps(ckpt)[-1] < 60, "training finished before the kill"
   assert _steps(killed / "checkpoints" / "fda")[-1] < 24, "meta-training ended before the kill"
-  r = subprocess.run(_cmd(killed), cwd=ROOT, env=_env(data_dir), capture_output=True, text=True,
+  r = subprocess.run(_cmd(killed), cwd=ROOT, env=subprocess_env(data_dir), capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resuming from checkpoint step" in r.stderr

@@ -9,24 +9,11 @@ from mmpg_jax import checkpointing, main, tasks, train
 from mmpg_jax import workdir as wd
 from mmpg_jax.workdir import MetricsWriter
 
-from conftest import ROOT
-
-SMOKE = ["--config=configs/moving_digits_qa.py:smoke"]
-
-
-def _main_cmd(workdir, *extra):
-  return [sys.executable, "-m", "mmpg_jax.main", *SMOKE, f"--workdir={workdir}", *extra]
-
-
-def _env(data_dir):
-  env = dict(os.environ, MMPG_DATA_DIR=data_dir, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return env
-
+from conftest import ROOT, main_cmd, subprocess_env
 
 def test_unknown_config_key_is_refused(tmp_path):
-  r = subprocess.run(_main_cmd(tmp_path / "w", "--config.train.nmu_steps=3"), cwd=ROOT,
-                     env=_env(str(tmp_path)), capture_output=True, text=True, timeout=120)
+  r = subprocess.run(main_cmd(tmp_path / "w", "--config.train.nmu_steps=3"), cwd=ROOT,
+                     env=subprocesssubprocess_env(str(tmp_path)), capture_output=True, text=True, timeout=120)
   assert r.returncode != 0
   assert "nmu_steps" in r.stderr
   assert not (tmp_path / "w").exists()   # nothing was started

@@ -75,7 +75,7 @@ def anchor_mmd(dev, task, selector, k, seed, modality):
 
 def validate_config(cfg, task, model, abstract_params) -> None:
   """The cdc_mmpg config blocks (fda, adr) against the task's anchor elements and the edited
-  layers; ConfigError names the key (called by main.check before any work)."""
+  layers; ConfigError names the key (called by config_checks.check before any work)."""
   for key in ("fda.learning_rate", "fda.num_steps", "fda.devices_per_step", "fda.meta_devices",
               "fda.rank", "fda.clip", "fda.checkpoint_every", "fda.eval_every",
               "fda.log_every"):
@@ -124,8 +124,7 @@ def make_methods(ctx, fda, fda_params, summary=None):
   n_ctx = cfg.data.context_size
   n_el = task.num_elements(model, params, n_ctx)
   dbytes = costs.dtype_bytes(cfg.comm_dtype)
-  edit_shape = jax.eval_shape(lambda p: fda_lib.generate(fda, p, fda_lib.example_upload(fda)),
-                              fda_params)
+  edit_shape = fda_lib.edit_shape(fda, fda_params)
   down = fda_lib.edit_bytes(edit_shape, dbytes)
   n_groups = len(task.label_groups)
   summary_floats = fda.summary_dim if summary is not None else 0

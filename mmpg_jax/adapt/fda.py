@@ -189,6 +189,11 @@ def example_upload(fda: FDA, k: int = 4) -> dict:
   return up
 
 
+def edit_shape(fda: FDA, fda_params, k: int = 4):
+  """The edit pytree's shapes (ShapeDtypeStructs) for uploads of k anchors per modality."""
+  return jax.eval_shape(lambda p: generate(fda, p, example_upload(fda, k)), fda_params)
+
+
 def init(fda: FDA, key, k: int = 4):
   return fda.init(key, example_upload(fda, k))["params"]
 
