@@ -38,14 +38,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmpg_jax import costs, generate, tasks
+from mmpg_jax import costs, generate, tasks, workdir
 from mmpg_jax import params as P
 from mmpg_jax.adapt import adr, baselines, cdc_mmpg
 from mmpg_jax.adapt import fda as fda_lib
 
 BENCHMARKS = ("generate", "stream", "device_adaptation", "main_job", "adr")
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/moving_digits_qa.py",
-                                          "experiment config", lock_config=True)
+DEFAULT_CONFIG = "configs/moving_digits_qa.py"
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config",
+                                          lock_config=True)
 _WHAT = flags.DEFINE_list("what", ["generate", "device_adaptation"],
                           f"benchmarks to run, in order; any of {BENCHMARKS}")
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "a finished run of --config (for stream; "
@@ -161,7 +162,10 @@ def _timed(fn):
 
 def _config_args():
   """This command's --config flags (file and overrides), for the subprocesses it starts."""
-  return [a for a in sys.argv[1:] if a.startswith("--config")]
+  args = [a for a in sys.argv[1:] if a.startswith("--config")]
+  if not any(a.startswith("--config=") for a in args):
+    args.insert(0, f"--config={DEFAULT_CONFIG}")
+  return args
 
 
 def bench_stream(cfg):
@@ -198,7 +202,7 @@ def _trained_or_random(cfg):
   if _RUN_DIR.value:
     task, model, params, fda, fp, summary = generate.restore_run(cfg, _RUN_DIR.value)
     with open(os.path.join(_RUN_DIR.value, "results.json")) as f:
-      hps = {n: m["hp"] for n, m in json.load(f)["methods"].items()}
+      hps = {n: m["selected_hparams"] for n, m in json.load(f)["methods"].items()}
   else:
     params = task.init_params(model, cfg.seed)
     fda = fda_lib.from_config(cfg, task, params, prior, task.anchor_dims(model, params))
@@ -299,6 +303,7 @@ def bench_adr(cfg):
 
 def main_(argv):
   del argv
+  workdir.quiet_library_logs()
   cfg = _CONFIG.value
   unknown = [w for w in _WHAT.value if w not in BENCHMARKS]
   if unknown:

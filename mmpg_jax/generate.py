@@ -481,7 +481,11 @@ def _define_flags():
   flags.DEFINE_bool("evaluate", False, "keep only aggregated query metrics (with and without "
                     "the edit) instead of writing the edits")
   flags.DEFINE_bool("distributed", bool(os.environ.get("MMPG_DISTRIBUTED")),
-                    "multi-host: jax.distributed.initialize() first")
+                    "multi-host: jax.distributed.initialize() first (on TPU it finds the pod "
+                    "by itself; elsewhere give the three flags below)")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--distributed)")
+  flags.DEFINE_integer("num_processes", None, "number of processes (--distributed)")
+  flags.DEFINE_integer("process_id", None, "this process's index (--distributed)")
   flags.mark_flags_as_required(["config", "workdir", "num_devices"])
 
 
@@ -491,8 +495,8 @@ def main(argv):
   f = flags.FLAGS
   workdir_lib.quiet_library_logs()
   preemption.install()
-  if f.distributed:
-    jax.distributed.initialize()   # multi-host TPU: JAX's runtime finds the coordinator
+  if f.distributed:                # on a TPU pod JAX's runtime finds the coordinator itself
+    jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
   row = run(f.config, f.workdir, f.num_devices, f.out, f.device_batch, f.pool_devices,
             f.evaluate)
   print(json.dumps(row), flush=True)

@@ -14,10 +14,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmpg_jax import config_checks, costs, evaluate, preemption, report, tasks, train
+from mmpg_jax import config_checks, costs, evaluate, preemption, report, train
 from mmpg_jax import params as P
 from mmpg_jax import workdir as wd
-from mmpg_jax.adapt import baselines, device
+from mmpg_jax.adapt import baselines
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)

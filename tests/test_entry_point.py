@@ -1,16 +1,13 @@
 """The real entry point, end to end and tiny: what a run writes, and that a run interrupted by
 SIGTERM and SIGKILL (several times, at random points) ends exactly like an uninterrupted one."""
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
-import pytest
 
 from mmpg_jax import checkpointing, tasks, train
 

@@ -2,6 +2,7 @@
 the same edits on 1 and 8 accelerators and as the evaluated cdc_mmpg method, one compile while
 streaming, resume by chunk after a kill with identical shards, and bad input refused."""
 import json
+import socket
 import subprocess
 
 import jax
@@ -135,6 +136,24 @@ def test_the_generate_command_end_to_end(clean_run, data_dir, tmp_path):
   assert r.returncode != 0 and "already holds the shards of a different run" in r.stderr
   assert "num_devices" in r.stderr
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before        # nothing overwritten
+  # Two processes (jax.distributed on localhost, one CPU each) share the shards of one OUT and
+  # end with the bytes the single process wrote.
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  two = tmp_path / "two"
+  procs = [subprocess.Popen(
+      [c.replace(f"--out={out}", f"--out={two}") for c in cmd] +
+      ["--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=ROOT, env=subprocess_env(data_dir), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = [p.communicate(timeout=300) for p in procs]
+  for p, (o, e) in zip(procs, results):
+    assert p.returncode == 0, e[-3000:]
+  rows = [json.loads(o.strip().splitlines()[-1]) for o, _ in results]
+  assert sorted(r["shards_written"] for r in rows) == [1, 2]               # shards 0, 2 | 1
+  for name, data in before.items():
+    assert (two / name).read_bytes() == data, name
 
 
 def test_bad_runs_and_counts_are_refused(smoke_config, clean_run, tmp_path, data_dir,
@@ -160,3 +179,22 @@ def test_bad_runs_and_counts_are_refused(smoke_config, clean_run, tmp_path, data
   with pytest.raises(edit_shards.OutputMismatchError, match="not a generation output"):
     edit_shards.open_output(stranger, {"format": edit_shards.FORMAT})
   assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_the_benchmarks_print_json_lines_with_their_figures(clean_run, data_dir):
+  cmd = main_cmd(clean_run, *LONG, "--what=generate,device_adaptation", "--num_devices=16",
+                 "--device_batch=8", "--repeats=1", module="mmpg_jax.bench")
+  cmd = [c.replace("--workdir=", "--run_dir=") for c in cmd]
+  r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(data_dir), capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+  gen = [x for x in rows if x["benchmark"] == "generate"]
+  assert len(gen) == 1 and gen[0]["num_devices"] == 16 and gen[0]["flops_per_device"] > 0
+  assert gen[0]["devices_per_s"]["batched_sharded"] > 0 and gen[0]["matmul_gflops"] > 0
+  adapt = [x for x in rows if x["benchmark"] == "device_adaptation"]
+  assert {x["method"] for x in adapt} == {"cdc_mmpg", "cdc_mmpg_random", "cdc_mmpg_all_frames"}
+  for x in adapt:
+    assert x["device_backward_passes"] == 0 and x["fta_k5"]["device_backward_passes"] > 0
+    assert x["device_flops"] > x["device_flops_without_encoding"] > 0
+    assert x["uplink_bytes"] > 0 and x["downlink_bytes"] > 0 and x["seconds_per_device"] > 0

@@ -1,7 +1,6 @@
 """The entry point refuses bad input clearly, before any work."""
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -13,7 +12,7 @@ from conftest import ROOT, main_cmd, subprocess_env
 
 def test_unknown_config_key_is_refused(tmp_path):
   r = subprocess.run(main_cmd(tmp_path / "w", "--config.train.nmu_steps=3"), cwd=ROOT,
-                     env=subprocesssubprocess_env(str(tmp_path)), capture_output=True, text=True, timeout=120)
+                     env=subprocess_env(str(tmp_path)), capture_output=True, text=True, timeout=120)
   assert r.returncode != 0
   assert "nmu_steps" in r.stderr
   assert not (tmp_path / "w").exists()   # nothing was started

@@ -20,7 +20,6 @@ caption codes.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mmpg_jax import models
 from mmpg_jax.data import moving_digits as md
