@@ -72,7 +72,10 @@ class Evaluator:
       key = (method.name, "diag", name)
       if key not in self._compiled:
         self._compiled[key] = jax.jit(jax.vmap(fn))
-      out[name] = self._chunked(self._compiled[key], self._sub(method.uses, feats))
+      # Diagnostics may read the labelled query (to compare with the truth); they never feed
+      # back into adaptation or selection.
+      out[name] = self._chunked(self._compiled[key],
+                                self._sub(set(method.uses) | {self.task.query_role}, feats))
     return out
 
   def _score(self, per_device):

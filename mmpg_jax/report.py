@@ -10,6 +10,8 @@ import numpy as np
 from mmpg_jax import workdir as wd
 
 SUFFIX = {"test": "", "test_ood": "_ood"}   # metric key suffix of each evaluation group
+# Per-device diagnoses kept device by device in results.json (cdc_mmpg.diagnostics).
+DIAGNOSIS = ("edit_norm", "code_distance", "fda_prior_tv", "device_prior_tv", "shift_tv")
 
 
 def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
@@ -38,6 +40,8 @@ def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
     for dname, groups in ev.get("diagnostics", {}).items():
       for grp, vals in groups.items():
         metrics[dname + SUFFIX[grp]] = float(np.mean(vals))
+        if dname in DIAGNOSIS:
+          per_device[dname + SUFFIX[grp]] = [float(a) for a in vals]
     methods[name] = {"metrics": metrics, "per_device": per_device,
                      **method_costs[name].as_dict(),
                      "selected_hparams": ev["hp"],
@@ -121,9 +125,61 @@ def write_report(workdir: str, results: dict, cfg, task) -> None:
                    f"{_fmt(sel, mt.get(sel.name + '_ood', float('nan')))} | "
                    f"{r['downlink_bytes']:.0f} | {100 * r['downlink_bytes'] / base:.1f}% |")
     lines.append("")
+  lines += diagnosis_lines(results, task)
   lines += [f"![{p}]({p})" for p in plots]
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def _gains(results, method, sel, sfx):
+  m, g = results["methods"], results["methods"]["global"]
+  if method not in m or sel + sfx not in m[method]["per_device"]:
+    return None
+  return np.asarray(m[method]["per_device"][sel + sfx]) - np.asarray(g["per_device"][sel + sfx])
+
+
+def diagnosis_lines(results, task) -> list:
+  """Where cdc_mmpg's gain comes from, per evaluation group: the edit's size, the distance of
+  the device's upload to the meta-training devices (FDA code space), the label-prior errors,
+  and how the gain over global follows the distance."""
+  m = results["methods"].get("cdc_mmpg")
+  if not m or "code_distance" not in m["per_device"]:
+    return []
+  sel = task.selection_metric
+  has_prior = "fda_prior_tv" in m["per_device"]
+  lines = ["## Diagnosis: cdc_mmpg on devices near and far from meta-training", "",
+           "Per device: the Frobenius norm of the change the edit makes (after the clip); the distance of its FDA "
+           "code to the nearest of 256 meta-training devices' codes, in units of their typical "
+           "spacing (1 = as close as meta-training devices are to each other)"
+           + ("; the total-variation error against the device's true query label prior of the "
+              "FDA's anchor-EM prior and of the device's own EM summary, beside the true shift "
+              "(source prior vs truth)" if has_prior else "")
+           + f". corr: Pearson correlation over devices of the gain in {sel.name} over global "
+             "with the code distance.", "",
+           "| group | edit norm | code distance | "
+           + ("FDA prior TV | device prior TV | true shift TV | " if has_prior else "")
+           + "cdc_mmpg gain | fta_k5 gain | corr(cdc gain, distance) | "
+             "corr(cdc gain − fta_k5 gain, distance) |",
+           "|" + "---|" * (9 if has_prior else 6)]
+  for grp, sfx in SUFFIX.items():
+    pd = m["per_device"]
+    if "code_distance" + sfx not in pd:
+      continue
+    dist = np.asarray(pd["code_distance" + sfx])
+    cdc, fta = _gains(results, "cdc_mmpg", sel.name, sfx), _gains(results, "fta_k5", sel.name, sfx)
+    corr = lambda a: (float(np.corrcoef(a, dist)[0, 1])
+                      if a is not None and len(a) > 2 and a.std() > 0 and dist.std() > 0
+                      else float("nan"))
+    mean = lambda k: float(np.mean(pd[k + sfx])) if k + sfx in pd else float("nan")
+    row = (f"| {grp} | {mean('edit_norm'):.3f} | {dist.mean():.2f} | "
+           + (f"{mean('fda_prior_tv'):.3f} | {mean('device_prior_tv'):.3f} | "
+              f"{mean('shift_tv'):.3f} | " if has_prior else "")
+           + f"{_fmt(sel, cdc.mean())} | "
+           + (f"{_fmt(sel, fta.mean())} | " if fta is not None else "– | ")
+           + f"{corr(cdc):.2f} | "
+           + (f"{corr(cdc - fta):.2f} |" if fta is not None else "– |"))
+    lines.append(row)
+  return lines + [""]
 
 
 def write_plots(workdir: str, results: dict, task) -> list:
@@ -165,4 +221,26 @@ def write_plots(workdir: str, results: dict, task) -> list:
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, f"{sel}_vs_uplink.png"), dpi=100)
   plt.close(fig)
-  return [f"per_device_{sel}.png", f"{sel}_vs_uplink.png"]
+  out = [f"per_device_{sel}.png", f"{sel}_vs_uplink.png"]
+  cdc = m.get("cdc_mmpg", {}).get("per_device", {})
+  if "code_distance" in cdc:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for sfx, marker, grp in (("", "o", "test"), ("_ood", "^", "OOD")):
+      if "code_distance" + sfx not in cdc:
+        continue
+      for method, color in (("cdc_mmpg", "tab:blue"), ("fta_k5", "tab:orange"),
+                            ("oracle", "tab:green")):
+        gain = _gains(results, method, sel, sfx)
+        if gain is not None:
+          ax.scatter(cdc["code_distance" + sfx], gain, marker=marker, color=color, s=18,
+                     alpha=0.8, label=f"{method}, {grp}")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("device's FDA code distance to meta-training devices (typical spacing = 1)")
+    ax.set_ylabel(f"gain in {sel} over global")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "gain_vs_code_distance.png"), dpi=100)
+    plt.close(fig)
+    out.append("gain_vs_code_distance.png")
+  return out

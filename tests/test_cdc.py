@@ -290,3 +290,28 @@ def test_herding_is_prefix_consistent():
     w_prefix = adr.voronoi_mass(x, idx16, jnp.arange(16) < k)
     np.testing.assert_allclose(w_prefix[:k], w_k, atol=1e-6)
     assert float(jnp.abs(w_prefix[k:]).sum()) == 0.0
+
+
+def test_diagnosis_of_the_edit_code_distance_and_label_prior(smoke_config, task, bench,
+                                                             model_and_params, fda_setup):
+  """cdc_mmpg's per-device diagnosis: a zero edit has norm 0 and a perturbed FDA's does not;
+  the code distance is finite and non-negative; prior errors are total variations in [0, 1];
+  the device's true query label prior is a distribution within each label group."""
+  model, params, fda, fresh, trained, _ = fda_setup
+  val = task.encode_split(model, params, bench.devices("validation"))
+  dev = jax.tree.map(lambda x: x[0], val)
+  truth = task.query_label_prior(dev)
+  for lo, hi in task.label_groups:
+    np.testing.assert_allclose(float(truth[lo:hi].sum()), 1.0, rtol=1e-6)
+  summary = cdc_mmpg.device_summary(task, model, smoke_config, np.asarray(fda.source_prior))
+  for fp, zero in ((fresh, True), (trained, False)):
+    ref, spacing = cdc_mmpg.reference_codes(task, model, params, fda, fp, smoke_config, summary)
+    assert ref.shape == (smoke_config.fda.meta_devices, fda.code_dim) and float(spacing) >= 0
+    diag = {k: float(jax.jit(f)(dev)) for k, f in cdc_mmpg.diagnostics(
+        task, params, fda, fp, smoke_config, summary, ref, spacing).items()}
+    assert set(diag) == {"edit_norm", "code_distance", "fda_prior_tv", "device_prior_tv",
+                         "shift_tv"}
+    assert (diag["edit_norm"] == 0.0) == zero
+    assert np.isfinite(diag["code_distance"]) and diag["code_distance"] >= 0
+    for k in ("fda_prior_tv", "device_prior_tv", "shift_tv"):
+      assert 0.0 <= diag[k] <= 1.0, (k, diag[k])

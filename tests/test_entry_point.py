@@ -56,10 +56,14 @@ def test_smoke_run_of_the_real_entry_point(clean_run):
     assert c["uplink_bytes"] > 0 and c["downlink_bytes"] > 0 and c["device_flops"] > 0
     assert "anchor_mmd2" in c["metrics"] and "anchor_mmd2_ood" in c["metrics"]
   assert m["cdc_mmpg_all_frames"]["uplink_bytes"] > m["cdc_mmpg"]["uplink_bytes"]
+  for key in ("edit_norm", "code_distance", "fda_prior_tv", "shift_tv"):   # the diagnosis
+    assert len(m["cdc_mmpg"]["per_device"][key + "_ood"]) == 2, key
   assert res["fda"]["steps"] == 24
   report = (workdir / "report.md").read_text()
   assert "Oracle − global margin" in report and "| fta_k5 |" in report
-  for f in ("config.json", "metrics.jsonl", "per_device_accuracy.png", "accuracy_vs_uplink.png"):
+  assert "## Diagnosis: cdc_mmpg on devices near and far from meta-training" in report
+  for f in ("config.json", "metrics.jsonl", "per_device_accuracy.png", "accuracy_vs_uplink.png",
+            "gain_vs_code_distance.png"):
     assert (workdir / f).exists(), f
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any(r["stage"] == "global" and "steps_per_s" in r for r in rows)

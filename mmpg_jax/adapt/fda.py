@@ -92,8 +92,8 @@ class FDA(nn.Module):
   @nn.compact
   def __call__(self, upload):
     """upload: {'anchors': {modality: [K, E]}, 'weights': {modality: [K]}, 'summary'?: [S]}.
-    Returns (edit, aux); aux has the per-anchor label logits and the anchor EM's prior ratio
-    (tasks with label groups).
+    Returns (edit, aux); aux has the domain code z and, for tasks with label groups, the
+    per-anchor label logits and the anchor EM's prior ratio.
 
     `summary` is the device's own forward-only statistic (for label-group tasks its EM
     estimate of log(target / source) label prior, `device.label_shift_ratio`)."""
@@ -123,6 +123,7 @@ class FDA(nn.Module):
         summary = jnp.zeros(self.summary_dim)
       parts.append(summary)
     z = nn.relu(nn.Dense(self.code_dim, name="code")(jnp.concatenate(parts)))
+    aux["code"] = z                                   # the device's domain code (diagnosis)
 
     # Cross-layer knowledge transfer: a GRU walks the edited layers in forward order.
     cell = nn.GRUCell(self.layer_dim, name="layer_gru")

@@ -140,6 +140,11 @@ class Task:
   # device's own unlabelled queries scored against its gallery, for tasks whose scores rank a
   # gallery; querybank normalisation (baselines.qb_norm) is built only for such tasks.
 
+  def query_label_prior(self, dev):
+    """[A] the label distribution of the device's labelled query, normalised within each label
+    group (diagnosis only: how far the FDA's label-prior estimate is from the truth)."""
+    raise NotImplementedError(f"task {self.name!r} has no label groups")
+
   def element_labels(self, dev):
     """[N, G] cloud-side labels of the primary modality's context elements (meta-training's
     auxiliary loss only; a device never sends labels). None: the task has none."""

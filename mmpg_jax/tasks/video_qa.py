@@ -115,6 +115,11 @@ class Task(_Base):
     return {"frames_in_context": d.context_size * d.frames,
             "frame_elements": d.context_size * (d.frames - 1)}
 
+  def query_label_prior(self, dev):
+    counts = jax.nn.one_hot(dev["query"]["answer"], md.NUM_ANSWERS).sum(0)
+    return jnp.concatenate([counts[lo:hi] / jnp.maximum(counts[lo:hi].sum(), 1.0)
+                            for lo, hi in self.label_groups])
+
   def element_labels(self, dev):
     """Each frame element carries its video's answers (element order is video-major)."""
     t_el = dev["context"]["frames"].shape[1] - 1
