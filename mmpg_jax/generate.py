@@ -40,7 +40,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
-from mmpg_jax import checkpointing, config_checks, edit_shards, meta_train, preemption, simulate, train
+from mmpg_jax import checkpointing, config_checks, edit_shards, meta_train, preemption, simulate
+from mmpg_jax import train
 from mmpg_jax import params as P
 from mmpg_jax import workdir as workdir_lib
 from mmpg_jax.adapt import cdc_mmpg

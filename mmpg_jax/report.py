@@ -148,8 +148,8 @@ def diagnosis_lines(results, task) -> list:
   sel = task.selection_metric
   has_prior = "fda_prior_tv" in m["per_device"]
   lines = ["## Diagnosis: cdc_mmpg on devices near and far from meta-training", "",
-           "Per device: the Frobenius norm of the change the edit makes (after the clip); the distance of its FDA "
-           "code to the nearest of 256 meta-training devices' codes, in units of their typical "
+           "Per device: the Frobenius norm of the change the edit makes (after the clip); the "
+           "distance of its FDA code to the nearest of 256 meta-training devices' codes, in units of their typical "
            "spacing (1 = as close as meta-training devices are to each other)"
            + ("; the total-variation error against the device's true query label prior of the "
               "FDA's anchor-EM prior and of the device's own EM summary, beside the true shift "

@@ -99,11 +99,11 @@ def reference_codes(task, model, params, fda, fda_params, cfg, summary, max_devi
 
 def diagnostics(task, params, fda, fda_params, cfg, summary, ref, spacing) -> dict:
   """Per-device diagnosis of the default cdc_mmpg edit (functions of an evaluated device):
-  edit_norm (Frobenius norm of the change the edit makes, after the clip), code_distance (distance
-  of the device's FDA code to the nearest meta-training device's code, in units of their
-  typical spacing) and, for label-group tasks, the total-variation error of the FDA's
-  anchor-EM label prior and of the device's own EM summary against the device's true query
-  label prior, beside the true shift (source prior vs truth)."""
+  edit_norm (Frobenius norm of the change the edit makes, after the clip), code_distance
+  (distance of the device's FDA code to the nearest meta-training device's code, in units of
+  their typical spacing) and, for label-group tasks with `query_label_prior`, the total
+  variation from the device's true query label prior of the FDA's anchor-EM prior, of the
+  device's own EM summary, and of the source prior (the true shift)."""
   ac = cfg.adr
 
   def generated(dev):
@@ -121,7 +121,7 @@ def diagnostics(task, params, fda, fda_params, cfg, summary, ref, spacing) -> di
     return jnp.sqrt(jnp.min(jnp.sum(jnp.square(ref - z), -1))) / spacing
 
   out = {"edit_norm": edit_norm, "code_distance": code_distance}
-  if fda.label_groups:
+  if fda.label_groups and hasattr(task, "query_label_prior"):
     src = jnp.asarray(fda.source_prior, jnp.float32)
 
     def tv(log_ratio, truth):

@@ -139,11 +139,9 @@ class Task:
   # Optional capability: `bank_scores(model, params, dev)` -> [n_bank, n_gallery], the
   # device's own unlabelled queries scored against its gallery, for tasks whose scores rank a
   # gallery; querybank normalisation (baselines.qb_norm) is built only for such tasks.
-
-  def query_label_prior(self, dev):
-    """[A] the label distribution of the device's labelled query, normalised within each label
-    group (diagnosis only: how far the FDA's label-prior estimate is from the truth)."""
-    raise NotImplementedError(f"task {self.name!r} has no label groups")
+  # Optional capability: `query_label_prior(dev)` -> [A], the label distribution of the device's
+  # labelled query normalised within each label group; cdc_mmpg's diagnosis then compares its
+  # label-prior estimates with it (diagnosis only).
 
   def element_labels(self, dev):
     """[N, G] cloud-side labels of the primary modality's context elements (meta-training's
