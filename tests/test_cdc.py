@@ -304,9 +304,10 @@ def test_diagnosis_of_the_edit_code_distance_and_label_prior(smoke_config, task,
   for lo, hi in task.label_groups:
     np.testing.assert_allclose(float(truth[lo:hi].sum()), 1.0, rtol=1e-6)
   summary = cdc_mmpg.device_summary(task, model, smoke_config, np.asarray(fda.source_prior))
+  ref, spacing = cdc_mmpg.reference_codes(task, model, params, fda, trained, smoke_config,
+                                          summary)
+  assert ref.shape == (smoke_config.fda.meta_devices, fda.code_dim) and float(spacing) >= 0
   for fp, zero in ((fresh, True), (trained, False)):
-    ref, spacing = cdc_mmpg.reference_codes(task, model, params, fda, fp, smoke_config, summary)
-    assert ref.shape == (smoke_config.fda.meta_devices, fda.code_dim) and float(spacing) >= 0
     diag = {k: float(jax.jit(f)(dev)) for k, f in cdc_mmpg.diagnostics(
         task, params, fda, fp, smoke_config, summary, ref, spacing).items()}
     assert set(diag) == {"edit_norm", "code_distance", "fda_prior_tv", "device_prior_tv",
