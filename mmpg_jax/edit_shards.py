@@ -15,6 +15,7 @@ The .npy bytes are a function of the array alone (no timestamps), so an interrup
 run ends with the same bytes as an uninterrupted one. Files go through etils.epath (as TFDS's
 do); on Cloud TPU, write into a gcsfuse mount of the bucket (WORKSPACE.md, "Cloud TPU").
 """
+import functools
 import io
 import json
 
@@ -90,12 +91,21 @@ def write_json(path, obj):
   _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+@functools.lru_cache(maxsize=8)
+def shard_bytes(rows: int, row_floats: int, dtype: str) -> int:
+  """The size of a complete shard: the .npy header np.save writes, plus the data."""
+  buf = io.BytesIO()
+  np.lib.format.write_array_header_1_0(buf, {
+      "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+      "shape": (rows, row_floats)})
+  return len(buf.getvalue()) + rows * row_floats * np.dtype(dtype).itemsize
+
+
 def shard_complete(path, rows: int, row_floats: int, dtype) -> bool:
   """A shard under its final name, of the expected size (a truncated copy is redone)."""
   path = epath.Path(path)
-  if not path.exists():
-    return False
-  return path.stat().length == len(npy_bytes(np.zeros((rows, row_floats), dtype)))
+  return path.exists() and path.stat().length == shard_bytes(rows, row_floats,
+                                                             np.dtype(dtype).name)
 
 
 def open_output(out, index: dict) -> None:
