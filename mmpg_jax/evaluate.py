@@ -74,8 +74,10 @@ class Evaluator:
         self._compiled[key] = jax.jit(jax.vmap(fn))
       # Diagnostics may read the labelled query (to compare with the truth); they never feed
       # back into adaptation or selection.
-      out[name] = self._chunked(self._compiled[key],
-                                self._sub(set(method.uses) | {self.task.query_role}, feats))
+      values = self._chunked(self._compiled[key],
+                             self._sub(set(method.uses) | {self.task.query_role}, feats))
+      # A diagnostic may return several named values from one computation.
+      out.update(values if isinstance(values, dict) else {name: values})
     return out
 
   def _score(self, per_device):
@@ -101,7 +103,8 @@ class Evaluator:
       hp, scores = self.select(m, params, val_feats)
       per_group = {g: self.per_device_metrics(m, params, f, hp) for g, f in eval_feats.items()}
       per_group_diag = {g: self.diagnostics(m, f) for g, f in eval_feats.items()}
-      diags = {name: {g: d[name] for g, d in per_group_diag.items()} for name in m.diagnostics}
+      names = next(iter(per_group_diag.values()), {})
+      diags = {name: {g: d[name] for g, d in per_group_diag.items()} for name in names}
       out[m.name] = {"hp": hp, "validation": max(scores), "grid_scores": scores,
                      "per_device": per_group, "diagnostics": diags}
       logging.info("%-10s hp=%s val %.4f | %s | %.1fs", m.name, hp, max(scores),

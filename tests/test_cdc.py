@@ -308,8 +308,8 @@ def test_diagnosis_of_the_edit_code_distance_and_label_prior(smoke_config, task,
                                           summary)
   assert ref.shape == (smoke_config.fda.meta_devices, fda.code_dim) and float(spacing) >= 0
   for fp, zero in ((fresh, True), (trained, False)):
-    diag = {k: float(jax.jit(f)(dev)) for k, f in cdc_mmpg.diagnostics(
-        task, params, fda, fp, smoke_config, summary, ref, spacing).items()}
+    diag = {k: float(v) for k, v in jax.jit(cdc_mmpg.diagnostics(
+        task, params, fda, fp, smoke_config, summary, ref, spacing))(dev).items()}
     assert set(diag) == {"edit_norm", "code_distance", "fda_prior_tv", "device_prior_tv",
                          "shift_tv"}
     assert (diag["edit_norm"] == 0.0) == zero

@@ -27,6 +27,7 @@ class Method:
   cost: Callable                    # hp -> costs.DeviceCost
   uses: tuple = ()                  # roles of the device data the method reads
   diagnostics: dict = dataclasses.field(default_factory=dict)   # name -> f(device) -> scalar
+  # (or -> {name: scalar}: several values from one computation)
   info: dict = dataclasses.field(default_factory=dict)          # copied into results.json
   rescore: Callable | None = None   # (params, device, hp, scores) -> scores, forward only
 

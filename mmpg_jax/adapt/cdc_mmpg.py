@@ -73,6 +73,13 @@ def anchor_mmd(dev, task, selector, k, seed, modality):
   return adr.mmd2(a, w, el[modality])
 
 
+def _generated(task, params, fda, fda_params, cfg, summary, dev):
+  """(edit, aux) of the default cdc_mmpg upload of a device (selector and K of cfg.adr)."""
+  up = device_upload(task, params, dev, selector=cfg.adr.selector, k=cfg.adr.k,
+                     key=device_key(cfg.seed, dev), summary=summary)
+  return fda.apply({"params": fda_params}, up)
+
+
 def reference_codes(task, model, params, fda, fda_params, cfg, summary, max_devices=256):
   """The FDA's domain codes of (up to 256 of) the meta devices it was trained on, with their
   typical spacing (median distance of a code to its nearest other code): the yardstick of how
@@ -87,9 +94,7 @@ def reference_codes(task, model, params, fda, fda_params, cfg, summary, max_devi
   def codes(pool_ctx, ids):
     def one(ctx, i):
       dev = {task.context_role: ctx, "device_id": i, **consts}
-      up = device_upload(task, params, dev, selector=cfg.adr.selector, k=cfg.adr.k,
-                         key=device_key(cfg.seed, dev), summary=summary)
-      return fda.apply({"params": fda_params}, up)[1]["code"]
+      return _generated(task, params, fda, fda_params, cfg, summary, dev)[1]["code"]
     return jax.vmap(one)(pool_ctx, ids)
 
   ref = codes(pool[task.context_role], jnp.asarray(ids, jnp.int32))
@@ -97,47 +102,41 @@ def reference_codes(task, model, params, fda, fda_params, cfg, summary, max_devi
   return ref, jnp.median(d.min(1)) if len(ids) > 1 else jnp.float32(1.0)
 
 
-def diagnostics(task, params, fda, fda_params, cfg, summary, ref, spacing) -> dict:
-  """Per-device diagnosis of the default cdc_mmpg edit (functions of an evaluated device):
-  edit_norm (Frobenius norm of the change the edit makes, after the clip), code_distance
-  (distance of the device's FDA code to the nearest meta-training device's code, in units of
-  their typical spacing) and, for label-group tasks with `query_label_prior`, the total
-  variation from the device's true query label prior of the FDA's anchor-EM prior, of the
-  device's own EM summary, and of the source prior (the true shift)."""
-  ac = cfg.adr
+def diagnostics(task, params, fda, fda_params, cfg, summary, ref, spacing):
+  """Per-device diagnosis of the default cdc_mmpg edit: a function of an evaluated device
+  returning, from one generation, edit_norm (Frobenius norm of the change the edit makes, after
+  the clip), code_distance (distance of the device's FDA code to the nearest meta-training
+  device's code, in units of their typical spacing) and, for label-group tasks with
+  `query_label_prior`, the total variation from the device's true query label prior of the
+  FDA's anchor-EM prior (fda_prior_tv), of the device's own EM summary (device_prior_tv), and of
+  the source prior (shift_tv, the true shift)."""
+  with_prior = bool(fda.label_groups) and hasattr(task, "query_label_prior")
+  src = jnp.asarray(fda.source_prior, jnp.float32)
 
-  def generated(dev):
-    up = device_upload(task, params, dev, selector=ac.selector, k=ac.k,
-                       key=device_key(cfg.seed, dev), summary=summary)
-    return fda.apply({"params": fda_params}, up)
+  def tv(log_ratio, truth):
+    err = 0.0
+    for lo, hi in fda.label_groups:
+      s = src[lo:hi] / src[lo:hi].sum()
+      p = s * jnp.exp(log_ratio[lo:hi])
+      err += 0.5 * jnp.abs(p / p.sum() - truth[lo:hi]).sum()
+    return err / len(fda.label_groups)
 
-  def edit_norm(dev):
-    merged = P.apply_edit(params, generated(dev)[0], cfg.fda.clip)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in
-                        zip(jax.tree.leaves(merged), jax.tree.leaves(params))))
+  def diagnose(dev):
+    edit, aux = _generated(task, params, fda, fda_params, cfg, summary, dev)
+    merged = P.apply_edit(params, edit, cfg.fda.clip)
+    out = {"edit_norm": jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in
+                                     zip(jax.tree.leaves(merged), jax.tree.leaves(params)))),
+           "code_distance": jnp.sqrt(jnp.min(jnp.sum(jnp.square(ref - aux["code"]), -1)))
+                            / spacing}
+    if with_prior:
+      truth = task.query_label_prior(dev)
+      out["fda_prior_tv"] = tv(aux["prior_ratio"], truth)
+      out["shift_tv"] = tv(jnp.zeros_like(src), truth)
+      if summary is not None:
+        out["device_prior_tv"] = tv(summary(params, dev), truth)
+    return out
 
-  def code_distance(dev):
-    z = generated(dev)[1]["code"]
-    return jnp.sqrt(jnp.min(jnp.sum(jnp.square(ref - z), -1))) / spacing
-
-  out = {"edit_norm": edit_norm, "code_distance": code_distance}
-  if fda.label_groups and hasattr(task, "query_label_prior"):
-    src = jnp.asarray(fda.source_prior, jnp.float32)
-
-    def tv(log_ratio, truth):
-      err = 0.0
-      for lo, hi in fda.label_groups:
-        s = src[lo:hi] / src[lo:hi].sum()
-        p = s * jnp.exp(log_ratio[lo:hi])
-        err += 0.5 * jnp.abs(p / p.sum() - truth[lo:hi]).sum()
-      return err / len(fda.label_groups)
-
-    out["fda_prior_tv"] = lambda dev: tv(generated(dev)[1]["prior_ratio"],
-                                         task.query_label_prior(dev))
-    out["shift_tv"] = lambda dev: tv(jnp.zeros_like(src), task.query_label_prior(dev))
-    if summary is not None:
-      out["device_prior_tv"] = lambda dev: tv(summary(params, dev), task.query_label_prior(dev))
-  return out
+  return diagnose
 
 
 def validate_config(cfg, task, model, abstract_params) -> None:
@@ -223,7 +222,7 @@ def make_methods(ctx, fda, fda_params, summary=None):
     info.update({f"k_{m}": kk[m] for m in kk if m != primary})
     if name == "cdc_mmpg":
       ref, spacing = reference_codes(task, model, params, fda, fda_params, cfg, summary)
-      diags.update(diagnostics(task, params, fda, fda_params, cfg, summary, ref, spacing))
+      diags["diagnosis"] = diagnostics(task, params, fda, fda_params, cfg, summary, ref, spacing)
     methods.append(Method(name, ({},), adapt, cost, uses=(task.context_role,),
                           diagnostics=diags, info=info))
   return methods
