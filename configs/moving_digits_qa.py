@@ -86,6 +86,11 @@ def get_config(arg: str = ""):
   c.baselines.oracle = mlc.ConfigDict(dict(
       learning_rates=(1e-3, 3e-3), steps=(100,), leaves=c.dynamic_leaves))
 
+  # Forward-only test-time rivals (adapt/tta.py), chosen on validation devices.
+  c.tta = mlc.ConfigDict(dict(
+      t3a=dict(filter_k=(1, 5, 20, 0)),             # supports kept per class; 0 = all
+      lame=dict(knn=(3, 5, 10), bound_lambda=(0.5, 1.0), iterations=100)))
+
   # CDC-MMPG. ADR: which frame elements a device uploads as anchors.
   c.adr = mlc.ConfigDict(dict(
       selector="herding", k=16,                       # default: 16 of 224 frame elements
@@ -103,8 +108,18 @@ def get_config(arg: str = ""):
       aux_weight=1.0, edit_penalty=1e-3,
       eval_every=100, log_every=100, checkpoint_every=250))
 
+  # CDC-MMPG beyond its training shifts (adapt/cdc_robust.py): variants and controls as rows
+  # cdc_mmpg_<name>; each grid holds the plain method (0 = off) and is chosen on validation.
+  c.cdc_robust = mlc.ConfigDict(dict(
+      variants=("em2", "gate", "cloud_tent", "mean_edit", "nearest_edit"),
+      reference_devices=512,            # meta devices behind the controls and the diagnosis
+      em2_scales=(0.0, 0.25, 0.5, 1.0),  # second-round EM correction on the edited model
+      gate_temperatures=(0.0, 0.25, 0.5, 1.0, 2.0),   # 0 = no gate
+      cloud_samples=8, cloud_learning_rates=(1e-3, 1e-2), cloud_steps=(0, 5, 20),
+      cloud_leaves=c.baselines.tent.leaves))
+
   # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order.
-  c.method_families = ("baselines", "cdc_mmpg")
+  c.method_families = ("baselines", "tta", "cdc_mmpg")
   c.eval = mlc.ConfigDict(dict(device_chunk=32))
   c.comm_dtype = "float32"              # dtype of what crosses the network
 
@@ -119,7 +134,12 @@ def get_config(arg: str = ""):
     c.baselines.tent.update(dict(learning_rates=(1e-3,), steps=(2,)))
     c.baselines.prior_em.update(dict(iterations=3, smoothing=(2.0,), scales=(1.0,)))
     c.baselines.oracle.update(dict(learning_rates=(1e-2,), steps=(3,)))
+    c.tta.t3a.update(dict(filter_k=(5,)))
+    c.tta.lame.update(dict(knn=(3,), bound_lambda=(1.0,), iterations=5))
     c.adr.update(dict(k=2, k_sweep=(2,), ablations=("random", "all")))
+    c.cdc_robust.update(dict(reference_devices=8, em2_scales=(0.0, 1.0),
+                             gate_temperatures=(0.0, 1.0), cloud_samples=4,
+                             cloud_learning_rates=(1e-2,), cloud_steps=(0, 2)))
     c.fda.update(dict(hidden=16, code_dim=16, layer_dim=8, meta_devices=8, meta_query_size=4,
                       devices_per_step=4, train_ks=(1, 2, 0), num_steps=4, warmup_steps=1,
                       eval_every=2, log_every=2, checkpoint_every=2))

@@ -40,6 +40,7 @@ def get_config(arg: str = ""):
   c.baselines.fta.leaves = c.dynamic_leaves
   c.baselines.oracle.leaves = c.dynamic_leaves
   c.baselines.tent.leaves = ("video_head/norm/.*", "text_head/norm/.*")
+  c.cdc_robust.cloud_leaves = c.baselines.tent.leaves
   # InfoNCE on 160 pairs wants more steps than cross-entropy does (chosen on validation).
   c.baselines.oracle.update(dict(learning_rates=(1e-3, 3e-3, 1e-2), steps=(100, 300)))
   # Querybank normalisation (the forward-only rival): inverse temperature of the bank softmax

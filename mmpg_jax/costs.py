@@ -27,6 +27,7 @@ class DeviceCost:
   device_backward_passes: int = 0          # per-sample backward passes (samples x steps)
   device_flops: float = 0.0                # adaptation FLOPs on the device (not inference)
   labels_used_per_device: int = 0
+  cloud_flops: float = 0.0                 # per-device compute in the cloud beyond generation
 
   def as_dict(self):
     return dataclasses.asdict(self)

@@ -46,6 +46,7 @@ def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
 
   ids = [int(i) for i in ids]
   n = len(ids)
+  chunk_devices = max(1, min(chunk_devices, n))   # a small set is not padded to a full chunk
   parts = []
   t0, last_log = time.time(), time.time()
   for s in range(0, n, chunk_devices):

@@ -91,7 +91,8 @@ def write_report(workdir: str, results: dict, cfg, task) -> None:
   others = task.metrics[1:]
   head = (f"| method | {sel.name} test | ± std | closed | {sel.name} OOD | OOD closed | "
           + "".join(f"{x.name} test | {x.name} OOD | " for x in others)
-          + "labels | backward passes | device FLOPs | uplink B | downlink B | selected |")
+          + "labels | backward passes | device FLOPs | cloud FLOPs | uplink B | downlink B | "
+          "selected |")
   lines += [head, "|" + "---|" * (head.count("|") - 1)]
   for name, r in m.items():
     mt = r["metrics"]
@@ -102,11 +103,13 @@ def write_report(workdir: str, results: dict, cfg, task) -> None:
            + "".join(f"{_fmt(x, get(x.name))} | {_fmt(x, get(x.name + '_ood'))} | "
                      for x in others)
            + f"{r['labels_used_per_device']} | {r['device_backward_passes']} | "
-           f"{_fmt_flops(r['device_flops'])} | {r['uplink_bytes']:.0f} | "
+           f"{_fmt_flops(r['device_flops'])} | {_fmt_flops(r.get('cloud_flops', 0))} | "
+           f"{r['uplink_bytes']:.0f} | "
            f"{r['downlink_bytes']:.0f} | {r['selected_hparams']} |")
     lines.append(row)
   lines += ["", "Backward passes count per-sample passes (samples × steps); device FLOPs are the "
-            "adaptation's cost from XLA's cost analysis (inference not included).", ""]
+            "adaptation's cost from XLA's cost analysis (inference not included); cloud FLOPs "
+            "are per-device cloud work beyond generating the edit (cloud-side refinement).", ""]
   anchored = {n: r for n, r in m.items() if "selector" in r.get("info", {})}
   if anchored:
     base = results["device_model_bytes"]

@@ -92,3 +92,24 @@ def clean_run(tmp_path_factory, data_dir):
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   return workdir
+
+
+# ---------- the no-backward-pass check (CDC-MMPG, its variants, forward-only rivals) ----------
+
+class BackwardPassRan(AssertionError):
+  pass
+
+
+@pytest.fixture
+def no_backward(monkeypatch):
+  """Every reverse-mode pass in JAX (grad, vjp, value_and_grad, optax) transposes through
+  ad.backward_pass* (the name varies across JAX versions); make them all raise."""
+  import jax._src.interpreters.ad as ad
+
+  def refuse(*a, **k):
+    raise BackwardPassRan("a backward pass ran")
+
+  names = [n for n in dir(ad) if n.startswith("backward_pass")]
+  assert names, "JAX changed its transposition entry point; update this fixture"
+  for n in names:
+    monkeypatch.setattr(ad, n, refuse)

@@ -11,6 +11,8 @@ from mmpg_jax.adapt import fda as fda_lib
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.tasks import _video
 
+from conftest import BackwardPassRan
+
 
 @pytest.fixture(scope="module")
 def fda_setup(smoke_config, task, model_and_params):
@@ -150,25 +152,6 @@ def test_vmapped_generate_equals_a_loop_and_padding_is_exact(fda_setup):
 
 # ---------- the device side: forward only, no labels ------------------------------------------
 
-class _BackwardPassRan(AssertionError):
-  pass
-
-
-@pytest.fixture
-def no_backward(monkeypatch):
-  """Every reverse-mode pass in JAX (grad, vjp, value_and_grad, optax) transposes through
-  ad.backward_pass* (the name varies across JAX versions); make them all raise."""
-  import jax._src.interpreters.ad as ad
-
-  def refuse(*a, **k):
-    raise _BackwardPassRan("a backward pass ran")
-
-  names = [n for n in dir(ad) if n.startswith("backward_pass")]
-  assert names, "JAX changed its transposition entry point; update this fixture"
-  for n in names:
-    monkeypatch.setattr(ad, n, refuse)
-
-
 def _device(task, model, params, cfg, with_labels, seed=0):
   d = cfg.data
   ctx = _frames(cfg, d.context_size, seed)
@@ -203,7 +186,7 @@ def test_device_path_runs_no_backward_pass_and_uses_no_labels(smoke_config, task
   fta = baselines.fta(_ctx(task, model, params, smoke_config), 1)
   dev = _device(task, model, params, smoke_config, with_labels=0)
   dev["support"] = dict(dev["query"])
-  with pytest.raises(_BackwardPassRan):
+  with pytest.raises(BackwardPassRan):
     jax.jit(lambda d: fta.adapt(params, d, {"lr": 0.1, "steps": 1}))(dev)
 
 
@@ -304,12 +287,12 @@ def test_diagnosis_of_the_edit_code_distance_and_label_prior(smoke_config, task,
   for lo, hi in task.label_groups:
     np.testing.assert_allclose(float(truth[lo:hi].sum()), 1.0, rtol=1e-6)
   summary = cdc_mmpg.device_summary(task, model, smoke_config, np.asarray(fda.source_prior))
-  ref, spacing = cdc_mmpg.reference_codes(task, model, params, fda, trained, smoke_config,
-                                          summary)
-  assert ref.shape == (smoke_config.fda.meta_devices, fda.code_dim) and float(spacing) >= 0
+  ref = cdc_mmpg.reference_set(task, model, params, fda, trained, smoke_config, summary)
+  n_ref = min(smoke_config.cdc_robust.reference_devices, smoke_config.fda.meta_devices)
+  assert ref["codes"].shape == (n_ref, fda.code_dim) and float(ref["spacing"]) >= 0
   for fp, zero in ((fresh, True), (trained, False)):
     diag = {k: float(v) for k, v in jax.jit(cdc_mmpg.diagnostics(
-        task, params, fda, fp, smoke_config, summary, ref, spacing))(dev).items()}
+        task, params, fda, fp, smoke_config, summary, ref))(dev).items()}
     assert set(diag) == {"edit_norm", "code_distance", "fda_prior_tv", "device_prior_tv",
                          "shift_tv"}
     assert (diag["edit_norm"] == 0.0) == zero

@@ -18,7 +18,7 @@ from absl import logging
 
 from mmpg_jax import config_checks, costs, meta_train
 from mmpg_jax import params as P
-from mmpg_jax.adapt import adr, device
+from mmpg_jax.adapt import adr, cdc_robust, device
 from mmpg_jax.adapt import fda as fda_lib
 from mmpg_jax.adapt.baselines import Method
 
@@ -80,29 +80,40 @@ def _generated(task, params, fda, fda_params, cfg, summary, dev):
   return fda.apply({"params": fda_params}, up)
 
 
-def reference_codes(task, model, params, fda, fda_params, cfg, summary, max_devices=256):
-  """The FDA's domain codes of (up to 256 of) the meta devices it was trained on, with their
-  typical spacing (median distance of a code to its nearest other code): the yardstick of how
-  far an evaluated device's upload lies from anything meta-training saw."""
+def reference_set(task, model, params, fda, fda_params, cfg, summary):
+  """The FDA's domain codes and edits of `cdc_robust.reference_devices` meta devices of the
+  distribution it was trained on (ids from 0, as meta-training drew them), with their typical
+  spacing (median distance of a code to its nearest other code): the yardstick of how far an
+  evaluated device's upload lies from anything meta-training saw, and what the controls (mean
+  edit, nearest device's edit) are made of. {'codes' [R, C], 'edits' (stacked), 'spacing'}."""
   fc = cfg.fda
-  ids = np.arange(min(max_devices, fc.meta_devices))
+  ids = np.arange(min(cfg.cdc_robust.reference_devices, fc.meta_devices))
   pool = meta_train.encode_devices(task, model, params, ids, fc.meta_query_size,
-                                   what="reference meta devices (diagnosis)")
+                                   what="reference meta devices")
   consts = task.device_constants(model, params)
 
   @jax.jit
-  def codes(pool_ctx, ids):
+  def generate(pool_ctx, ids):
     def one(ctx, i):
       dev = {task.context_role: ctx, "device_id": i, **consts}
-      return _generated(task, params, fda, fda_params, cfg, summary, dev)[1]["code"]
+      edit, aux = _generated(task, params, fda, fda_params, cfg, summary, dev)
+      return edit, aux["code"]
     return jax.vmap(one)(pool_ctx, ids)
 
-  ref = codes(pool[task.context_role], jnp.asarray(ids, jnp.int32))
+  edits, ref = generate(pool[task.context_role], jnp.asarray(ids, jnp.int32))
   d = jnp.sqrt(jnp.maximum(adr._sq_dists(ref, ref), 0.0)) + jnp.eye(len(ids)) * 1e30
-  return ref, jnp.median(d.min(1)) if len(ids) > 1 else jnp.float32(1.0)
+  spacing = jnp.median(d.min(1)) if len(ids) > 1 else jnp.float32(1.0)
+  return {"codes": ref, "edits": edits, "spacing": spacing}
 
 
-def diagnostics(task, params, fda, fda_params, cfg, summary, ref, spacing):
+def code_distance(reference, code):
+  """(distance of a code to the nearest reference code in units of their spacing, its index)."""
+  d2 = jnp.sum(jnp.square(reference["codes"] - code), -1)
+  i = jnp.argmin(d2)
+  return jnp.sqrt(d2[i]) / reference["spacing"], i
+
+
+def diagnostics(task, params, fda, fda_params, cfg, summary, reference):
   """Per-device diagnosis of the default cdc_mmpg edit: a function of an evaluated device
   returning, from one generation, edit_norm (Frobenius norm of the change the edit makes, after
   the clip), code_distance (distance of the device's FDA code to the nearest meta-training
@@ -126,8 +137,7 @@ def diagnostics(task, params, fda, fda_params, cfg, summary, ref, spacing):
     merged = P.apply_edit(params, edit, cfg.fda.clip)
     out = {"edit_norm": jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in
                                      zip(jax.tree.leaves(merged), jax.tree.leaves(params)))),
-           "code_distance": jnp.sqrt(jnp.min(jnp.sum(jnp.square(ref - aux["code"]), -1)))
-                            / spacing}
+           "code_distance": code_distance(reference, aux["code"])[0]}
     if with_prior:
       truth = task.query_label_prior(dev)
       out["fda_prior_tv"] = tv(aux["prior_ratio"], truth)
@@ -159,6 +169,8 @@ def validate_config(cfg, task, model, abstract_params) -> None:
   for sel in (a.selector,) + tuple(a.ablations):
     need(sel in adr.SELECTORS, "adr.selector/ablations", sel, f"known: {adr.SELECTORS}")
   flat = P.flatten(abstract_params)
+  cdc_robust.validate_config(cfg, task)
+  P.select(abstract_params, cfg.cdc_robust.cloud_leaves)
   for path in P.select(abstract_params, cfg.fda.edit_leaves):
     shape = flat[path].shape
     if len(shape) >= 2 and int(np.prod(shape)) > cfg.fda.full_delta_max:
@@ -182,8 +194,9 @@ def build(ctx):
 
 
 def make_methods(ctx, fda, fda_params, summary=None):
-  """cdc_mmpg (selector cfg.adr.selector, K = cfg.adr.k) and the ablations in cfg.adr, for a
-  given FDA and its parameters."""
+  """cdc_mmpg (selector cfg.adr.selector, K = cfg.adr.k), the ablations in cfg.adr and the
+  variants and controls of cfg.cdc_robust (cdc_robust.py), for a given FDA and its
+  parameters."""
   task, model, params, cfg, cm = ctx.task, ctx.model, ctx.params, ctx.config, ctx.cost_model
   ac = cfg.adr
   anchor_dims = task.anchor_dims(model, params)
@@ -198,6 +211,7 @@ def make_methods(ctx, fda, fda_params, summary=None):
   variants = [("cdc_mmpg", ac.selector, ac.k)]
   variants += [(f"cdc_mmpg_{'all_frames' if s == 'all' else s}", s, ac.k) for s in ac.ablations]
   variants += [(f"cdc_mmpg_k{k}", ac.selector, k) for k in ac.k_sweep if k != ac.k]
+  reference = reference_set(task, model, params, fda, fda_params, cfg, summary)
   methods = []
   for name, selector, k in variants:   # K ranges: validate_config
     kk = {m: (n if selector == "all" else k) for m, n in n_el.items()}
@@ -221,8 +235,8 @@ def make_methods(ctx, fda, fda_params, summary=None):
     info.update(task.anchor_info(cfg))
     info.update({f"k_{m}": kk[m] for m in kk if m != primary})
     if name == "cdc_mmpg":
-      ref, spacing = reference_codes(task, model, params, fda, fda_params, cfg, summary)
-      diags["diagnosis"] = diagnostics(task, params, fda, fda_params, cfg, summary, ref, spacing)
+      diags["diagnosis"] = diagnostics(task, params, fda, fda_params, cfg, summary, reference)
+      base_cost = cost
     methods.append(Method(name, ({},), adapt, cost, uses=(task.context_role,),
                           diagnostics=diags, info=info))
-  return methods
+  return methods + cdc_robust.build(ctx, fda, fda_params, summary, reference, base_cost)

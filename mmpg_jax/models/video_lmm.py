@@ -78,15 +78,22 @@ class FiLMFusion(nn.Module):
 
 
 class MLPHead(nn.Module):
-  """LayerNorm -> Dense -> ReLU -> Dense: the answer head, and each side of the joint space."""
+  """LayerNorm -> Dense -> ReLU -> Dense: the answer head, and each side of the joint space.
+  `features` is the input of the last (linear) layer `out`: what classifier-adjusting
+  test-time methods (T3A, LAME) read."""
   out_dim: int
   hidden: int = 128
 
-  @nn.compact
+  def setup(self):
+    self.norm = nn.LayerNorm()
+    self.hidden_layer = nn.Dense(self.hidden, name="hidden")
+    self.out = nn.Dense(self.out_dim)
+
+  def features(self, x):
+    return nn.relu(self.hidden_layer(self.norm(x)))
+
   def __call__(self, x):
-    x = nn.LayerNorm(name="norm")(x)
-    x = nn.relu(nn.Dense(self.hidden, name="hidden")(x))
-    return nn.Dense(self.out_dim, name="out")(x)
+    return self.out(self.features(x))
 
 
 def _unit(x):
@@ -116,6 +123,10 @@ class VideoLMM(nn.Module):
 
   def answer_from_features(self, frame_emb, q_code):
     return self.answer_head(self.fusion(self.temporal(frame_emb), q_code))
+
+  def answer_head_features(self, frame_emb, q_code):
+    """The input of the answer head's last layer (logits = it @ out/kernel + out/bias)."""
+    return self.answer_head.features(self.fusion(self.temporal(frame_emb), q_code))
 
   def __call__(self, video, question):
     return self.answer_from_features(self.encode_frames(video), self.encode_question(question))

@@ -139,6 +139,10 @@ class Task:
   # Optional capability: `bank_scores(model, params, dev)` -> [n_bank, n_gallery], the
   # device's own unlabelled queries scored against its gallery, for tasks whose scores rank a
   # gallery; querybank normalisation (baselines.qb_norm) is built only for such tasks.
+  # Optional capability: `classifier_features(model, params, feats)` -> [n, H] and the attribute
+  # `classifier_layer` (a layer path with `kernel` [H, A] and `bias` [A]) for tasks whose scores
+  # are a linear classifier of features, scores = features @ kernel + bias; the forward-only
+  # test-time rivals (adapt/tta.py: T3A, LAME) are built only for such tasks.
   # Optional capability: `query_label_prior(dev)` -> [A], the label distribution of the device's
   # labelled query normalised within each label group; cdc_mmpg's diagnosis then compares its
   # label-prior estimates with it (diagnosis only).

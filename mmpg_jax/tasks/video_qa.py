@@ -28,6 +28,7 @@ class Task(_Base):
   metrics = (Metric("accuracy"),)
   label_groups = md.ANSWER_GROUPS
   label_bias_leaf = "answer_head/out/bias"
+  classifier_layer = "answer_head/out"     # scores = classifier_features @ kernel + bias
   encoder_prefixes = ("frame_encoder/", "question_encoder/")
 
   def build_model(self):
@@ -95,6 +96,11 @@ class Task(_Base):
   def entropy(self, model, params, feats):
     lp = jax.nn.log_softmax(self.scores(model, params, feats))
     return -(jnp.exp(lp) * lp).sum(-1).mean()
+
+  def classifier_features(self, model, params, feats):
+    """[n, H]: the answer head's last-layer input on a role (T3A, LAME)."""
+    return model.apply({"params": params}, feats["frames"], feats["q"],
+                       method=model.answer_head_features)
 
   def label_posteriors(self, model, params, dev):
     """Every question type asked of each context video: [n, Q, A]. Forward passes only."""

@@ -1,0 +1,140 @@
+"""Forward-only test-time adaptation rivals: T3A and LAME, written once for every task whose
+scores are a linear classifier of features (`task.classifier_features`, `task.classifier_layer`).
+
+* T3A (Iwasawa & Matsuo, NeurIPS 2021): the last layer's weights become class prototypes. The
+  supports start as the classifier's own weight vectors and gain the device's unlabelled
+  context features under their pseudo-labels; per class only the `filter_k` lowest-entropy
+  supports are kept (0: all); the new kernel is the normalised sum of the normalised supports,
+  the bias zero (scores = z @ normalize(W')), as in the official DomainBed code. An edit of the
+  classifier layer: one forward pass over the context, no labels, no backward pass.
+* LAME (Boudiaf et al., CVPR 2022): the predictions of the batch the device is asked to predict
+  (its query inputs, never their labels) are corrected by Laplacian-regularised maximum
+  likelihood, z = argmin sum_i KL(z_i || p_i) - lambda sum_ij w_ij z_i.z_j, with w the kNN
+  affinity of the L2-normalised features, solved by the paper's bound updates
+  z_i <- softmax(log p_i + lambda sum_j w_ij z_j). The model is not changed (a `rescore`).
+
+Both are selected on validation devices like every method (grids in `config.tta`).
+"""
+import jax
+import jax.numpy as jnp
+
+from mmpg_jax import config_checks, costs
+from mmpg_jax import params as P
+from mmpg_jax.adapt.baselines import Method, grid
+
+
+def _unit(x, axis=-1):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def t3a_kernel(z, kernel, bias, filter_k: int):
+  """T3A's prototype classifier: context features z [n, H], the classifier's kernel [H, A] and
+  bias [A] -> the adjusted kernel [H, A] (used with a zero bias)."""
+  num_classes = kernel.shape[1]
+  supports = jnp.concatenate([kernel.T, z])                    # warm-up supports first
+  logits = supports @ kernel + bias
+  labels = logits.argmax(-1)
+  logp = jax.nn.log_softmax(logits)
+  ent = -(jnp.exp(logp) * logp).sum(-1)
+  onehot = jax.nn.one_hot(labels, num_classes)
+  if filter_k > 0:
+    # Rank of each support's entropy among supports of its class (ties by position).
+    idx = jnp.arange(len(labels))
+    before = (ent[None, :] < ent[:, None]) | ((ent[None, :] == ent[:, None])
+                                                & (idx[None, :] < idx[:, None]))
+    rank = ((labels[None, :] == labels[:, None]) & before).sum(1)
+    onehot = onehot * (rank < filter_k)[:, None]
+  return _unit(_unit(supports).T @ onehot, axis=0)
+
+
+def knn_affinity(feats, knn: int):
+  """w_ij = 1 if j is among i's knn nearest other samples (L2 on unit features), else 0."""
+  x = _unit(feats)
+  d = jnp.sum(jnp.square(x[:, None] - x[None]), -1) + jnp.eye(len(x)) * 1e9   # not itself
+  k = min(knn, len(x) - 1)
+  _, nearest = jax.lax.top_k(-d, k)
+  return jnp.zeros_like(d).at[jnp.arange(len(x))[:, None], nearest].set(1.0)
+
+
+def lame_step(log_p, w, y, bound_lambda):
+  return jax.nn.softmax(log_p + bound_lambda * (w @ y), -1)
+
+
+def lame(log_p, w, bound_lambda, iterations: int):
+  """LAME's bound updates from y = p; returns log of the corrected assignment."""
+  y = jax.lax.fori_loop(0, iterations, lambda _, y: lame_step(log_p, w, y, bound_lambda),
+                        jnp.exp(log_p))
+  return jnp.log(jnp.maximum(y, 1e-30))
+
+
+def t3a(ctx):
+  task, model, cm, cfg = ctx.task, ctx.model, ctx.cost_model, ctx.config
+  layer = task.classifier_layer
+  n = cfg.data.context_size
+
+  def adapt(params, dev, hp):
+    flat = P.flatten(params)
+    w, b = flat[f"{layer}/kernel"], flat[f"{layer}/bias"]
+    z = task.classifier_features(model, params, dev[task.context_role])
+    flat[f"{layer}/kernel"] = t3a_kernel(z, w, b, hp["filter_k"])
+    flat[f"{layer}/bias"] = jnp.zeros_like(b)
+    return P.unflatten(flat)
+
+  feats = task.example_features(model, ctx.params, n)
+
+  def cost(hp):
+    dev = {task.context_role: feats}
+    return costs.DeviceCost(device_flops=cm.encode(n) + costs.flops(
+        lambda p, d: adapt(p, d, hp), ctx.params, dev))
+
+  return Method("t3a", grid(filter_k=tuple(cfg.tta.t3a.filter_k)), adapt, cost,
+                uses=(task.context_role,))
+
+
+def lame_method(ctx):
+  task, model, cfg = ctx.task, ctx.model, ctx.config
+  lc = cfg.tta.lame
+  n = cfg.data.query_size
+
+  def rescore(params, dev, hp, scores):
+    feats = task.classifier_features(model, params, dev[task.query_role])
+    w = knn_affinity(feats, hp["knn"])
+    return lame(jax.nn.log_softmax(scores), w, hp["bound_lambda"], lc.iterations)
+
+  feats = task.example_features(model, ctx.params, n)
+  num_classes = P.flatten(ctx.params)[f"{task.classifier_layer}/bias"].shape[0]
+
+  def cost(hp):
+    # The query's forward pass is inference (not counted); its features are re-read here. XLA
+    # counts a loop body once, so the bound updates are counted step x iterations.
+    affinity = costs.flops(lambda p, f: knn_affinity(task.classifier_features(model, p, f),
+                                                     hp["knn"]), ctx.params, feats)
+    y = jnp.full((n, num_classes), 1.0 / num_classes)
+    step = costs.flops(lambda lp, w, y: lame_step(lp, w, y, 1.0), jnp.log(y),
+                       jnp.zeros((n, n)), y)
+    return costs.DeviceCost(device_flops=affinity + lc.iterations * step)
+
+  return Method("lame", grid(knn=tuple(lc.knn), bound_lambda=tuple(lc.bound_lambda)),
+                lambda params, dev, hp: params, cost, uses=(), rescore=rescore)
+
+
+def validate_config(cfg, task, model, abstract_params) -> None:
+  need = config_checks.need
+  for k in cfg.tta.t3a.filter_k:
+    need(isinstance(k, int) and k >= 0, "tta.t3a.filter_k", cfg.tta.t3a.filter_k,
+         "supports kept per class: integers >= 0 (0 keeps all)")
+  for key in ("tta.lame.knn", "tta.lame.bound_lambda", "tta.lame.iterations"):
+    config_checks.positive(cfg, key)
+  need(max(cfg.tta.lame.knn) < cfg.data.query_size, "tta.lame.knn", cfg.tta.lame.knn,
+       f"neighbours must be fewer than the {cfg.data.query_size} query samples LAME corrects")
+  if hasattr(task, "classifier_features"):
+    layer = task.classifier_layer
+    P.select(abstract_params, [f"{layer}/kernel", f"{layer}/bias"])
+
+
+def build(ctx):
+  """T3A and LAME for tasks with a linear classifier on top (none otherwise: retrieval ranks a
+  gallery and has no classes)."""
+  if not hasattr(ctx.task, "classifier_features"):
+    return []
+  return [t3a(ctx), lame_method(ctx)]

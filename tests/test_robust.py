@@ -1,0 +1,171 @@
+"""CDC-MMPG's variants and controls (adapt/cdc_robust.py) and the forward-only rivals T3A and
+LAME (adapt/tta.py): forward only on the device, exact fall-backs, and reference
+implementations."""
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmpg_jax import config_checks
+from mmpg_jax import params as P
+from mmpg_jax.adapt import cdc_mmpg, cdc_robust, tta
+
+from conftest import BackwardPassRan
+from test_cdc import _ctx, _device, fda_setup  # noqa: F401  (fda_setup is a fixture)
+
+VARIANT_HP = {"cdc_mmpg_em2": {"scale": 1.0, "smoothing": 2.0},
+              "cdc_mmpg_gate": {"temperature": 0.5},
+              "cdc_mmpg_cloud_tent": {"lr": 1e-2, "steps": 0},
+              "cdc_mmpg_mean_edit": {}, "cdc_mmpg_nearest_edit": {},
+              "t3a": {"filter_k": 2}, "lame": {"knn": 3, "bound_lambda": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def methods(smoke_config, task, fda_setup):  # noqa: F811
+  """{'fresh' | 'trained': {name: Method}} for a zero-initialised and a perturbed FDA."""
+  model, params, fda, fresh, trained, _ = fda_setup
+  summary = cdc_mmpg.device_summary(task, model, smoke_config, fda.source_prior)
+  ctx = _ctx(task, model, params, smoke_config, np.asarray(fda.source_prior))
+  return {label: {m.name: m for m in cdc_mmpg.make_methods(ctx, fda, fp, summary)
+                  + tta.build(ctx)}
+          for label, fp in (("fresh", fresh), ("trained", trained))}
+
+
+def _scores(task, model, params, method, dev, hp):
+  adapted = method.adapt(params, dev, hp)
+  scores = task.scores(model, adapted, dev["query"])
+  return scores if method.rescore is None else method.rescore(adapted, dev, hp, scores)
+
+
+def test_every_variant_and_rival_runs_no_backward_pass_on_the_device(
+    smoke_config, task, fda_setup, methods, no_backward):  # noqa: F811
+  model, params, *_ = fda_setup
+  dev = _device(task, model, params, smoke_config, with_labels=None)
+  ms = methods["trained"]
+  assert set(VARIANT_HP) <= set(ms), sorted(ms)
+  for name, hp in VARIANT_HP.items():
+    out = jax.jit(lambda d, m=ms[name], hp=hp: _scores(task, model, params, m, d, hp))(dev)
+    assert np.all(np.isfinite(np.asarray(out))), name
+    c = ms[name].cost(hp)
+    assert c.device_backward_passes == 0 and c.labels_used_per_device == 0, name
+  # Positive control: cloud-side refinement is where cloud_tent's backward passes are, and
+  # the detector sees them; its device part (upload, merge) runs without.
+  with pytest.raises(BackwardPassRan):
+    jax.jit(lambda d: ms["cdc_mmpg_cloud_tent"].adapt(params, d, {"lr": 1e-2, "steps": 2}))(
+        dev)
+
+
+def test_a_zero_edit_reproduces_the_global_model_in_every_variant(smoke_config, task,
+                                                                  fda_setup, methods):  # noqa: F811
+  model, params, *_ = fda_setup
+  dev = _device(task, model, params, smoke_config, with_labels=None)
+  off = dict(VARIANT_HP, cdc_mmpg_em2={"scale": 0.0, "smoothing": 2.0})
+  for name in [n for n in off if n.startswith("cdc_mmpg_")]:
+    adapted = methods["fresh"][name].adapt(params, dev, off[name])
+    for path, leaf in P.flatten(params).items():
+      assert np.array_equal(np.asarray(leaf), np.asarray(P.flatten(adapted)[path])), (name,
+                                                                                      path)
+
+
+def test_cloud_refinement_with_zero_steps_is_the_plain_fda_edit(smoke_config, task, fda_setup,
+                                                                methods):  # noqa: F811
+  model, params, *_ = fda_setup
+  dev = _device(task, model, params, smoke_config, with_labels=None)
+  ms = methods["trained"]
+  plain = P.flatten(ms["cdc_mmpg"].adapt(params, dev, {}))
+  zero = P.flatten(ms["cdc_mmpg_cloud_tent"].adapt(params, dev, {"lr": 1e-2, "steps": 0}))
+  assert all(np.array_equal(plain[p], zero[p]) for p in plain)
+  refined = P.flatten(ms["cdc_mmpg_cloud_tent"].adapt(params, dev, {"lr": 1e-2, "steps": 3}))
+  moved = {p for p in plain if not np.array_equal(plain[p], refined[p])}
+  assert moved and moved <= set(P.select(params, smoke_config.cdc_robust.cloud_leaves))
+  # The cloud's steps are counted as cloud FLOPs and ship the refined leaves; zero steps cost
+  # what plain cdc_mmpg costs plus the uploaded samples.
+  c0, c3 = (ms["cdc_mmpg_cloud_tent"].cost({"lr": 1e-2, "steps": s}) for s in (0, 3))
+  base = ms["cdc_mmpg"].cost({})
+  assert c0.cloud_flops == 0 and c3.cloud_flops > 0 and c0.downlink_bytes == base.downlink_bytes
+  assert c3.downlink_bytes > base.downlink_bytes and c0.uplink_bytes > base.uplink_bytes
+
+
+def test_controls_mean_edit_and_nearest_reference_device():
+  # The nearest reference code, in units of the codes' spacing.
+  ref = {"codes": jnp.array([[0.0, 0.0], [10.0, 0.0], [0.0, 5.0]]), "spacing": 2.0}
+  d, i = cdc_mmpg.code_distance(ref, jnp.array([9.0, 1.0]))
+  assert int(i) == 1 and abs(float(d) - np.sqrt(2.0) / 2.0) < 1e-6
+  # The mean edit averages each device's materialised, clipped delta.
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)}
+  a, b, full = rng.normal(size=(5, 3, 2)), rng.normal(size=(5, 2, 4)), rng.normal(size=(5, 4))
+  edits = {"w": P.LowRankDelta(jnp.asarray(a), jnp.asarray(b)), "b": jnp.asarray(full)}
+  mean = cdc_robust.mean_applied_edit(edits, params, clip=0.5)
+  np.testing.assert_allclose(mean["w"], np.clip(a @ b, -0.5, 0.5).mean(0), rtol=1e-5)
+  np.testing.assert_allclose(mean["b"], np.clip(full, -0.5, 0.5).mean(0), rtol=1e-6)
+  # Scaling an edit scales the delta it materialises.
+  scaled = cdc_robust.scale_edit(edits, 0.25)
+  np.testing.assert_allclose(P.materialize(jax.tree.map(lambda x: x[0], scaled["w"],
+                                                        is_leaf=None), (3, 4)),
+                             0.25 * a[0] @ b[0], rtol=1e-5)
+
+
+def _t3a_reference(z, w, b, filter_k):
+  """T3A as the official code writes it, in plain numpy loops."""
+  supports = np.concatenate([w.T, z])
+  logits = supports @ w + b
+  labels = logits.argmax(1)
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  ent = -(p * np.log(p)).sum(1)
+  out = np.zeros_like(w)
+  for c in range(w.shape[1]):
+    idx = sorted(np.flatnonzero(labels == c), key=lambda i: (ent[i], i))
+    for i in idx[:filter_k] if filter_k else idx:
+      out[:, c] += supports[i] / np.linalg.norm(supports[i])
+  return out / np.maximum(np.linalg.norm(out, axis=0, keepdims=True), 1e-12)
+
+
+@pytest.mark.parametrize("filter_k", [0, 1, 3])
+def test_t3a_equals_a_plain_numpy_reference(filter_k):
+  rng = np.random.default_rng(filter_k)
+  z, w, b = rng.normal(size=(20, 6)), rng.normal(size=(6, 4)), rng.normal(size=4)
+  got = tta.t3a_kernel(jnp.asarray(z), jnp.asarray(w), jnp.asarray(b), filter_k)
+  np.testing.assert_allclose(got, _t3a_reference(z, w, b, filter_k), atol=1e-5)
+
+
+def test_lame_knn_affinity_and_its_fixed_point():
+  rng = np.random.default_rng(0)
+  # Two clusters of features; sample 0 sits in cluster A but its own prediction is unsure.
+  feats = np.concatenate([rng.normal(size=(6, 4)) * 0.05 + [5, 0, 0, 0],
+                          rng.normal(size=(6, 4)) * 0.05 + [0, 5, 0, 0]])
+  w = tta.knn_affinity(jnp.asarray(feats), 3)
+  assert np.all(np.asarray(w).sum(1) == 3) and np.all(np.diag(np.asarray(w)) == 0)
+  assert np.asarray(w)[:6, 6:].sum() == 0            # neighbours stay in their cluster
+  p = np.where(np.arange(12)[:, None] < 6, [0.9, 0.1], [0.1, 0.9])
+  p[0] = [0.45, 0.55]
+  log_y = tta.lame(jnp.log(jnp.asarray(p)), w, 1.0, 100)
+  y = np.exp(np.asarray(log_y))
+  assert y[0].argmax() == 0                          # pulled to its cluster's class
+  np.testing.assert_allclose(y, np.asarray(tta.lame_step(jnp.log(p), w, y, 1.0)), atol=1e-5)
+  # No affinity weight: LAME returns the model's own predictions.
+  np.testing.assert_allclose(np.exp(np.asarray(tta.lame(jnp.log(p), w, 0.0, 5))), p,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("cdc_robust.variants", ("em2", "magic"), "known"),
+    ("cdc_robust.cloud_samples", 10_000, "context samples"),
+    ("cdc_robust.em2_scales", (-1.0,), ">= 0"),
+    ("cdc_robust.cloud_steps", (1.5,), "integers"),
+    ("tta.lame.knn", (10_000,), "fewer than"),
+    ("tta.t3a.filter_k", (-1,), "integers >= 0"),
+])
+def test_bad_variant_and_rival_configs_are_refused_before_any_work(smoke_config, key, value,
+                                                                   match):
+  cfg = copy.deepcopy(smoke_config)
+  node = cfg
+  *parents, leaf = key.split(".")
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(config_checks.ConfigError, match=match):
+    config_checks.check(cfg)
