@@ -111,12 +111,17 @@ def get_config(arg: str = ""):
   # CDC-MMPG beyond its training shifts (adapt/cdc_robust.py): variants and controls as rows
   # cdc_mmpg_<name>; each grid holds the plain method (0 = off) and is chosen on validation.
   c.cdc_robust = mlc.ConfigDict(dict(
-      variants=("em2", "gate", "cloud_tent", "mean_edit", "nearest_edit"),
+      variants=("em2", "gate", "cloud_tent", "wide", "mean_edit", "nearest_edit"),
       reference_devices=512,            # meta devices behind the controls and the diagnosis
       em2_scales=(0.0, 0.25, 0.5, 1.0),  # second-round EM correction on the edited model
       gate_temperatures=(0.0, 0.25, 0.5, 1.0, 2.0),   # 0 = no gate
       cloud_samples=8, cloud_learning_rates=(1e-3, 1e-2), cloud_steps=(0, 5, 20),
-      cloud_leaves=c.baselines.tent.leaves))
+      cloud_leaves=c.baselines.tent.leaves,
+      # `wide`: meta-training over shifts beyond the training ranges on both sides of the OOD
+      # group's, never inside them (rotation 50-65, blur 0.5-0.8, noise 0.35-0.45 are OOD's).
+      wide_data=dict(shift=dict(rotation=((0.0, 45.0), (70.0, 85.0)),
+                                blur=((0.0, 0.4), (0.9, 1.2)),
+                                noise=((0.0, 0.3), (0.5, 0.6))))))
 
   # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order.
   c.method_families = ("baselines", "tta", "cdc_mmpg")

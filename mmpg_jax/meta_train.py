@@ -182,8 +182,11 @@ def initial_state(fda, cfg):
               "best_step": jnp.int32(0)}
 
 
-def train_fda(task, model, fda, base_params, cfg, val_feats, workdir, metrics, summary=None):
-  """Meta-trains (or resumes, or reloads) the FDA; returns the validation-selected params."""
+def train_fda(task, model, fda, base_params, cfg, val_feats, workdir, metrics, summary=None,
+              stage: str = STAGE):
+  """Meta-trains (or resumes, or reloads) the FDA; returns the validation-selected params.
+  `task` supplies the meta devices (a `task.with_data(...)` task meta-trains over other data);
+  `stage` names the checkpoints and metrics rows (one per FDA a run trains)."""
   fc = cfg.fda
   name = task.selection_metric.name
   tx, state = initial_state(fda, cfg)
@@ -193,11 +196,12 @@ def train_fda(task, model, fda, base_params, cfg, val_feats, workdir, metrics, s
     if start == 0:
       s0 = float(validate(state["fda_params"]))               # the zero edit = global
       state = dict(state, best_score=jnp.float32(s0))
-      metrics.write(STAGE, 0, **{f"val_{name}": s0})
-      logging.info("fda step 0 (zero edit) val %s %.4f", name, s0)
+      metrics.write(stage, 0, **{f"val_{name}": s0})
+      logging.info("%s step 0 (zero edit) val %s %.4f", stage, name, s0)
     t = time.time()
     pool = encode_meta_pool(task, model, base_params, fc, summary=summary)
-    logging.info("fda: encoded %d fresh meta devices in %.1fs", fc.meta_devices, time.time() - t)
+    logging.info("%s: encoded %d fresh meta devices in %.1fs", stage, fc.meta_devices,
+                 time.time() - t)
     step_fn = train.make_train_step(meta_loss_fn(task, model, fda, base_params, fc), tx,
                                     key="fda_params")
     return state, step_fn, lambda step: episode_batch(pool, fc, cfg.seed, step)
@@ -211,7 +215,7 @@ def train_fda(task, model, fda, base_params, cfg, val_feats, workdir, metrics, s
                    best_step=jnp.int32(done))
     return state, {f"val_{name}": score}
 
-  state = train.run_stage(STAGE, state, fc, workdir=workdir, metrics=metrics,
+  state = train.run_stage(stage, state, fc, workdir=workdir, metrics=metrics,
                           key=jax.random.key(cfg.seed + 2), prepare=prepare,
                           after_step=after_step, keep=cfg.train.keep_checkpoints,
                           hint="Lower fda.learning_rate.")

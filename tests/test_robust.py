@@ -11,6 +11,7 @@ import pytest
 from mmpg_jax import config_checks
 from mmpg_jax import params as P
 from mmpg_jax.adapt import cdc_mmpg, cdc_robust, tta
+from mmpg_jax.data import moving_digits as md
 
 from conftest import BackwardPassRan
 from test_cdc import _ctx, _device, fda_setup  # noqa: F401  (fda_setup is a fixture)
@@ -18,7 +19,7 @@ from test_cdc import _ctx, _device, fda_setup  # noqa: F401  (fda_setup is a fix
 VARIANT_HP = {"cdc_mmpg_em2": {"scale": 1.0, "smoothing": 2.0},
               "cdc_mmpg_gate": {"temperature": 0.5},
               "cdc_mmpg_cloud_tent": {"lr": 1e-2, "steps": 0},
-              "cdc_mmpg_mean_edit": {}, "cdc_mmpg_nearest_edit": {},
+              "cdc_mmpg_wide": {}, "cdc_mmpg_mean_edit": {}, "cdc_mmpg_nearest_edit": {},
               "t3a": {"filter_k": 2}, "lame": {"knn": 3, "bound_lambda": 1.0}}
 
 
@@ -28,7 +29,8 @@ def methods(smoke_config, task, fda_setup):  # noqa: F811
   model, params, fda, fresh, trained, _ = fda_setup
   summary = cdc_mmpg.device_summary(task, model, smoke_config, fda.source_prior)
   ctx = _ctx(task, model, params, smoke_config, np.asarray(fda.source_prior))
-  return {label: {m.name: m for m in cdc_mmpg.make_methods(ctx, fda, fp, summary)
+  # (`wide` is the same FDA trained on other data: here the same parameters)
+  return {label: {m.name: m for m in cdc_mmpg.make_methods(ctx, fda, fp, summary, {"wide": fp})
                   + tta.build(ctx)}
           for label, fp in (("fresh", fresh), ("trained", trained))}
 
@@ -169,3 +171,21 @@ def test_bad_variant_and_rival_configs_are_refused_before_any_work(smoke_config,
   node[leaf] = value
   with pytest.raises(config_checks.ConfigError, match=match):
     config_checks.check(cfg)
+
+
+def test_wide_meta_shifts_never_draw_the_ood_only_ranges(smoke_config, task):
+  # A single range draws exactly as rng.uniform (existing data unchanged); a union never
+  # draws in its gap.
+  a, b = np.random.default_rng(3), np.random.default_rng(3)
+  assert [md.uniform(a, (0.0, 45.0)) for _ in range(5)] == [b.uniform(0.0, 45.0)
+                                                            for _ in range(5)]
+  rng = np.random.default_rng(0)
+  x = np.array([md.uniform(rng, ((0.0, 1.0), (3.0, 4.0))) for _ in range(2000)])
+  assert not np.any((x > 1.0) & (x < 3.0)) and 0.4 < np.mean(x > 3.0) < 0.6
+  wide = task.with_data(smoke_config.cdc_robust.wide_data.to_dict())
+  assert wide.config.data.shift.rotation == ((0.0, 45.0), (70.0, 85.0))
+  assert task.config.data.shift.rotation == (0.0, 45.0)          # the task is unchanged
+  for bad in ({"shift": {"rotation": (0.0, 60.0)}}, {"shift": {"noise": ((0.0, 0.4),)}},
+              {"seed": 3}, {"shift": {"warp": (0.0, 1.0)}}):
+    with pytest.raises(config_checks.ConfigError):
+      task.with_data(bad)

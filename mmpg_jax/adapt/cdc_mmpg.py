@@ -190,13 +190,20 @@ def build(ctx):
                                                  ctx.workdir, ctx.metrics, summary)
   logging.info("FDA ready (%s)", fda_summary)
   ctx.extra["fda"] = {**fda_summary, "params": P.tree_size(fda_params)}
-  return make_methods(ctx, fda, fda_params, summary)
+  other = {}
+  if "wide" in cfg.cdc_robust.variants:
+    # The same FDA meta-trained over a wider shift distribution (never the OOD-only ranges).
+    other["wide"], wide_summary = meta_train.train_fda(
+        task.with_data(cfg.cdc_robust.wide_data.to_dict()), model, fda, params, cfg, ctx.val,
+        ctx.workdir, ctx.metrics, summary, stage="fda_wide")
+    ctx.extra["fda_wide"] = wide_summary
+  return make_methods(ctx, fda, fda_params, summary, other)
 
 
-def make_methods(ctx, fda, fda_params, summary=None):
+def make_methods(ctx, fda, fda_params, summary=None, other_fda_params=None):
   """cdc_mmpg (selector cfg.adr.selector, K = cfg.adr.k), the ablations in cfg.adr and the
   variants and controls of cfg.cdc_robust (cdc_robust.py), for a given FDA and its
-  parameters."""
+  parameters (`other_fda_params`: {variant: params} of the same FDA trained otherwise)."""
   task, model, params, cfg, cm = ctx.task, ctx.model, ctx.params, ctx.config, ctx.cost_model
   ac = cfg.adr
   anchor_dims = task.anchor_dims(model, params)
@@ -239,4 +246,5 @@ def make_methods(ctx, fda, fda_params, summary=None):
       base_cost = cost
     methods.append(Method(name, ({},), adapt, cost, uses=(task.context_role,),
                           diagnostics=diags, info=info))
-  return methods + cdc_robust.build(ctx, fda, fda_params, summary, reference, base_cost)
+  return methods + cdc_robust.build(ctx, fda, fda_params, summary, reference, base_cost,
+                                    other_fda_params or {})

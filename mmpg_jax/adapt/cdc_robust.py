@@ -18,6 +18,10 @@ Variants
               unsupervised objective (entropy) on `cloud_leaves`, starting from the edited
               model, and ships the edit plus the refined leaves. The gradient steps are the
               cloud's (reported as cloud FLOPs per device); the device only merges.
+  wide        the same FDA meta-trained (stage `fda_wide`) over a wider shift distribution,
+              `wide_data` (config.data overrides: unions of intervals beyond the training
+              ranges), refused if it would draw a value only the OOD group shows
+              (task.check_meta_data); the device side is plain cdc_mmpg's.
 Controls (does the FDA condition on the device?)
   mean_edit     the mean of the reference meta devices' applied (clipped) edits, the same for
                 every device: no upload.
@@ -33,7 +37,7 @@ from mmpg_jax import params as P
 from mmpg_jax.adapt import cdc_mmpg, device
 from mmpg_jax.adapt.baselines import Method, grid
 
-VARIANTS = ("em2", "gate", "cloud_tent", "mean_edit", "nearest_edit")
+VARIANTS = ("em2", "gate", "cloud_tent", "wide", "mean_edit", "nearest_edit")
 
 
 def scale_edit(edit, g):
@@ -84,15 +88,17 @@ def validate_config(cfg, task) -> None:
     config_checks.positive(cfg, key)
   need(rc.cloud_samples <= cfg.data.context_size, "cdc_robust.cloud_samples",
        rc.cloud_samples, f"at most the {cfg.data.context_size} context samples a device has")
+  if "wide" in rc.variants:
+    task.check_meta_data(rc.wide_data.to_dict())
   for key in ("gate_temperatures", "em2_scales"):
     need(all(x >= 0 for x in rc[key]), f"cdc_robust.{key}", rc[key], "values must be >= 0")
   need(all(isinstance(s, int) and s >= 0 for s in rc.cloud_steps), "cdc_robust.cloud_steps",
        rc.cloud_steps, "integers >= 0 (0 = the plain FDA edit)")
 
 
-def build(ctx, fda, fda_params, summary, reference, base_cost):
+def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params):
   """The configured variants and controls. `base_cost(hp)` is plain cdc_mmpg's DeviceCost;
-  `reference` is cdc_mmpg.reference_set(...)."""
+  `reference` is cdc_mmpg.reference_set(...); `other_fda_params` {'wide': params}."""
   task, model, params, cfg, cm = ctx.task, ctx.model, ctx.params, ctx.config, ctx.cost_model
   rc, clip = cfg.cdc_robust, cfg.fda.clip
   dbytes = costs.dtype_bytes(cfg.comm_dtype)
@@ -156,6 +162,15 @@ def build(ctx, fda, fda_params, summary, reference, base_cost):
           c.cloud_flops += hp["steps"] * cm.step(m, rc.cloud_leaves, "entropy", "adam")
         return c
       hps = grid(lr=tuple(rc.cloud_learning_rates), steps=tuple(rc.cloud_steps))
+
+    elif name == "wide":
+      def adapt(params, dev, hp, wide=other_fda_params["wide"]):
+        return cdc_mmpg.adapt_device(task, params, fda, wide, dev, selector=cfg.adr.selector,
+                                     k=cfg.adr.k, clip=clip, key=cdc_mmpg.device_key(cfg.seed,
+                                                                                      dev),
+                                     summary=summary)
+      cost = base_cost
+      hps = ({},)
 
     elif name == "mean_edit":
       mean = mean_applied_edit(reference["edits"], params, clip)

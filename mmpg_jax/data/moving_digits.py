@@ -119,9 +119,34 @@ def _dirichlet(rng, concentration, k):
   return rng.dirichlet(np.full(k, float(concentration)))
 
 
+def intervals(r) -> tuple:
+  """A continuous shift range as intervals: (lo, hi) or a union ((lo, hi), (lo, hi), ...)."""
+  r = tuple(r)
+  return tuple(tuple(float(x) for x in i) for i in r) if np.ndim(r[0]) else (
+      (float(r[0]), float(r[1])),)
+
+
+def uniform(rng: np.random.Generator, r) -> float:
+  """A uniform draw from a range or a union of intervals (one RNG draw either way; a single
+  (lo, hi) draws exactly as rng.uniform(lo, hi), so existing data is unchanged)."""
+  iv = intervals(r)
+  if len(iv) == 1:
+    return rng.uniform(*iv[0])
+  u = rng.uniform(0.0, sum(hi - lo for lo, hi in iv))
+  for lo, hi in iv:
+    if u <= hi - lo:
+      return lo + u
+    u -= hi - lo
+  return iv[-1][1]
+
+
+CONTINUOUS_SHIFTS = ("rotation", "clutter_alpha", "noise", "blur")
+
+
 def sample_shift(rng: np.random.Generator, ranges: Mapping, size: int, pool_images: np.ndarray):
-  """Draws one device's distribution from `ranges` (a data.shift or data.ood_shift config)."""
-  rot = rng.uniform(*ranges["rotation"]) * rng.choice([-1.0, 1.0])
+  """Draws one device's distribution from `ranges` (a data.shift or data.ood_shift config;
+  the continuous ones, CONTINUOUS_SHIFTS, may be unions of intervals)."""
+  rot = uniform(rng, ranges["rotation"]) * rng.choice([-1.0, 1.0])
   thickness = int(rng.choice(np.asarray(ranges["thickness"])))
   background = np.zeros((size, size), np.float32)
   frag = digits.CROP // 2
@@ -131,7 +156,7 @@ def sample_shift(rng: np.random.Generator, ranges: Mapping, size: int, pool_imag
     py, px = rng.integers(0, size - frag + 1, size=2)
     background[py:py + frag, px:px + frag] = np.maximum(
         background[py:py + frag, px:px + frag], img[oy:oy + frag, ox:ox + frag])
-  alpha = rng.uniform(*ranges["clutter_alpha"])
+  alpha = uniform(rng, ranges["clutter_alpha"])
   preferred = rng.integers(len(DIRECTIONS))
   p = float(ranges["motion_preferred_prob"])
   motion_prior = np.full(len(DIRECTIONS), (1.0 - p) / (len(DIRECTIONS) - 1))
@@ -141,8 +166,8 @@ def sample_shift(rng: np.random.Generator, ranges: Mapping, size: int, pool_imag
       "thickness": np.int32(thickness),
       "invert": np.bool_(rng.random() < ranges["invert_prob"]),
       "background": (alpha * background).astype(np.float32),
-      "noise": np.float32(rng.uniform(*ranges["noise"])),
-      "blur": np.float32(rng.uniform(*ranges["blur"])),
+      "noise": np.float32(uniform(rng, ranges["noise"])),
+      "blur": np.float32(uniform(rng, ranges["blur"])),
       "label_prior": _dirichlet(rng, ranges["label_concentration"], 10).astype(np.float32),
       "motion_prior": motion_prior.astype(np.float32),
       "question_mix": _dirichlet(rng, ranges["question_concentration"],

@@ -170,3 +170,29 @@ class MetaDeviceSampler:
 
   def batch(self, step: int, n: int) -> dict:
     return _stack([self.device(step * n + j) for j in range(n)])
+
+
+def check_meta_shift(data_cfg, overrides) -> None:
+  """Meta-training may draw from a wider shift distribution (`overrides['shift']`) than the
+  evaluation devices, but never a value that only the OOD group shows: for each continuous
+  shift, no interval of the meta ranges may meet an OOD range outside the training ranges."""
+  from mmpg_jax.config_checks import need
+  unknown = set(overrides) - {"shift"}
+  need(not unknown, "cdc_robust.wide_data", dict(overrides),
+       f"only data.shift may change for meta-training (not {sorted(unknown)})")
+  shift = overrides.get("shift", {})
+  bad = set(shift) - set(data_cfg.shift)
+  need(not bad, "cdc_robust.wide_data.shift", sorted(bad), f"known: {sorted(data_cfg.shift)}")
+  for key in md.CONTINUOUS_SHIFTS:
+    if key not in shift:
+      continue
+    train = md.intervals(data_cfg.shift[key])
+    for lo, hi in md.intervals(data_cfg.ood_shift[key]):
+      # the OOD-only part of [lo, hi]: what the training ranges do not cover
+      for mlo, mhi in md.intervals(shift[key]):
+        a, b = max(lo, mlo), min(hi, mhi)
+        covered = any(tlo <= a and b <= thi for tlo, thi in train)
+        need(a >= b or covered,
+             f"cdc_robust.wide_data.shift.{key}", shift[key],
+             f"it draws {a:g}..{b:g}, inside the OOD group's range {lo:g}..{hi:g} that "
+             f"training never draws; leave a gap around the OOD range")

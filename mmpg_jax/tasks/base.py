@@ -19,6 +19,7 @@ Data a task hands to the generic code:
 Device-side functions take one device's features (no device axis) and are pure, so the
 generic code can jit and vmap them.
 """
+import copy
 import dataclasses
 
 import jax
@@ -164,6 +165,28 @@ class Task:
   def meta_loss(self, model, params, query):
     """(loss, selection metric) on a meta device's labelled query (all it is labelled with)."""
     raise NotImplementedError
+
+  def with_data(self, overrides):
+    """This task with `config.data` updated by the nested dict `overrides`: e.g. the wider
+    shift distribution a variant's meta-training draws from (cdc_robust `wide`). The task's
+    `check_meta_data` refuses overrides it cannot honour."""
+    self.check_meta_data(overrides)
+    cfg = copy.deepcopy(self.config)
+
+    def update(node, new):
+      for k, v in new.items():
+        if hasattr(v, "items") and hasattr(node[k], "items"):
+          update(node[k], v)
+        else:
+          node[k] = v
+    with cfg.unlocked():
+      update(cfg.data, overrides)
+    return type(self)(cfg)
+
+  def check_meta_data(self, overrides) -> None:
+    """Raises config_checks.ConfigError if meta-training data with these `config.data`
+    overrides would draw what only the evaluation groups may show."""
+    raise NotImplementedError(f"task {self.name!r} cannot meta-train on other data")
 
   # ---- checks --------------------------------------------------------------------------------
   def validate_config(self, cfg) -> None:

@@ -161,3 +161,6 @@ class Task(_Base):
 
   def validate_config(self, cfg):
     pipeline.validate_data_config(cfg)
+
+  def check_meta_data(self, overrides):
+    pipeline.check_meta_shift(self.config.data, overrides)

@@ -143,6 +143,9 @@ class Task(_Base):
   def validate_config(self, cfg):
     pipeline.validate_data_config(cfg)
 
+  def check_meta_data(self, overrides):
+    pipeline.check_meta_shift(self.config.data, overrides)
+
   def report_notes(self, cfg):
     return ["Text-to-video retrieval inside each device's own gallery (its query videos, "
             f"{cfg.data.query_size} per device): a retrieved video is a hit when its caption "
