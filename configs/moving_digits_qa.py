@@ -89,7 +89,9 @@ def get_config(arg: str = ""):
   # Forward-only test-time rivals (adapt/tta.py), chosen on validation devices.
   c.tta = mlc.ConfigDict(dict(
       t3a=dict(filter_k=(1, 5, 20, 0)),             # supports kept per class; 0 = all
-      lame=dict(knn=(3, 5, 10), bound_lambda=(0.5, 1.0), iterations=100)))
+      lame=dict(knn=(3, 5, 10), bound_lambda=(0.5, 1.0), iterations=100),
+      foa=dict(leaves=("answer_head/out/bias", "fusion/norm/bias"),   # 14 + 64 offsets
+               population=16, iterations=20, std_init=(0.05, 0.2), stat_weight=(0.0, 1.0))))
 
   # CDC-MMPG. ADR: which frame elements a device uploads as anchors.
   c.adr = mlc.ConfigDict(dict(
@@ -141,6 +143,7 @@ def get_config(arg: str = ""):
     c.baselines.oracle.update(dict(learning_rates=(1e-2,), steps=(3,)))
     c.tta.t3a.update(dict(filter_k=(5,)))
     c.tta.lame.update(dict(knn=(3,), bound_lambda=(1.0,), iterations=5))
+    c.tta.foa.update(dict(population=4, iterations=2, std_init=(0.1,), stat_weight=(1.0,)))
     c.adr.update(dict(k=2, k_sweep=(2,), ablations=("random", "all")))
     c.cdc_robust.update(dict(reference_devices=8, em2_scales=(0.0, 1.0),
                              gate_temperatures=(0.0, 1.0), cloud_samples=4,

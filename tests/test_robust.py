@@ -20,7 +20,8 @@ VARIANT_HP = {"cdc_mmpg_em2": {"scale": 1.0, "smoothing": 2.0},
               "cdc_mmpg_gate": {"temperature": 0.5},
               "cdc_mmpg_cloud_tent": {"lr": 1e-2, "steps": 0},
               "cdc_mmpg_wide": {}, "cdc_mmpg_mean_edit": {}, "cdc_mmpg_nearest_edit": {},
-              "t3a": {"filter_k": 2}, "lame": {"knn": 3, "bound_lambda": 1.0}}
+              "t3a": {"filter_k": 2}, "lame": {"knn": 3, "bound_lambda": 1.0},
+              "foa": {"std_init": 0.1, "stat_weight": 1.0}}
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,8 @@ def methods(smoke_config, task, fda_setup):  # noqa: F811
   model, params, fda, fresh, trained, _ = fda_setup
   summary = cdc_mmpg.device_summary(task, model, smoke_config, fda.source_prior)
   ctx = _ctx(task, model, params, smoke_config, np.asarray(fda.source_prior))
+  ctx.val = jax.tree.map(lambda *x: jnp.stack(x), *[   # FOA's source statistics read these
+      _device(task, model, params, smoke_config, with_labels=None, seed=s) for s in (1, 2)])
   # (`wide` is the same FDA trained on other data: here the same parameters)
   return {label: {m.name: m for m in cdc_mmpg.make_methods(ctx, fda, fp, summary, {"wide": fp})
                   + tta.build(ctx)}
@@ -189,3 +192,11 @@ def test_wide_meta_shifts_never_draw_the_ood_only_ranges(smoke_config, task):
               {"seed": 3}, {"shift": {"warp": (0.0, 1.0)}}):
     with pytest.raises(config_checks.ConfigError):
       task.with_data(bad)
+
+
+def test_cma_es_search_finds_the_minimum_of_a_quadratic_with_forward_passes_only(no_backward):
+  target = jnp.linspace(-0.5, 0.5, 6)
+  x = jax.jit(lambda k: tta.cma_search(lambda x: jnp.sum(jnp.square(x - target)), 6, k,
+                                       population=8, iterations=60, std_init=0.3))(
+      jax.random.key(0))
+  np.testing.assert_allclose(x, target, atol=0.02)

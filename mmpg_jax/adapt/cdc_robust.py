@@ -164,6 +164,8 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
       hps = grid(lr=tuple(rc.cloud_learning_rates), steps=tuple(rc.cloud_steps))
 
     elif name == "wide":
+      if name not in other_fda_params:    # its FDA was not trained (a caller that only wants
+        continue                          # the plain FDA's methods: bench, tests)
       def adapt(params, dev, hp, wide=other_fda_params["wide"]):
         return cdc_mmpg.adapt_device(task, params, fda, wide, dev, selector=cfg.adr.selector,
                                      k=cfg.adr.k, clip=clip, key=cdc_mmpg.device_key(cfg.seed,

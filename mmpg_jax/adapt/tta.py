@@ -1,4 +1,4 @@
-"""Forward-only test-time adaptation rivals: T3A and LAME, written once for every task whose
+"""Forward-only test-time adaptation rivals: T3A, LAME and an FOA-style search, written once for every task whose
 scores are a linear classifier of features (`task.classifier_features`, `task.classifier_layer`).
 
 * T3A (Iwasawa & Matsuo, NeurIPS 2021): the last layer's weights become class prototypes. The
@@ -13,10 +13,21 @@ scores are a linear classifier of features (`task.classifier_features`, `task.cl
   affinity of the L2-normalised features, solved by the paper's bound updates
   z_i <- softmax(log p_i + lambda sum_j w_ij z_j). The model is not changed (a `rescore`).
 
-Both are selected on validation devices like every method (grids in `config.tta`).
+* FOA-style search (after Niu et al., ICML 2024, "Test-time model adaptation with only forward
+  passes"): CMA-ES (evosax) over a small parameter offset (`tta.foa.leaves`, e.g. the answer
+  bias and a LayerNorm offset; FOA itself searches input prompts), each candidate scored on the
+  device's unlabelled context by entropy plus `stat_weight` x the distance of the context's
+  classifier-feature mean and std to the cloud's (FOA's source statistics, which the paper takes
+  from a few in-distribution unlabelled samples: here the validation devices' unlabelled
+  contexts, never a test device). Forward passes only, population x iterations of them: the
+  cost table shows it. FOA's final activation shifting is not reproduced.
+
+All are selected on validation devices like every method (grids in `config.tta`).
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
+from evosax.algorithms import CMA_ES
 
 from mmpg_jax import config_checks, costs
 from mmpg_jax import params as P
@@ -118,6 +129,80 @@ def lame_method(ctx):
                 lambda params, dev, hp: params, cost, uses=(), rescore=rescore)
 
 
+def feature_stats(feats):
+  """Mean and std over samples of [n, H] features: FOA's activation statistics."""
+  return feats.mean(0), feats.std(0)
+
+
+def foa_fitness(task, model, params, leaves, offset_tree, context, source_stats, stat_weight):
+  """Entropy on the context + stat_weight x mean-squared distance of feature statistics."""
+  p = P.apply_edit(params, offset_tree)
+  ent = task.entropy(model, p, context)
+  mu, sd = feature_stats(task.classifier_features(model, p, context))
+  mu_s, sd_s = source_stats
+  return ent + stat_weight * (jnp.mean(jnp.square(mu - mu_s)) + jnp.mean(jnp.square(sd - sd_s)))
+
+
+def cma_search(fitness, dim: int, key, *, population: int, iterations: int, std_init):
+  """CMA-ES (evosax) from the zero vector: `fitness(x [dim]) -> scalar`, minimised over
+  `iterations` generations of `population` candidates; returns the final mean."""
+  es = CMA_ES(population_size=population, solution=jnp.zeros(dim))
+  hp = es.default_params.replace(std_init=std_init)
+  state = es.init(key, jnp.zeros(dim), hp)
+
+  def generation(state, k):
+    k_ask, k_tell = jax.random.split(k)
+    pop, state = es.ask(k_ask, state, hp)
+    state, _ = es.tell(k_tell, pop, jax.vmap(fitness)(pop), state, hp)
+    return state, None
+
+  state, _ = jax.lax.scan(generation, state, jax.random.split(key, iterations))
+  return es.get_mean(state)
+
+
+def foa(ctx):
+  task, model, cm, cfg = ctx.task, ctx.model, ctx.cost_model, ctx.config
+  fc = cfg.tta.foa
+  n = cfg.data.context_size
+  paths = P.select(ctx.params, fc.leaves)
+  flat = P.flatten(ctx.params)
+  shapes = [flat[p].shape for p in paths]
+  sizes = [int(np.prod(s)) for s in shapes]
+
+  def offsets(x):
+    parts = jnp.split(x, np.cumsum(sizes)[:-1])
+    return P.unflatten({p: v.reshape(s) for p, v, s in zip(paths, parts, shapes)})
+
+  # The cloud's feature statistics, from in-distribution unlabelled contexts (validation).
+  val_ctx = ctx.val[task.context_role]
+  feats = jax.vmap(lambda c: task.classifier_features(model, ctx.params, c))(val_ctx)
+  source = feature_stats(jnp.asarray(feats).reshape((-1, feats.shape[-1])))
+
+  def adapt(params, dev, hp):
+    context = dev[task.context_role]
+    fit = lambda x: foa_fitness(task, model, params, paths, offsets(x), context, source,
+                                hp["stat_weight"])
+    key = jax.random.fold_in(jax.random.key(cfg.seed), dev["device_id"])
+    x = cma_search(fit, sum(sizes), key, population=fc.population, iterations=fc.iterations,
+                   std_init=hp["std_init"])
+    return P.apply_edit(params, offsets(x))
+
+  example = task.example_features(model, ctx.params, n)
+
+  def cost(hp):
+    # One candidate's forward pass and score, x population x iterations (XLA counts a loop
+    # body once, so the count is composed here), + encoding the context once.
+    one = costs.flops(lambda p, c, x: foa_fitness(task, model, p, paths, offsets(x), c, source,
+                                                  1.0), ctx.params, example,
+                      jnp.zeros(sum(sizes)))
+    return costs.DeviceCost(device_flops=cm.encode(n) + fc.population * fc.iterations * one)
+
+  return Method("foa", grid(std_init=tuple(fc.std_init), stat_weight=tuple(fc.stat_weight)),
+                adapt, cost, uses=(task.context_role,),
+                info={"searched_parameters": sum(sizes),
+                      "forward_passes": fc.population * fc.iterations})
+
+
 def validate_config(cfg, task, model, abstract_params) -> None:
   need = config_checks.need
   for k in cfg.tta.t3a.filter_k:
@@ -127,14 +212,21 @@ def validate_config(cfg, task, model, abstract_params) -> None:
     config_checks.positive(cfg, key)
   need(max(cfg.tta.lame.knn) < cfg.data.query_size, "tta.lame.knn", cfg.tta.lame.knn,
        f"neighbours must be fewer than the {cfg.data.query_size} query samples LAME corrects")
+  for key in ("tta.foa.population", "tta.foa.iterations", "tta.foa.std_init"):
+    config_checks.positive(cfg, key)
+  need(cfg.tta.foa.population >= 4, "tta.foa.population", cfg.tta.foa.population,
+       "CMA-ES needs at least 4 candidates per generation")
+  need(all(w >= 0 for w in cfg.tta.foa.stat_weight), "tta.foa.stat_weight",
+       cfg.tta.foa.stat_weight, "weights must be >= 0")
   if hasattr(task, "classifier_features"):
     layer = task.classifier_layer
     P.select(abstract_params, [f"{layer}/kernel", f"{layer}/bias"])
+    P.select(abstract_params, cfg.tta.foa.leaves)
 
 
 def build(ctx):
-  """T3A and LAME for tasks with a linear classifier on top (none otherwise: retrieval ranks a
+  """T3A, LAME and FOA for tasks with a linear classifier on top (none otherwise: retrieval ranks a
   gallery and has no classes)."""
   if not hasattr(ctx.task, "classifier_features"):
     return []
-  return [t3a(ctx), lame_method(ctx)]
+  return [t3a(ctx), lame_method(ctx), foa(ctx)]
