@@ -232,6 +232,8 @@ def bench_device_adaptation(cfg):
   rows = []
   ac = cfg.adr
   for m in cdc_mmpg.make_methods(ctx, fda, fp, summary):
+    if "selector" not in m.info:     # the variants and controls: main job rows, not timed here
+      continue
     sel, k = m.info["selector"], m.info["k"]
     sub = {kk: v for kk, v in val.items() if kk in m.uses or kk not in task.roles}
     upload = jax.jit(jax.vmap(lambda d, sel=sel, k=k: cdc_mmpg.device_upload(

@@ -128,6 +128,7 @@ def write_report(workdir: str, results: dict, cfg, task) -> None:
                    f"{_fmt(sel, mt.get(sel.name + '_ood', float('nan')))} | "
                    f"{r['downlink_bytes']:.0f} | {100 * r['downlink_bytes'] / base:.1f}% |")
     lines.append("")
+  lines += robustness_lines(results, task)
   lines += diagnosis_lines(results, task)
   lines += [f"![{p}]({p})" for p in plots]
   with open(os.path.join(workdir, "report.md"), "w") as f:
@@ -152,8 +153,9 @@ def diagnosis_lines(results, task) -> list:
   has_prior = "fda_prior_tv" in m["per_device"]
   lines = ["## Diagnosis: cdc_mmpg on devices near and far from meta-training", "",
            "Per device: the Frobenius norm of the change the edit makes (after the clip); the "
-           "distance of its FDA code to the nearest of 256 meta-training devices' codes, in units of their typical "
-           "spacing (1 = as close as meta-training devices are to each other)"
+           f"distance of its FDA code to the nearest of {m.get('info', {}).get('reference_devices', 'the')} "
+           "meta-training devices' codes, in units of their typical spacing (1 = as close as "
+           "meta-training devices are to each other)"
            + ("; the total-variation error against the device's true query label prior of the "
               "FDA's anchor-EM prior and of the device's own EM summary, beside the true shift "
               "(source prior vs truth)" if has_prior else "")
@@ -182,6 +184,38 @@ def diagnosis_lines(results, task) -> list:
            + f"{corr(cdc):.2f} | "
            + (f"{corr(cdc - fta):.2f} |" if fta is not None else "– |"))
     lines.append(row)
+  return lines + [""]
+
+
+def robustness_lines(results, task) -> list:
+  """cdc_mmpg, its variants and controls (info 'variant') and the forward-only rivals (info
+  'rival') side by side, with fta_k5: what holds up out of distribution, at what cost."""
+  m = results["methods"]
+  rows = [n for n in m if n == "cdc_mmpg" or "variant" in m[n].get("info", {})
+          or m[n].get("info", {}).get("rival")]
+  if len(rows) < 2:
+    return []
+  rows += [n for n in ("fta_k5", "global", "oracle") if n in m]
+  sel = task.selection_metric
+  lines = ["## Beyond the training shifts: variants, controls and forward-only rivals", "",
+           "cdc_mmpg_<variant> rows and the controls (mean_edit: the mean meta-training edit for "
+           "every device; nearest_edit: the edit of the nearest meta-training device by FDA "
+           "code), the forward-only rivals, and fta_k5 (labels + backprop) for reference. Every "
+           "row's hyper-parameters, and the choice among rows, are made on validation devices "
+           "only. Cloud FLOPs: per-device work beyond generating the edit.", "",
+           f"| method | validation {sel.name} | {sel.name} test | {sel.name} OOD | OOD closed | "
+           "labels | backward passes | device FLOPs | cloud FLOPs | uplink B | downlink B |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for n in rows:
+    r, mt = m[n], m[n]["metrics"]
+    lines.append(
+        f"| {n} | {_fmt(sel, r.get(f'validation_{sel.name}', float('nan')))} | "
+        f"{_fmt(sel, mt.get(sel.name, float('nan')))} | "
+        f"{_fmt(sel, mt.get(sel.name + '_ood', float('nan')))} | "
+        f"{100 * mt.get('margin_closed_ood', float('nan')):.0f}% | "
+        f"{r['labels_used_per_device']} | {r['device_backward_passes']} | "
+        f"{_fmt_flops(r['device_flops'])} | {_fmt_flops(r.get('cloud_flops', 0))} | "
+        f"{r['uplink_bytes']:.0f} | {r['downlink_bytes']:.0f} |")
   return lines + [""]
 
 

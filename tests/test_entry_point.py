@@ -16,7 +16,9 @@ from conftest import checkpoint_steps as _steps
 
 # The smoke config runs one FTA budget and two ADR ablations (the default config runs them all).
 METHODS = {"global", "fta_k5", "tent", "prior_em", "prior_em_asked", "oracle", "cdc_mmpg",
-           "cdc_mmpg_random", "cdc_mmpg_all_frames"}
+           "cdc_mmpg_random", "cdc_mmpg_all_frames", "t3a", "lame", "foa",
+           "cdc_mmpg_em2", "cdc_mmpg_gate", "cdc_mmpg_cloud_tent", "cdc_mmpg_wide",
+           "cdc_mmpg_mean_edit", "cdc_mmpg_nearest_edit"}
 
 
 def _cmd(workdir, *extra):
@@ -58,6 +60,13 @@ def test_smoke_run_of_the_real_entry_point(clean_run):
   assert m["cdc_mmpg_all_frames"]["uplink_bytes"] > m["cdc_mmpg"]["uplink_bytes"]
   for key in ("edit_norm", "code_distance", "fda_prior_tv", "shift_tv"):   # the diagnosis
     assert len(m["cdc_mmpg"]["per_device"][key + "_ood"]) == 2, key
+  # Variants, controls and forward-only rivals: no label, no device backward pass; only the
+  # cloud-side refinement may cost cloud FLOPs.
+  for name in METHODS - {"global", "fta_k5", "tent", "prior_em", "prior_em_asked", "oracle"}:
+    assert m[name]["device_backward_passes"] == 0 and m[name]["labels_used_per_device"] == 0
+    assert m[name]["cloud_flops"] == 0 or name == "cdc_mmpg_cloud_tent", name
+  assert m["foa"]["device_flops"] > m["lame"]["device_flops"] > 0
+  assert "fda_wide" in res and "Beyond the training shifts" in (workdir / "report.md").read_text()
   assert res["fda"]["steps"] == 24
   report = (workdir / "report.md").read_text()
   assert "Oracle − global margin" in report and "| fta_k5 |" in report

@@ -167,7 +167,9 @@ def _toy_config(smoke_config):
   cfg.model = type(cfg.model)(dict(name="toy"))
   cfg.dynamic_leaves = ("head/.*",)
   cfg.baselines.fta.leaves = cfg.baselines.oracle.leaves = cfg.fda.edit_leaves = ("head/.*",)
-  cfg.baselines.tent.leaves = ("head/bias",)
+  cfg.baselines.tent.leaves = cfg.cdc_robust.cloud_leaves = ("head/bias",)
+  # every cdc_mmpg variant but `wide` (the toy's data has no shift ranges to widen)
+  cfg.cdc_robust.variants = tuple(v for v in cfg.cdc_robust.variants if v != "wide")
   cfg.lock()
   return cfg
 
@@ -181,6 +183,8 @@ def test_a_task_defined_outside_the_package_runs_through_the_real_main_job(smoke
   # CDC-MMPG meta-trained on the toy's own meta devices
   assert {"global", "fta_k5", "tent", "prior_em", "oracle", "cdc_mmpg"} <= set(res["methods"])
   assert "qb_norm" not in res["methods"]                  # the toy ranks no gallery
+  assert {"cdc_mmpg_em2", "cdc_mmpg_nearest_edit"} <= set(res["methods"])   # variants too
+  assert "t3a" not in res["methods"]                      # no classifier_features
   on_disk = json.loads((tmp_path / "w" / "results.json").read_text())
   assert on_disk["methods"]["cdc_mmpg"]["device_backward_passes"] == 0
   assert on_disk["methods"]["fta_k5"]["labels_used_per_device"] == 5

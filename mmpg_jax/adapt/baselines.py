@@ -162,7 +162,7 @@ def qb_norm(ctx):
 
   return Method("qb_norm", grid(lam=qc.inverse_temperatures, beta=qc.weights),
                 lambda params, dev, hp: params, cost, uses=(task.context_role,),
-                rescore=rescore)
+                rescore=rescore, info={"rival": True})
 
 
 def build(ctx):

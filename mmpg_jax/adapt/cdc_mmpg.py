@@ -242,6 +242,7 @@ def make_methods(ctx, fda, fda_params, summary=None, other_fda_params=None):
     info.update(task.anchor_info(cfg))
     info.update({f"k_{m}": kk[m] for m in kk if m != primary})
     if name == "cdc_mmpg":
+      info["reference_devices"] = int(reference["codes"].shape[0])
       diags["diagnosis"] = diagnostics(task, params, fda, fda_params, cfg, summary, reference)
       base_cost = cost
     methods.append(Method(name, ({},), adapt, cost, uses=(task.context_role,),

@@ -99,7 +99,7 @@ def t3a(ctx):
         lambda p, d: adapt(p, d, hp), ctx.params, dev))
 
   return Method("t3a", grid(filter_k=tuple(cfg.tta.t3a.filter_k)), adapt, cost,
-                uses=(task.context_role,))
+                uses=(task.context_role,), info={"rival": True})
 
 
 def lame_method(ctx):
@@ -126,7 +126,8 @@ def lame_method(ctx):
     return costs.DeviceCost(device_flops=affinity + lc.iterations * step)
 
   return Method("lame", grid(knn=tuple(lc.knn), bound_lambda=tuple(lc.bound_lambda)),
-                lambda params, dev, hp: params, cost, uses=(), rescore=rescore)
+                lambda params, dev, hp: params, cost, uses=(), rescore=rescore,
+                info={"rival": True})
 
 
 def feature_stats(feats):
@@ -199,7 +200,7 @@ def foa(ctx):
 
   return Method("foa", grid(std_init=tuple(fc.std_init), stat_weight=tuple(fc.stat_weight)),
                 adapt, cost, uses=(task.context_role,),
-                info={"searched_parameters": sum(sizes),
+                info={"rival": True, "searched_parameters": sum(sizes),
                       "forward_passes": fc.population * fc.iterations})
 
 

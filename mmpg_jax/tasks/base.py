@@ -186,7 +186,9 @@ class Task:
   def check_meta_data(self, overrides) -> None:
     """Raises config_checks.ConfigError if meta-training data with these `config.data`
     overrides would draw what only the evaluation groups may show."""
-    raise NotImplementedError(f"task {self.name!r} cannot meta-train on other data")
+    from mmpg_jax.config_checks import ConfigError   # (config_checks imports the tasks)
+    raise ConfigError(f"task {self.name!r} cannot meta-train on other data (it has no "
+                      f"check_meta_data); remove 'wide' from config.cdc_robust.variants")
 
   # ---- checks --------------------------------------------------------------------------------
   def validate_config(self, cfg) -> None:
