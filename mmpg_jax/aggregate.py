@@ -35,17 +35,22 @@ def table(runs) -> str:
   margins = [r["oracle_global_margin"]["test"] for r in runs]
   lines = [f"{len(runs)} runs; oracle − global margin of {sel} on test devices "
            f"{100 * np.mean(margins):.2f} ± {100 * np.std(margins):.2f} points.", "",
-           f"| method | test {sel} | closed | OOD {sel} | labels | backward passes | uplink B | "
-           "downlink B |", "|---|---|---|---|---|---|---|---|"]
+           f"| method | test {sel} | closed | OOD {sel} | OOD closed | labels | backward passes | "
+           "device FLOPs | cloud FLOPs | uplink B | downlink B |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for n in names:
     rs = [r["methods"][n] for r in runs if n in r["methods"]]
     acc = [100 * r["metrics"][sel] for r in rs]
     ood = [100 * r["metrics"].get(sel + "_ood", np.nan) for r in rs]
     closed = [100 * r["metrics"].get("margin_closed", np.nan) for r in rs]
+    closed_ood = [100 * r["metrics"].get("margin_closed_ood", np.nan) for r in rs]
     m = rs[0]
+    flops = lambda x: "0" if not x else f"{x:.3g}"
     lines.append(f"| {n} | {np.mean(acc):.2f} ± {np.std(acc):.2f} | {np.mean(closed):.0f}% ± "
                  f"{np.std(closed):.0f} | {np.mean(ood):.2f} ± {np.std(ood):.2f} | "
+                 f"{np.mean(closed_ood):.0f}% ± {np.std(closed_ood):.0f} | "
                  f"{m['labels_used_per_device']} | {m['device_backward_passes']} | "
+                 f"{flops(m.get('device_flops', 0))} | {flops(m.get('cloud_flops', 0))} | "
                  f"{m['uplink_bytes']:.0f} | {m['downlink_bytes']:.0f} |")
   return "\n".join(lines)
 

@@ -1,9 +1,18 @@
 """Test setup: 8 simulated CPU accelerators (set before anything imports jax), tiny data."""
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache, shared by both pytest workers and every subprocess a test
+# starts (the entry point is run many times at the same tiny size): XLA compiles each program
+# once per machine instead of once per process. Keys cover the program, flags, devices and the
+# JAX version, so a hit is the same executable (results.json is byte-identical either way).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"mmpg_jax_tests_xla_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
