@@ -1,14 +1,16 @@
 r"""Moving-digits video QA under device shift: global model, baselines and CDC-MMPG.
 
-Default (the README's main job), ~10 min on 2 CPU cores (9 min 45 s on a fresh machine,
-including the venv and the ~30 s data build):
+Default (the README's main job), ~13 min on 2 CPU cores (789 s with the data prepared: global
+model 119 s, the cdc_mmpg family 521 s — two meta-device pools and two FDAs, plain and `wide` —
+evaluation of 27 methods 113 s):
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py --workdir=runs/default
-Smoke (same code path, tiny), well under 1 min:
+Smoke (same code path, tiny), about 1.5 min:
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py:smoke --workdir=/tmp/smoke
 
 Expected result of the default run (seed 0, 30 test devices; WORKSPACE.md has the latest table,
 with 3 seeds): global 0.807, oracle 0.899 (margin 9.2 points), fta_k5 0.836, prior_em 0.830,
-cdc_mmpg ~0.846 with 0 labels and 0 device backward passes. The smoke run only checks that
+cdc_mmpg ~0.846 with 0 labels and 0 device backward passes; on the 20 OOD devices global 0.611,
+fta_k5 0.692, cdc_mmpg 0.685, cdc_mmpg_wide 0.712, oracle 0.826. The smoke run only checks that
 every stage runs end to end; its numbers mean nothing.
 
 Override anything from the command line, e.g. --config.train.num_steps=500.

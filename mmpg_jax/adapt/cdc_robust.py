@@ -73,8 +73,6 @@ def cloud_refine(loss_fn, edited, leaves, feats, hp):
   """In the cloud: `hp['steps']` Adam steps of the unsupervised objective on the uploaded
   samples, from the edited model (the cloud holds the device model and the edit it made).
   Zero steps return the edited model itself. The device merges the result, nothing more."""
-  if hp["steps"] == 0:          # (static) not even traced: zero steps are exactly no-ops
-    return edited
   return device.finetune(loss_fn, edited, leaves, feats, optimizer="adam", lr=hp["lr"],
                          steps=hp["steps"])
 

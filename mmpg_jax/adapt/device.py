@@ -48,7 +48,10 @@ def finetune_step(loss_fn, opt, static, dyn, opt_state, feats):
 
 
 def finetune(loss_fn, params, leaves, feats, *, optimizer, lr, steps: int):
-  """`steps` full-batch gradient steps of `loss_fn` on the leaves matched by `leaves`."""
+  """`steps` full-batch gradient steps of `loss_fn` on the leaves matched by `leaves`. Zero
+  steps return `params` itself, with nothing traced (no backward pass is even built)."""
+  if steps == 0:
+    return params
   static, dyn = P.split(params, leaves)
   opt = make_optimizer(optimizer, lr)
 
