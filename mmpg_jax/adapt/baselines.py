@@ -122,13 +122,12 @@ def prior_em(ctx, question_types="all"):
 
   def adapt(params, dev, hp):
     if question_types == "all":
-      ratio = device.label_shift_ratio(task.label_posteriors(model, params, dev), source_prior,
-                                       task.label_groups, iterations=ec.iterations,
-                                       smoothing=hp["smoothing"])
-    else:
-      probs = task.asked_posteriors(model, params, dev)
-      prior = device.em_prior(probs, source_prior, ec.iterations, hp["smoothing"])
-      ratio = jnp.log(prior) - jnp.log(source_prior)
+      return device.label_shift_correction(task, model, params, dev, source_prior,
+                                           iterations=ec.iterations,
+                                           smoothing=hp["smoothing"], scale=hp["scale"])
+    probs = task.asked_posteriors(model, params, dev)
+    prior = device.em_prior(probs, source_prior, ec.iterations, hp["smoothing"])
+    ratio = jnp.log(prior) - jnp.log(source_prior)
     return P.apply_edit(params, P.unflatten({bias_leaf: hp["scale"] * ratio}))
 
   def cost(hp):

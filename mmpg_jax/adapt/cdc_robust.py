@@ -102,11 +102,11 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
   dbytes = costs.dtype_bytes(cfg.comm_dtype)
   n_ctx = cfg.data.context_size
 
-  def upload_and_generate(params, dev):
+  def upload_and_generate(params, dev, fda_params=fda_params):
     return cdc_mmpg._generated(task, params, fda, fda_params, cfg, summary, dev)
 
-  def plain(params, dev):
-    return P.apply_edit(params, upload_and_generate(params, dev)[0], clip)
+  def plain(params, dev, fda_params=fda_params):
+    return P.apply_edit(params, upload_and_generate(params, dev, fda_params)[0], clip)
 
   methods = []
   for name in rc.variants:
@@ -118,11 +118,9 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
       source = jnp.asarray(ctx.source_prior)
 
       def adapt(params, dev, hp):
-        edited = plain(params, dev)
-        ratio = device.label_shift_ratio(task.label_posteriors(model, edited, dev), source,
-                                         task.label_groups, iterations=ec.iterations,
-                                         smoothing=hp["smoothing"])
-        return P.apply_edit(edited, P.unflatten({task.label_bias_leaf: hp["scale"] * ratio}))
+        return device.label_shift_correction(task, model, plain(params, dev), dev, source,
+                                             iterations=ec.iterations,
+                                             smoothing=hp["smoothing"], scale=hp["scale"])
 
       def cost(hp):
         c = base_cost(hp)
@@ -165,10 +163,7 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
       if name not in other_fda_params:    # its FDA was not trained (a caller that only wants
         continue                          # the plain FDA's methods: bench, tests)
       def adapt(params, dev, hp, wide=other_fda_params["wide"]):
-        return cdc_mmpg.adapt_device(task, params, fda, wide, dev, selector=cfg.adr.selector,
-                                     k=cfg.adr.k, clip=clip, key=cdc_mmpg.device_key(cfg.seed,
-                                                                                      dev),
-                                     summary=summary)
+        return plain(params, dev, wide)        # the same round trip with the wide FDA
       cost = base_cost
       hps = ({},)
 

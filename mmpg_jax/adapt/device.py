@@ -91,3 +91,13 @@ def label_shift_ratio(posteriors, source_prior, groups, *, iterations: int, smoo
     prior = em_prior(p, s, iterations, smoothing)
     ratio = ratio.at[lo:hi].set(jnp.log(jnp.maximum(prior, 1e-6)) - jnp.log(s))
   return ratio
+
+
+def label_shift_correction(task, model, params, dev, source_prior, *, iterations: int,
+                           smoothing, scale):
+  """`params` with the task's label bias moved by scale x the EM log prior ratio of every label
+  group asked of the device's context (forward passes only): prior_em, and cdc_mmpg_em2 on
+  the edited model."""
+  ratio = label_shift_ratio(task.label_posteriors(model, params, dev), source_prior,
+                            task.label_groups, iterations=iterations, smoothing=smoothing)
+  return P.apply_edit(params, P.unflatten({task.label_bias_leaf: scale * ratio}))
