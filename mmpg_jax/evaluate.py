@@ -18,9 +18,11 @@ from mmpg_jax.tasks.base import pad_to
 
 
 def _split_hp(hp):
-  """Integers (step counts, k) are static and compile separately; floats are traced."""
-  static = tuple(sorted((k, v) for k, v in hp.items() if isinstance(v, (int, np.integer))))
-  traced = {k: jnp.float32(v) for k, v in hp.items() if not isinstance(v, (int, np.integer))}
+  """Integers (step counts, k) and strings (a rule's name) are static and compile separately;
+  floats are traced."""
+  is_static = lambda v: isinstance(v, (int, np.integer, str))
+  static = tuple(sorted((k, v) for k, v in hp.items() if is_static(v)))
+  traced = {k: jnp.float32(v) for k, v in hp.items() if not is_static(v)}
   return static, traced
 
 
@@ -47,6 +49,8 @@ class Evaluator:
 
   def per_device_metrics(self, method, params, feats, hp) -> dict:
     """{metric: [num devices]} for a method with hyper-parameters hp."""
+    if method.stream is not None:
+      return self.stream_metrics(method, params, feats, hp)
     static, traced = _split_hp(hp)
     key = (method.name, static)
     if key not in self._compiled:
@@ -56,6 +60,37 @@ class Evaluator:
       self._compiled[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, None)))
     fn = self._compiled[key]
     return self._chunked(lambda part: fn(params, part, traced), self._sub(set(method.uses) | {self.task.query_role}, feats))
+
+  def stream_metrics(self, method, params, feats, hp) -> dict:
+    """A stateful method (Method.stream) on a split: the cloud serves every entry of window
+    position t with the current state, then refines the state with what they reported; t in
+    time order (a split without windows is one time step). Each split starts from init."""
+    static, traced = _split_hp(hp)
+    key = (method.name, "stream", static)
+    full = lambda t: {**dict(static), **t}
+    if key not in self._compiled:
+      def one(params, dev, traced, state):
+        adapted, report = method.stream.adapt(params, dev, full(traced), state)
+        query = dev[self.task.query_role]
+        return (self.task.metric_values(self.task.scores(self.model, adapted, query), query),
+                report)
+      self._compiled[key] = (
+          jax.jit(jax.vmap(one, in_axes=(None, 0, None, None))),
+          jax.jit(lambda state, reports, t: method.stream.refine(state, reports, full(t))))
+    fn, refine = self._compiled[key]
+    sub = self._sub(set(method.uses) | {self.task.query_role}, feats)
+    n = len(sub["device_id"])
+    pos = np.asarray(sub["window"]) if "window" in sub else np.zeros(n, np.int32)
+    state = method.stream.init(full(traced))
+    out = {}
+    for t in np.unique(pos):
+      idx = np.flatnonzero(pos == t)
+      part = jax.tree.map(lambda x: np.asarray(x)[idx], sub)
+      values, reports = self._chunked(lambda p: fn(params, p, traced, state), part)
+      state = refine(state, reports, traced)
+      for k, v in values.items():
+        out.setdefault(k, np.zeros(n, v.dtype))[idx] = v
+    return out
 
   def _chunked(self, fn, sub):
     """fn over fixed-size chunks of devices (padded), so every split compiles once."""
@@ -94,8 +129,9 @@ class Evaluator:
 
   def run(self, methods, params, val_feats, eval_feats: dict):
     """Returns {name: {'hp', 'validation', 'grid_scores', 'per_device': {group: {metric:
-    values}}, 'diagnostics': {name: {group: values}}}}. Validation scores are signed so that
-    higher is better."""
+    values}}, 'diagnostics': {name: {group: values}}[, 'window': {group: positions}]}}.
+    Validation scores are signed so that higher is better. A split whose entries carry a
+    `window` (a stream task: one entry per device and window) gets each entry's position."""
     out = {}
     sel = self.task.selection_metric.name
     for m in methods:
@@ -107,6 +143,10 @@ class Evaluator:
       diags = {name: {g: d[name] for g, d in per_group_diag.items()} for name in names}
       out[m.name] = {"hp": hp, "validation": max(scores), "grid_scores": scores,
                      "per_device": per_group, "diagnostics": diags}
+      # A stream task's entries are (device, window) pairs: the report averages by position.
+      windows = {g: np.asarray(f["window"]) for g, f in eval_feats.items() if "window" in f}
+      if windows:
+        out[m.name]["window"] = windows
       logging.info("%-10s hp=%s val %.4f | %s | %.1fs", m.name, hp, max(scores),
                    " ".join(f"{g} {sel} {v[sel].mean():.4f}" for g, v in per_group.items()),
                    time.time() - t0)

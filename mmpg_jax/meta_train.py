@@ -173,13 +173,58 @@ def make_validator(task, model, fda, base_params, val_feats, cfg, summary=None):
   return lambda fda_params: batched(fda_params, sub)
 
 
-def initial_state(fda, cfg):
-  """(optimiser, the stage's state before step 1): also the restore target of its checkpoints."""
-  fda_params = fda_lib.init(fda, jax.random.key(cfg.seed + 1))
-  tx = train.make_optimizer(cfg.fda, "fda")
-  return tx, {"fda_params": fda_params, "opt_state": tx.init(fda_params), "step": jnp.int32(0),
-              "best_params": fda_params, "best_score": jnp.float32(-np.inf),
+def selected_state(params0, sc, key: str = "fda_params", what: str = "fda"):
+  """(optimiser, the state before step 1) of a validation-selected meta-training stage: the
+  trained parameters under `key`, their optimiser state, and the best-scoring parameters so
+  far (also the restore target of the stage's checkpoints)."""
+  tx = train.make_optimizer(sc, what)
+  return tx, {key: params0, "opt_state": tx.init(params0), "step": jnp.int32(0),
+              "best_params": params0, "best_score": jnp.float32(-np.inf),
               "best_step": jnp.int32(0)}
+
+
+def initial_state(fda, cfg):
+  """(optimiser, the FDA stage's state before step 1): also its checkpoints' restore target."""
+  return selected_state(fda_lib.init(fda, jax.random.key(cfg.seed + 1)), cfg.fda)
+
+
+def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, workdir,
+                   metrics, key: str = "fda_params", metric: str = "accuracy",
+                   hint: str = "Lower the stage's learning_rate."):
+  """The meta-training loop every cloud hypernetwork shares (the FDA, DUET's generator,
+  Persona's editors): AdamW over `loss_fn(params, batch) -> (loss, metrics)` on the stage
+  config `sc` (learning_rate, warmup_steps, num_steps, weight_decay, grad_clip, eval_every,
+  log_every, checkpoint_every), `validate(params)` (higher is better; validation devices only)
+  at step 0 and every `sc.eval_every` steps, the best parameters kept. `make_batches()` ->
+  `batch_fn(step)` runs only when there is work left (it may encode a pool of meta devices).
+  Resumes, checkpoints and guards as every stage (train.run_stage). Returns (best params,
+  summary)."""
+  tx, state = selected_state(params0, sc, key, stage)
+
+  def prepare(state, start):
+    if start == 0:
+      s0 = float(validate(state[key]))
+      state = dict(state, best_score=jnp.float32(s0))
+      metrics.write(stage, 0, **{f"val_{metric}": s0})
+      logging.info("%s step 0 (initial parameters) val %s %.4f", stage, metric, s0)
+    batch_fn = make_batches()
+    return state, train.make_train_step(loss_fn, tx, key=key), batch_fn
+
+  def after_step(state, done):
+    if done % sc.eval_every and done != sc.num_steps:
+      return state, {}
+    score = float(validate(state[key]))
+    if score > float(state["best_score"]):
+      state = dict(state, best_params=state[key], best_score=jnp.float32(score),
+                   best_step=jnp.int32(done))
+    return state, {f"val_{metric}": score}
+
+  state = train.run_stage(stage, state, sc, workdir=workdir, metrics=metrics,
+                          key=jax.random.key(cfg.seed + 2), prepare=prepare,
+                          after_step=after_step, keep=cfg.train.keep_checkpoints, hint=hint)
+  return state["best_params"], {"best_step": int(state["best_step"]),
+                                f"best_val_{metric}": float(state["best_score"]),
+                                "steps": int(state["step"])}
 
 
 def train_fda(task, model, fda, base_params, cfg, val_feats, workdir, metrics, summary=None,
@@ -188,37 +233,17 @@ def train_fda(task, model, fda, base_params, cfg, val_feats, workdir, metrics, s
   `task` supplies the meta devices (a `task.with_data(...)` task meta-trains over other data);
   `stage` names the checkpoints and metrics rows (one per FDA a run trains)."""
   fc = cfg.fda
-  name = task.selection_metric.name
-  tx, state = initial_state(fda, cfg)
-  validate = make_validator(task, model, fda, base_params, val_feats, cfg, summary)
 
-  def prepare(state, start):
-    if start == 0:
-      s0 = float(validate(state["fda_params"]))               # the zero edit = global
-      state = dict(state, best_score=jnp.float32(s0))
-      metrics.write(stage, 0, **{f"val_{name}": s0})
-      logging.info("%s step 0 (zero edit) val %s %.4f", stage, name, s0)
+  def make_batches():
     t = time.time()
     pool = encode_meta_pool(task, model, base_params, fc, summary=summary)
     logging.info("%s: encoded %d fresh meta devices in %.1fs", stage, fc.meta_devices,
                  time.time() - t)
-    step_fn = train.make_train_step(meta_loss_fn(task, model, fda, base_params, fc), tx,
-                                    key="fda_params")
-    return state, step_fn, lambda step: episode_batch(pool, fc, cfg.seed, step)
+    return lambda step: episode_batch(pool, fc, cfg.seed, step)
 
-  def after_step(state, done):
-    if done % fc.eval_every and done != fc.num_steps:
-      return state, {}
-    score = float(validate(state["fda_params"]))
-    if score > float(state["best_score"]):
-      state = dict(state, best_params=state["fda_params"], best_score=jnp.float32(score),
-                   best_step=jnp.int32(done))
-    return state, {f"val_{name}": score}
-
-  state = train.run_stage(stage, state, fc, workdir=workdir, metrics=metrics,
-                          key=jax.random.key(cfg.seed + 2), prepare=prepare,
-                          after_step=after_step, keep=cfg.train.keep_checkpoints,
-                          hint="Lower fda.learning_rate.")
-  return state["best_params"], {"best_step": int(state["best_step"]),
-                                f"best_val_{name}": float(state["best_score"]),
-                                "steps": int(state["step"])}
+  return train_selected(
+      stage, fda_lib.init(fda, jax.random.key(cfg.seed + 1)), fc,
+      loss_fn=meta_loss_fn(task, model, fda, base_params, fc),
+      validate=make_validator(task, model, fda, base_params, val_feats, cfg, summary),
+      make_batches=make_batches, cfg=cfg, workdir=workdir, metrics=metrics,
+      metric=task.selection_metric.name, hint="Lower fda.learning_rate.")

@@ -93,12 +93,17 @@ def edit_leaves(edit: Mapping) -> dict:
   return dict(sorted(flat.items()))
 
 
-def apply_edit(params: Mapping, edit: Mapping, clip: float | None = None) -> dict:
-  """params with `edit` added to the leaves it names: W + clip(delta, ±clip).
+def apply_edit(params: Mapping, edit: Mapping, clip: float | None = None,
+               mode: str = "add") -> dict:
+  """params with `edit` applied to the leaves it names: mode "add" (a residual edit: CDC-MMPG,
+  Persona) gives W + clip(delta, ±clip); mode "replace" (generated weights: DUET) gives
+  clip(delta, ±clip), the leaf's value replaced outright.
 
   Leaves the edit does not name are returned untouched (the same arrays), so an empty or
-  all-zero edit reproduces the base model exactly.
+  all-zero "add" edit reproduces the base model exactly.
   """
+  if mode not in ("add", "replace"):
+    raise ValueError(f"apply_edit mode must be 'add' or 'replace', not {mode!r}")
   flat = flatten(params)
   for path, delta in edit_leaves(edit).items():
     if path not in flat:
@@ -109,7 +114,7 @@ def apply_edit(params: Mapping, edit: Mapping, clip: float | None = None) -> dic
       raise ValueError(f"edit for {path!r} has shape {d.shape}, leaf has {w.shape}")
     if clip is not None:
       d = jnp.clip(d, -clip, clip)
-    flat[path] = w + d.astype(w.dtype)
+    flat[path] = (w + d.astype(w.dtype)) if mode == "add" else d.astype(w.dtype)
   return unflatten(flat)
 
 

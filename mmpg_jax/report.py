@@ -42,17 +42,58 @@ def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
         metrics[dname + SUFFIX[grp]] = float(np.mean(vals))
         if dname in DIAGNOSIS:
           per_device[dname + SUFFIX[grp]] = [float(a) for a in vals]
+    per_window = _per_window(ev, task)
     methods[name] = {"metrics": metrics, "per_device": per_device,
+                     **({"per_window": per_window} if per_window else {}),
                      **method_costs[name].as_dict(),
                      "selected_hparams": ev["hp"],
                      f"validation_{sel.name}": sign * float(ev["validation"]),
                      **({"info": method_info[name]} if method_info and method_info.get(name)
                         else {})}
+  windows = evals["global"].get("window", {})
+  per_stream = int(windows["test"].max()) + 1 if "test" in windows else 1
   return {"benchmark": cfg.benchmark, "task": cfg.task,
-          "num_eval_devices": len(g["test"][sel.name]),
-          "num_ood_devices": len(g.get("test_ood", {}).get(sel.name, [])),
+          "num_eval_devices": len(g["test"][sel.name]) // per_stream,
+          "num_ood_devices": len(g.get("test_ood", {}).get(sel.name, [])) // per_stream,
+          **({"windows_per_device": per_stream} if windows else {}),
           "oracle_global_margin": margin,
           **extra, "methods": methods}
+
+
+def _per_window(ev, task) -> dict:
+  """{metric + group suffix: [mean over devices at window position 0, 1, ...]} for a stream
+  task's method (entries carry their window position); {} otherwise."""
+  out = {}
+  for grp, pos in ev.get("window", {}).items():
+    for metric in task.metrics:
+      v = np.asarray(ev["per_device"][grp][metric.name])
+      out[metric.name + SUFFIX[grp]] = [float(v[pos == w].mean())
+                                        for w in range(int(pos.max()) + 1)]
+  return out
+
+
+def window_lines(results, task) -> list:
+  """Who follows the drift: the selection metric per window position, test and OOD."""
+  m = results["methods"]
+  w = results.get("windows_per_device")
+  if not w:
+    return []
+  sel = task.selection_metric
+  lines = ["## Per window position", "",
+           f"Mean {sel.name} over devices at each position of their streams (window 0 first; "
+           "each window's shift is a drift step, or a jump, from the last).", ""]
+  for grp, sfx in SUFFIX.items():
+    key = sel.name + sfx
+    if key not in m["global"].get("per_window", {}):
+      continue
+    head = f"| method ({grp}) | " + " | ".join(f"w{i}" for i in range(w)) + " |"
+    lines += [head, "|" + "---|" * (w + 1)]
+    for name, r in m.items():
+      vals = r.get("per_window", {}).get(key)
+      if vals:
+        lines.append(f"| {name} | " + " | ".join(_fmt(sel, v) for v in vals) + " |")
+    lines.append("")
+  return lines
 
 
 def _fmt_flops(x):
@@ -77,7 +118,9 @@ def write_report(workdir: str, results: dict, cfg, task) -> None:
   lines = [
       f"# {results['benchmark']} ({results['task']})", "",
       f"{results['num_eval_devices']} test devices, {results['num_ood_devices']} "
-      f"out-of-distribution devices; hyper-parameters chosen on "
+      f"out-of-distribution devices"
+      + (f", {results['windows_per_device']} windows each" if "windows_per_device" in results
+         else "") + "; hyper-parameters chosen on "
       f"{cfg.data.num_val_devices} validation devices only, by mean {sel.name}. Device model: "
       f"{results['device_model_bytes']:,} bytes; one inference "
       f"{results['device_inference_flops_per_sample']:.3g} FLOPs.", "",
@@ -128,6 +171,7 @@ def write_report(workdir: str, results: dict, cfg, task) -> None:
                    f"{_fmt(sel, mt.get(sel.name + '_ood', float('nan')))} | "
                    f"{r['downlink_bytes']:.0f} | {100 * r['downlink_bytes'] / base:.1f}% |")
     lines.append("")
+  lines += window_lines(results, task)
   lines += robustness_lines(results, task)
   lines += diagnosis_lines(results, task)
   lines += [f"![{p}]({p})" for p in plots]

@@ -30,6 +30,10 @@ class Method:
   # (or -> {name: scalar}: several values from one computation)
   info: dict = dataclasses.field(default_factory=dict)          # copied into results.json
   rescore: Callable | None = None   # (params, device, hp, scores) -> scores, forward only
+  # A method whose cloud keeps state across time (persona.Stream: init, adapt, refine): the
+  # evaluator serves the entries of each window position in time order and refines the state
+  # between positions. `adapt` above is then the method without refinement.
+  stream: Any = None
 
 
 @dataclasses.dataclass

@@ -62,8 +62,8 @@ def adapt_device(task, params, fda, fda_params, dev, *, selector, k, clip, key, 
 
 
 def device_key(seed, dev):
-  """The per-device RNG key of the random selectors (a function of seed and device id)."""
-  return jax.random.fold_in(jax.random.key(seed), dev["device_id"])
+  """The per-device RNG key of the random selectors (device.device_key)."""
+  return device.device_key(seed, dev)
 
 
 def anchor_mmd(dev, task, selector, k, seed, modality):

@@ -22,6 +22,13 @@ def cached_features_valid(params, dynamic_leaves, encoder_prefixes):
         f"the encoders.")
 
 
+def device_key(seed, dev):
+  """The per-device RNG key of a method's random draws: a function of the seed, the device id
+  and, for a stream task's entries, the window (each window draws afresh)."""
+  key = jax.random.fold_in(jax.random.key(seed), dev["device_id"])
+  return jax.random.fold_in(key, dev["window"]) if "window" in dev else key
+
+
 def objective(task, model, name: str):
   """`f(params, feats) -> scalar`: 'supervised' (the task's loss on labelled samples) or
   'entropy' (its unsupervised objective)."""

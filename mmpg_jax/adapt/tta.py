@@ -31,6 +31,7 @@ from evosax.algorithms import CMA_ES
 
 from mmpg_jax import config_checks, costs
 from mmpg_jax import params as P
+from mmpg_jax.adapt import device
 from mmpg_jax.adapt.baselines import Method, grid
 
 
@@ -183,7 +184,7 @@ def foa(ctx):
     context = dev[task.context_role]
     fit = lambda x: foa_fitness(task, model, params, paths, offsets(x), context, source,
                                 hp["stat_weight"])
-    key = jax.random.fold_in(jax.random.key(cfg.seed), dev["device_id"])
+    key = device.device_key(cfg.seed, dev)
     x = cma_search(fit, sum(sizes), key, population=fc.population, iterations=fc.iterations,
                    std_init=hp["std_init"])
     return P.apply_edit(params, offsets(x))

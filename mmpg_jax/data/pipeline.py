@@ -49,7 +49,7 @@ class Benchmark:
   def global_batches(self, batch_size: int, seed: int) -> grain.MapDataset:
     src = self.global_source()
     if len(src) < batch_size:
-      raise ValueError(f"global_train has {len(src)} videos, fewer than train.batch_size="
+      raise ValueError(f"global_train has {len(src)} examples, fewer than train.batch_size="
                        f"{batch_size}; raise data.num_global_devices or lower the batch size")
     ds = (grain.MapDataset.source(src).shuffle(seed=seed).repeat(None)
           .map(lambda e: {k: np.asarray(v) for k, v in e.items()})
@@ -70,22 +70,17 @@ class Benchmark:
   def verify(self):
     """Opens every split, checks its size against the config and decodes its first and last
     examples, so damaged files fail here, with a message, and not mid-run."""
-    cfg = self.cfg
-    want = {(self.cloud, "global_train"): cfg["num_global_devices"] *
-            cfg["global_videos_per_device"],
-            (self.devices_builder, "validation"): cfg["num_val_devices"],
-            (self.devices_builder, "test"): cfg["num_test_devices"],
-            (self.devices_builder, "test_ood"): cfg["num_ood_devices"]}
-    for (builder, split), n in want.items():
-      if n == 0:
-        continue
-      try:
-        src = builder.as_data_source(split=split)
-        if len(src) != n:
-          raise ValueError(f"{len(src)} examples, expected {n}")
-        src[0], src[n - 1]
-      except Exception as e:
-        raise _damaged(builder, f"split {split}", e) from e
+    for builder in (self.cloud, self.devices_builder):
+      for split, n in builder.expected_sizes().items():
+        if n == 0:
+          continue
+        try:
+          src = builder.as_data_source(split=split)
+          if len(src) != n:
+            raise ValueError(f"{len(src)} examples, expected {n}")
+          src[0], src[n - 1]
+        except Exception as e:
+          raise _damaged(builder, f"split {split}", e) from e
 
 
 class _Checked:
@@ -108,11 +103,13 @@ def _stack(examples):
   return np.stack([np.asarray(e) for e in examples])
 
 
-def prepare(data_cfg, data_dir: str | None = None) -> Benchmark:
-  """Builds (once) and opens the benchmark for this data config."""
+def prepare(data_cfg, data_dir: str | None = None,
+            builders=(tmd.MovingDigitsCloud, tmd.MovingDigitsDevices)) -> Benchmark:
+  """Builds (once) and opens a generated benchmark for this data config: `builders` are its
+  (cloud, devices) TFDS builder classes (default: the moving-digits video benchmark)."""
   data_dir = data_dir or data_cfg.get("data_dir") or default_data_dir()
-  cloud = tmd.MovingDigitsCloud(data_cfg=data_cfg, data_dir=data_dir)
-  devices = tmd.MovingDigitsDevices(data_cfg=data_cfg, data_dir=data_dir)
+  cloud = builders[0](data_cfg=data_cfg, data_dir=data_dir)
+  devices = builders[1](data_cfg=data_cfg, data_dir=data_dir)
   for b in (cloud, devices):
     existed = os.path.exists(b.data_dir)
     try:

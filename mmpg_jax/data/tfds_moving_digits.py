@@ -31,18 +31,18 @@ def data_config_dict(data_cfg) -> dict:
   return json.loads(json.dumps(d, sort_keys=True, default=list))
 
 
-def config_name(data_cfg) -> str:
+def config_name(data_cfg, generator_version: int = md.GENERATOR_VERSION) -> str:
   """A hash of the data config and the generator's version: a rebuild whenever either moves."""
-  blob = json.dumps({**data_config_dict(data_cfg), "_generator": md.GENERATOR_VERSION},
+  blob = json.dumps({**data_config_dict(data_cfg), "_generator": generator_version},
                     sort_keys=True).encode()
   return "cfg_" + hashlib.sha256(blob).hexdigest()[:12]
 
 
 class MovingDigitsConfig(tfds.core.BuilderConfig):
 
-  def __init__(self, data_cfg):
-    super().__init__(name=config_name(data_cfg), version="1.0.0",
-                     description="moving-digits benchmark; data config in self.data")
+  def __init__(self, data_cfg, generator_version: int = md.GENERATOR_VERSION):
+    super().__init__(name=config_name(data_cfg, generator_version), version="1.0.0",
+                     description="generated benchmark; data config in self.data")
     self.data = data_config_dict(data_cfg)
 
 
@@ -58,15 +58,24 @@ def _role_features(cfg, n, labelled):
   return tfds.features.FeaturesDict(f)
 
 
+def device_split_sizes(cfg) -> dict:
+  """{split: devices} of the evaluation splits."""
+  return {"validation": cfg["num_val_devices"], "test": cfg["num_test_devices"],
+          "test_ood": cfg["num_ood_devices"]}
+
+
 class _Base(tfds.core.GeneratorBasedBuilder):
-  """Shared config plumbing: `data_cfg` (the ml_collections data config) picks the config."""
+  """Shared config plumbing of the generated benchmarks: `data_cfg` (the ml_collections data
+  config) and the generator's version pick the config. `expected_sizes()` -> {split: number of
+  examples} lets `pipeline.Benchmark.verify` check any of them."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
+  GENERATOR_VERSION = md.GENERATOR_VERSION
 
   def __init__(self, *, data_cfg=None, **kwargs):
     if data_cfg is not None:
-      kwargs["config"] = MovingDigitsConfig(data_cfg)
+      kwargs["config"] = MovingDigitsConfig(data_cfg, self.GENERATOR_VERSION)
     kwargs.setdefault("file_format", "array_record")   # tfrecord would need TensorFlow
     super().__init__(**kwargs)
 
@@ -93,6 +102,10 @@ class MovingDigitsCloud(_Base):
 
   def _split_generators(self, dl_manager):
     return {"global_train": self._generate_examples()}
+
+  def expected_sizes(self):
+    cfg = self.builder_config.data
+    return {"global_train": cfg["num_global_devices"] * cfg["global_videos_per_device"]}
 
   def _generate_examples(self):
     cfg = self.builder_config.data
@@ -132,9 +145,10 @@ class MovingDigitsDevices(_Base):
   def _split_generators(self, dl_manager):
     return {s: self._generate_examples(s) for s in DEVICE_SPLITS}
 
+  def expected_sizes(self):
+    return device_split_sizes(self.builder_config.data)
+
   def _generate_examples(self, split):
     cfg = self.builder_config.data
-    key = {"validation": "num_val_devices", "test": "num_test_devices",
-           "test_ood": "num_ood_devices"}[split]
-    for d in range(cfg[key]):
+    for d in range(device_split_sizes(cfg)[split]):
       yield d, md.make_device(cfg, split, d, md.device_roles(cfg, split))

@@ -19,7 +19,7 @@ from mmpg_jax.data import pipeline
 from mmpg_jax.tasks import _video
 from mmpg_jax.tasks.base import Metric
 from mmpg_jax.tasks.base import Task as _Base
-from mmpg_jax.tasks.base import stack
+from mmpg_jax.tasks.base import encode_roles, stack
 
 
 class Task(_Base):
@@ -58,7 +58,7 @@ class Task(_Base):
   def encode_split(self, model, params, devices, chunk: int = 512):
     # Captions are never read: in this task a caption states the answer.
     enc = jax.jit(lambda p, v, q: self.encode(model, p, v, q))
-    out = _video.encode_roles(enc, params, devices, ("video", "question"), ("qtype", "answer"),
+    out = encode_roles(enc, params, devices, ("video", "question"), ("qtype", "answer"),
                               chunk)
     for k, v in self.device_constants(model, params).items():
       out[k] = np.repeat(v[None], len(out["device_id"]), axis=0)

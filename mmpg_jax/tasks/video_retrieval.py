@@ -27,7 +27,7 @@ from mmpg_jax.data import pipeline
 from mmpg_jax.tasks import _video
 from mmpg_jax.tasks.base import Metric
 from mmpg_jax.tasks.base import Task as _Base
-from mmpg_jax.tasks.base import stack
+from mmpg_jax.tasks.base import encode_roles, stack
 
 
 def info_nce(logits, content):
@@ -83,7 +83,7 @@ class Task(_Base):
 
   def encode_split(self, model, params, devices, chunk: int = 512):
     enc = jax.jit(lambda p, v, c: self.encode(model, p, v, c))
-    return _video.encode_roles(enc, params, devices, ("video", "caption"), ("content",), chunk)
+    return encode_roles(enc, params, devices, ("video", "caption"), ("content",), chunk)
 
   def global_loss(self, model, params, batch):
     """Symmetric InfoNCE over the batch's (video, caption) pairs, same content = positive."""
