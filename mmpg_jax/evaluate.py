@@ -81,7 +81,7 @@ class Evaluator:
     sub = self._sub(set(method.uses) | {self.task.query_role}, feats)
     n = len(sub["device_id"])
     pos = np.asarray(sub["window"]) if "window" in sub else np.zeros(n, np.int32)
-    state = method.stream.init(full(traced))
+    state = method.stream.init(full(traced), np.unique(np.asarray(sub["device_id"])))
     out = {}
     for t in np.unique(pos):
       idx = np.flatnonzero(pos == t)

@@ -12,6 +12,7 @@ from mmpg_jax.tasks.base import Metric, Task  # noqa: F401  (the interface)
 _REGISTRY = {
     "video_qa": "mmpg_jax.tasks.video_qa",
     "video_retrieval": "mmpg_jax.tasks.video_retrieval",
+    "image_classification": "mmpg_jax.tasks.image_classification",
 }
 _EXTRA = {}
 

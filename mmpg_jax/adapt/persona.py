@@ -1,0 +1,558 @@
+r"""Persona and DUET: cloud networks that turn a device's real-time data into its adaptive layers
+(DESIGN §3.2–3.3, reference/papers.md §2–3). Written once for any task: the real-time data is
+the window's unlabelled context as the task's primary anchor elements (image embeddings for
+drifting digits, frame elements for video), read in arrival order; the adaptive layers are the
+Dense layers `persona.layers` names (kernel [in, out] + bias [out]).
+
+DUET (`duet`): window -> GRU -> MLP -> code c; per adaptive layer the heads W = c A + a,
+  b = c B + β *replace* the layer (apply_edit mode "replace"). The heads are learnable (the
+  official code's never train: `persona.freeze_heads=True` reproduces that, papers.md §2.5).
+  The official code trains the whole model from scratch; here the backbone is the cloud's
+  frozen global model, so each head's offset `a` starts at the global layer's weights.
+Persona, the editor (Stage A; alone it is `persona_single`): window -> code c0 -> a GRU across
+  the adaptive layers (cross-layer knowledge transfer: layer n's code depends on the layers
+  before it) -> layer codes e_n = tanh(Dense_n(h_n)) -> heads -> ΔW_n; the device uses
+  W_n = W_base_n + clip(ΔW_n, ±ε). (Official: a stacked GRU over [c0]*N and one MLP shared by
+  every layer; ours has one Dense per layer.)
+Prototypes (Stage B): k-means in JAX (k-means++ seeding, Lloyd steps) over the meta windows'
+  concatenated layer codes; prototype g decodes its centre with the Stage-A heads.
+Prototype editors (Stage C): K copies of the Stage-A editor (fresh heads), copy g
+  meta-trained on the windows of cluster g for a sample edit on top of prototype g:
+  W = W_base + clip(proto_g + clip(sample_g(x), ±ε_s), ±ε), with a penalty on the sample edit.
+Assignment, chosen on validation devices: `nearest` (the k-means assignment of the window's
+  Stage-A code) or `min_edit` (the prototype whose editor needs the smallest sample edit: the
+  official dynamic inference).
+`persona` keeps the centres fixed. `persona_dynamic` refines them as windows arrive (our rule;
+  the sources do not give one), the cloud serving every device's window t with the current
+  state and refining it before t+1; scope and EMA rate are chosen on validation devices:
+  scope "population" (`refine`): each centre moves towards the mean Stage-A code of the windows
+  assigned to it, and each prototype's population is tracked; when two centres drift closer
+  than `merge_ratio` x the initial median centre spacing they merge (population-weighted) and
+  the freed prototype splits the most spread-out one (half-way towards its farthest window),
+  so K stays fixed. Scope "device" (`refine_personal`): each device's own copy of its
+  assigned centre moves towards its codes as its stream goes on (a new copy when it is
+  assigned elsewhere), so its prototype edit follows its drift.
+Every method here: no device backward pass, no label; the device encodes its window and
+uploads its elements, and receives its adaptive layers.
+"""
+import dataclasses
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from mmpg_jax import config_checks, costs, meta_train
+from mmpg_jax import params as P
+from mmpg_jax.adapt.baselines import Method, grid
+
+
+# ---- networks ----------------------------------------------------------------------------------
+
+class WindowEncoder(nn.Module):
+  """[n, E] window elements, in arrival order -> code [code_dim] (GRU, last state, MLP)."""
+  hidden: int
+  code_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm(name="norm")(x)
+    h = nn.RNN(nn.GRUCell(self.hidden), name="gru")(x[None])[0, -1]
+    return nn.Dense(self.code_dim, name="out")(jnp.tanh(nn.Dense(self.hidden, name="mlp")(h)))
+
+
+class Heads(nn.Module):
+  """Layer codes [N, d] -> ((kernel [in, out], bias [out]), ...): W = e A + a, b = e B + β."""
+  shapes: tuple                      # ((in, out), ...) of the adaptive layers
+  scale: float = 0.1                 # init std of A and B (x 1/sqrt(d)); a, β start at 0
+
+  @nn.compact
+  def __call__(self, e):
+    out = []
+    d = e.shape[-1]
+    init = nn.initializers.normal(self.scale / np.sqrt(d))
+    for n, (i, o) in enumerate(self.shapes):
+      a_mat = self.param(f"A_{n}", init, (d, i * o))
+      a_vec = self.param(f"a_{n}", nn.initializers.zeros, (i * o,))
+      b_mat = self.param(f"B_{n}", init, (d, o))
+      b_vec = self.param(f"b_{n}", nn.initializers.zeros, (o,))
+      out.append(((e[n] @ a_mat + a_vec).reshape(i, o), e[n] @ b_mat + b_vec))
+    return tuple(out)
+
+
+class Generator(nn.Module):
+  """DUET: one window code for every layer, heads give the layers outright."""
+  shapes: tuple
+  hidden: int
+  code_dim: int
+  scale: float = 0.1
+
+  def setup(self):
+    self.window = WindowEncoder(self.hidden, self.code_dim)
+    self.heads = Heads(self.shapes, self.scale)
+
+  def __call__(self, x):
+    c = self.window(x)
+    return self.heads(jnp.broadcast_to(c, (len(self.shapes),) + c.shape))
+
+
+class Editor(nn.Module):
+  """Persona's editor: window code -> GRU across layers -> layer codes -> heads -> edits."""
+  shapes: tuple
+  hidden: int
+  code_dim: int
+  scale: float = 0.1
+
+  def setup(self):
+    self.window = WindowEncoder(self.hidden, self.code_dim)
+    self.cross = nn.GRUCell(self.code_dim)
+    self.layer_out = [nn.Dense(self.code_dim) for _ in self.shapes]
+    self.heads = Heads(self.shapes, self.scale)
+
+  def codes(self, x):
+    """[N, d] layer codes of a window (Stage B clusters their concatenation)."""
+    c0 = self.window(x)
+    h = jnp.zeros_like(c0)
+    es = []
+    for dense in self.layer_out:
+      h, _ = self.cross(h, c0)
+      es.append(jnp.tanh(dense(h)))
+    return jnp.stack(es)
+
+  def decode(self, e):
+    return self.heads(e)
+
+  def __call__(self, x):
+    return self.decode(self.codes(x))
+
+
+# ---- edits and their layers ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  paths: tuple                       # adaptive layer paths, forward order
+  shapes: tuple                      # ((in, out), ...)
+
+  def as_edit(self, layers) -> dict:
+    """((kernel, bias), ...) -> an edit pytree naming `<path>/kernel` and `<path>/bias`."""
+    flat = {}
+    for path, (k, b) in zip(self.paths, layers):
+      flat[f"{path}/kernel"], flat[f"{path}/bias"] = k, b
+    return P.unflatten(flat)
+
+  def floats(self) -> int:
+    return int(sum(i * o + o for i, o in self.shapes))
+
+
+def adaptive_layers(params, paths) -> Layers:
+  flat = P.flatten(params)
+  shapes = []
+  for path in paths:
+    k, b = flat.get(f"{path}/kernel"), flat.get(f"{path}/bias")
+    if k is None or b is None or k.ndim != 2 or b.shape != k.shape[-1:]:
+      raise config_checks.ConfigError(
+          f"config.persona.layers names {path!r}, which is not a Dense layer of the device "
+          f"model (it needs {path}/kernel [in, out] and {path}/bias [out]); Dense layers: "
+          + ", ".join(sorted({p.rsplit('/', 1)[0] for p in flat if p.endswith('/kernel')
+                              and flat[p].ndim == 2})))
+    shapes.append(tuple(int(s) for s in k.shape))
+  return Layers(tuple(paths), tuple(shapes))
+
+
+def clip_layers(layers, eps):
+  return tuple((jnp.clip(k, -eps, eps), jnp.clip(b, -eps, eps)) for k, b in layers)
+
+
+def add_layers(a, b):
+  return tuple((ka + kb, ba + bb) for (ka, ba), (kb, bb) in zip(a, b))
+
+
+def edit_norm(layers):
+  return jnp.sqrt(sum((k * k).sum() + (b * b).sum() for k, b in layers))
+
+
+# ---- k-means and the dynamic refinement (pure, jittable) --------------------------------------
+
+def kmeans(x, k: int, iterations: int, key):
+  """k-means++ seeding, then Lloyd steps: (centres [k, C], assignment [n]). An empty cluster
+  keeps its centre."""
+  n = x.shape[0]
+  first = jax.random.randint(key, (), 0, n)
+  centres = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
+
+  def seed(i, c):
+    d2 = jnp.min(jnp.where(jnp.arange(k)[None] < i, _sqdist(x, c), jnp.inf), axis=1)
+    j = jax.random.choice(jax.random.fold_in(key, i), n, p=d2 / jnp.maximum(d2.sum(), 1e-12))
+    return c.at[i].set(x[j])
+
+  centres = jax.lax.fori_loop(1, k, seed, centres)
+
+  def lloyd(_, c):
+    onehot = jax.nn.one_hot(jnp.argmin(_sqdist(x, c), axis=1), k)
+    count = onehot.sum(0)
+    mean = onehot.T @ x / jnp.maximum(count, 1.0)[:, None]
+    return jnp.where(count[:, None] > 0, mean, c)
+
+  centres = jax.lax.fori_loop(0, iterations, lloyd, centres)
+  return centres, jnp.argmin(_sqdist(x, centres), axis=1)
+
+
+def _sqdist(x, c):
+  return ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+
+
+def median_spacing(centres) -> float:
+  d = np.sqrt(np.asarray(_sqdist(centres, centres)))
+  return float(np.median(d[~np.eye(len(d), dtype=bool)])) if len(d) > 1 else 1.0
+
+
+def refine(state, codes, assign, rate, merge_distance):
+  """One time step of the dynamic prototypes (module docstring): state {'centres' [K, C],
+  'population' [K]}, the step's windows' Stage-A codes [M, C] and prototypes [M]."""
+  c, pop = state["centres"], state["population"]
+  k = c.shape[0]
+  onehot = jax.nn.one_hot(assign, k)
+  count = onehot.sum(0)
+  mean = onehot.T @ codes / jnp.maximum(count, 1.0)[:, None]
+  c = jnp.where(count[:, None] > 0, c + rate * (mean - c), c)
+  pop = (1 - rate) * pop + rate * count / jnp.maximum(count.sum(), 1.0)
+  # merge the closest pair if too close; the freed slot splits the most spread-out prototype
+  d = jnp.sqrt(_sqdist(c, c)) + jnp.where(jnp.eye(k, dtype=bool), jnp.inf, 0.0)
+  flat = jnp.argmin(d)
+  i, j = flat // k, flat % k
+  dist_to = jnp.sqrt(((codes - c[assign]) ** 2).sum(-1))                 # [M]
+  spread = onehot.T @ dist_to / jnp.maximum(count, 1.0)
+  s = jnp.argmax(jnp.where(jnp.arange(k) == j, -jnp.inf, spread))
+  far = codes[jnp.argmax(jnp.where(assign == s, dist_to, -jnp.inf))]
+  wi, wj = pop[i], pop[j]
+  merged = (wi * c[i] + wj * c[j]) / jnp.maximum(wi + wj, 1e-12)
+  c_m = c.at[i].set(merged).at[j].set(0.5 * (c[s] + far))
+  pop_m = pop.at[i].set(wi + wj).at[j].set(0.5 * pop[s]).at[s].set(0.5 * pop[s])
+  do = (d[i, j] < merge_distance) & (count[s] > 1) & (s != i)
+  return {"centres": jnp.where(do, c_m, c), "population": jnp.where(do, pop_m, pop),
+          "merges": state["merges"] + do.astype(jnp.int32)}
+
+
+def refine_personal(state, centre, code, device, assign, rate):
+  """Scope "device": each served device's own copy of its prototype's centre moves towards
+  its window's code, c_d <- c_d + rate (code - c_d); a device assigned to another prototype
+  starts a new copy from that prototype's centre (adapt reads `owner`)."""
+  moved = centre + rate * (code - centre)
+  return dict(state, personal=state["personal"].at[device].set(moved),
+              owner=state["owner"].at[device].set(assign))
+
+
+# ---- stateful methods: what the evaluator runs in time order -----------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """A method whose cloud keeps state across time (`evaluate.Evaluator` serves every entry of
+  window position t with the state, then `refine`s it with what those entries reported)."""
+  init: Callable                     # (hp, the split's device ids) -> state
+  adapt: Callable                    # (params, dev, hp, state) -> (params, report)
+  refine: Callable                   # (state, reports stacked over the step's entries, hp)
+
+
+# ---- the family ----------------------------------------------------------------------------------
+
+def validate_config(cfg, task, model, abstract_params) -> None:
+  pc = cfg.persona
+  need = config_checks.need
+  for key in ("persona.code_dim", "persona.hidden", "persona.meta_devices",
+              "persona.devices_per_step", "persona.num_steps", "persona.learning_rate",
+              "persona.kmeans_iterations", "persona.eval_every", "persona.log_every",
+              "persona.checkpoint_every"):
+    config_checks.positive(cfg, key)
+  need(pc.epsilon > 0, "persona.epsilon", pc.epsilon, "the edit clip ε must be > 0")
+  need(pc.sample_epsilon > 0, "persona.sample_epsilon", pc.sample_epsilon,
+       "the sample-edit clip ε_s must be > 0")
+  need(isinstance(pc.prototypes, int) and 1 <= pc.prototypes <= pc.meta_devices,
+       "persona.prototypes", pc.prototypes,
+       f"K prototypes need 1 <= K <= the {pc.meta_devices} training windows "
+       f"(persona.meta_devices) k-means clusters")
+  need(all(0 < r <= 1 for r in pc.refine_rates), "persona.refine_rates", pc.refine_rates,
+       "EMA rates in (0, 1]")
+  need(pc.assignment and set(pc.assignment) <= {"nearest", "min_edit"}, "persona.assignment",
+       pc.assignment, "a non-empty subset of ('nearest', 'min_edit')")
+  need(pc.refine_scopes and set(pc.refine_scopes) <= {"population", "device"},
+       "persona.refine_scopes", pc.refine_scopes,
+       "a non-empty subset of ('population', 'device')")
+  adaptive_layers(abstract_params, pc.layers)
+
+
+def _elements(task, dev):
+  return task.anchor_elements(dev[task.context_role])[task.anchor_modalities[0]]
+
+
+def _pool_batch(pool, n_per_step, seed, step, salt):
+  n = len(jax.tree.leaves(pool)[0])
+  per_epoch = max(n // n_per_step, 1)
+  epoch, pos = divmod(step, per_epoch)
+  ids = np.random.default_rng([seed, salt, epoch]).permutation(n)[
+      pos * n_per_step:(pos + 1) * n_per_step]
+  return jax.tree.map(lambda v: v[ids], pool)
+
+
+@dataclasses.dataclass
+class Family:
+  """Everything the persona family builds, shared by its methods and its tests."""
+  ctx: Any
+  layers: Layers
+  generator: Generator
+  editor: Editor
+  base_layers: tuple
+
+  @property
+  def cfg(self):
+    return self.ctx.config.persona
+
+  # -- device-model parameters from each network's output
+  def duet_params(self, gen_params, dev):
+    out = self.generator.apply({"params": gen_params}, _elements(self.ctx.task, dev))
+    return P.apply_edit(self.ctx.params, self.layers.as_edit(out), mode="replace")
+
+  def single_params(self, ed_params, dev):
+    ed = self.editor.apply({"params": ed_params}, _elements(self.ctx.task, dev))
+    return P.apply_edit(self.ctx.params, self.layers.as_edit(clip_layers(ed, self.cfg.epsilon)))
+
+  def codes(self, ed_params, dev):
+    return self.editor.apply({"params": ed_params}, _elements(self.ctx.task, dev),
+                             method=Editor.codes).reshape(-1)
+
+  def proto_edit(self, ed_params, centre):
+    return self.editor.apply({"params": ed_params},
+                             centre.reshape(len(self.layers.shapes), -1), method=Editor.decode)
+
+  def group_params(self, ed_params, group_params, centres, g, dev):
+    """Prototype g's device parameters for a window: base + clip(proto + clip(sample))."""
+    return self.params_at(ed_params, group_params, centres[g], g, dev)
+
+  def params_at(self, ed_params, group_params, centre, g, dev):
+    """As group_params, with prototype g's edit decoded from `centre` (a refined centre)."""
+    sample = self.editor.apply({"params": jax.tree.map(lambda x: x[g], group_params)},
+                               _elements(self.ctx.task, dev))
+    total = add_layers(self.proto_edit(ed_params, centre),
+                       clip_layers(sample, self.cfg.sample_epsilon))
+    return P.apply_edit(self.ctx.params, self.layers.as_edit(clip_layers(total,
+                                                                         self.cfg.epsilon)))
+
+  def assign(self, ed_params, group_params, centres, dev, rule):
+    code = self.codes(ed_params, dev)
+    if rule == "nearest":
+      return jnp.argmin(((centres - code) ** 2).sum(-1)), code
+    norms = jax.vmap(lambda gp: edit_norm(clip_layers(self.editor.apply(
+        {"params": gp}, _elements(self.ctx.task, dev)), self.cfg.sample_epsilon)))(group_params)
+    return jnp.argmin(norms), code
+
+  # -- meta-training pieces
+  def meta_loss(self, params, query):
+    return self.ctx.task.meta_loss(self.ctx.model, params, query)
+
+  def validator(self, params_of):
+    """params_of(net_params, dev) -> device params; mean selection metric on validation."""
+    task, model = self.ctx.task, self.ctx.model
+    sel = task.selection_metric
+    sign = 1.0 if sel.higher_is_better else -1.0
+    sub = {k: v for k, v in self.ctx.val.items() if k not in (task.support_role,
+                                                               task.oracle_role)}
+
+    def one(net, dev):
+      q = dev[task.query_role]
+      return task.metric_values(task.scores(model, params_of(net, dev), q), q)[sel.name]
+
+    fn = jax.jit(lambda net, s: sign * jax.vmap(one, in_axes=(None, 0))(net, s).mean())
+    return lambda net: fn(net, sub)
+
+
+def _pool(ctx):
+  pc = ctx.config.persona
+  t = time.time()
+  pool = meta_train.encode_devices(ctx.task, ctx.model, ctx.params, range(pc.meta_devices),
+                                   pc.meta_query_size, what="persona meta windows")
+  logging.info("persona: encoded %d meta windows in %.1fs", pc.meta_devices, time.time() - t)
+  return pool
+
+
+def _train(fam, stage, params0, episode_loss, params_of, pool_fn, salt):
+  """One meta-training stage over the meta windows (meta_train.train_selected)."""
+  ctx, pc = fam.ctx, fam.cfg
+
+  def loss_fn(net, batch):
+    loss, metric = jax.vmap(lambda d: episode_loss(net, d))(batch)
+    return loss.mean(), {f"query_{ctx.task.selection_metric.name}": metric.mean()}
+
+  def make_batches():
+    pool = pool_fn()
+    return lambda step: _pool_batch(pool, pc.devices_per_step, ctx.config.seed, step, salt)
+
+  return meta_train.train_selected(
+      stage, params0, pc, loss_fn=loss_fn, validate=fam.validator(params_of),
+      make_batches=make_batches, cfg=ctx.config, workdir=ctx.workdir, metrics=ctx.metrics,
+      key="net_params", metric=ctx.task.selection_metric.name,
+      hint="Lower persona.learning_rate.")
+
+
+def build(ctx):
+  """Meta-trains (or reloads) DUET's generator and Persona's editor, prototypes and prototype
+  editors; returns duet, persona_single, persona, persona_dynamic."""
+  task, model, params, cfg = ctx.task, ctx.model, ctx.params, ctx.config
+  pc = cfg.persona
+  layers = adaptive_layers(params, pc.layers)
+  flat = P.flatten(params)
+  base = tuple((flat[f"{p}/kernel"], flat[f"{p}/bias"]) for p in layers.paths)
+  fam = Family(ctx, layers, Generator(layers.shapes, pc.hidden, pc.code_dim, pc.head_scale),
+               Editor(layers.shapes, pc.hidden, pc.code_dim, pc.head_scale), base)
+  el0 = task.anchor_elements(task.example_features(model, params, cfg.data.context_size))[
+      task.anchor_modalities[0]]
+  cache = {}
+
+  def pool_fn():                      # encoded once, only if some stage has work left
+    if "pool" not in cache:
+      cache["pool"] = _pool(ctx)
+    return cache["pool"]
+
+  # DUET: the heads' offsets start at the global layers (module docstring).
+  gen0 = fam.generator.init(jax.random.key(cfg.seed + 11), el0)["params"]
+  gen0 = jax.tree.map(lambda x: x, gen0)
+  for n, (k, b) in enumerate(base):
+    gen0["heads"][f"a_{n}"], gen0["heads"][f"b_{n}"] = k.reshape(-1), b
+  frozen = {}
+  if pc.freeze_heads:                 # the official code's fixed random heads
+    frozen = gen0.pop("heads")
+  duet_of = lambda net, dev: fam.duet_params({**net, **({"heads": frozen} if frozen else {})},
+                                             dev)
+  duet_loss = lambda net, dev: fam.meta_loss(duet_of(net, dev), dev[task.query_role])
+  gen_params, duet_summary = _train(fam, "duet", gen0, duet_loss, duet_of, pool_fn, 21)
+  if frozen:
+    gen_params = {**gen_params, "heads": frozen}
+
+  # Persona Stage A: the single-prototype editor.
+  ed0 = fam.editor.init(jax.random.key(cfg.seed + 12), el0)["params"]
+
+  def single_loss(net, dev):
+    ed = fam.editor.apply({"params": net}, _elements(task, dev))
+    p = P.apply_edit(params, layers.as_edit(clip_layers(ed, pc.epsilon)))
+    loss, metric = fam.meta_loss(p, dev[task.query_role])
+    return loss + pc.edit_penalty * edit_norm(ed) ** 2 / layers.floats(), metric
+
+  ed_params, single_summary = _train(fam, "persona_editor", ed0, single_loss,
+                                     fam.single_params, pool_fn, 22)
+
+  # Stage B: prototypes = k-means over the meta windows' layer codes (cached in the workdir's
+  # checkpoints through Stage C's state: recomputed identically from the same editor).
+  codes_fn = jax.jit(jax.vmap(lambda d: fam.codes(ed_params, d)))
+  k_codes = _codes_of_pool(ctx, codes_fn, pool_fn)
+  centres, labels = jax.jit(kmeans, static_argnums=(1, 2))(
+      k_codes, pc.prototypes, pc.kmeans_iterations, jax.random.key(cfg.seed + 13))
+  sizes = np.bincount(np.asarray(labels), minlength=pc.prototypes)
+  logging.info("persona: %d prototypes, cluster sizes %s", pc.prototypes, sizes.tolist())
+
+  # Stage C: K prototype editors, copy g on cluster g's windows. Each copy keeps Stage A's
+  # window encoder and layer GRU but starts its heads afresh (zero offsets, small random
+  # maps): at step 0 a window gets its prototype's edit and almost no sample edit, instead of
+  # the prototype's edit plus a second full Stage-A edit.
+  def fresh_heads(g):
+    h = fam.editor.init(jax.random.key(cfg.seed + 100 + g), el0)["params"]["heads"]
+    return dict(ed_params, heads=h)
+
+  group0 = jax.tree.map(lambda *xs: jnp.stack(xs),
+                        *[fresh_heads(g) for g in range(pc.prototypes)])
+
+  def group_loss(net, dev):
+    g = dev["cluster"]
+    p = fam.group_params(ed_params, net, centres, g, dev)
+    sample = fam.editor.apply({"params": jax.tree.map(lambda x: x[g], net)},
+                              _elements(task, dev))
+    loss, metric = fam.meta_loss(p, dev[task.query_role])
+    return loss + pc.edit_penalty * edit_norm(sample) ** 2 / layers.floats(), metric
+
+  def group_of(net, dev):
+    g, _ = fam.assign(ed_params, net, centres, dev, "nearest")
+    return fam.group_params(ed_params, net, centres, g, dev)
+
+  def labelled_pool():
+    return {**pool_fn(), "cluster": np.asarray(labels, np.int32)}
+
+  group_params, proto_summary = _train(fam, "persona_prototypes", group0, group_loss, group_of,
+                                       labelled_pool, 23)
+  ctx.extra["persona"] = {"duet": duet_summary, "editor": single_summary,
+                          "prototypes": {**proto_summary, "cluster_sizes": sizes.tolist()},
+                          "generator_params": P.tree_size(gen_params),
+                          "editor_params": P.tree_size(ed_params)}
+  return make_methods(fam, gen_params, ed_params, group_params, centres, sizes)
+
+
+def _codes_of_pool(ctx, codes_fn, pool_fn, chunk: int = 512):
+  pool = pool_fn()
+  n = len(jax.tree.leaves(pool)[0])
+  out = [np.asarray(codes_fn(jax.tree.map(lambda v: v[s:s + chunk], pool)))
+         for s in range(0, n, chunk)]
+  return jnp.asarray(np.concatenate(out))
+
+
+def make_methods(fam, gen_params, ed_params, group_params, centres, sizes):
+  ctx, pc = fam.ctx, fam.cfg
+  task, cfg, cm = ctx.task, ctx.config, ctx.cost_model
+  n_ctx = cfg.data.context_size
+  dbytes = costs.dtype_bytes(cfg.comm_dtype)
+  el_dim = task.anchor_dims(ctx.model, ctx.params)[task.anchor_modalities[0]]
+  n_el = task.num_elements(ctx.model, ctx.params, n_ctx)[task.anchor_modalities[0]]
+  cost = costs.DeviceCost(uplink_bytes=n_el * el_dim * dbytes,
+                          downlink_bytes=fam.layers.floats() * dbytes,
+                          device_flops=cm.encode(n_ctx))
+  info = {"real_time_elements": n_el, "adaptive_layers": list(fam.layers.paths)}
+  uses = (task.context_role,)
+  methods = [
+      Method("duet", ({},), lambda params, dev, hp: fam.duet_params(gen_params, dev),
+             lambda hp: cost, uses=uses, info={**info, "freeze_heads": bool(pc.freeze_heads)}),
+      Method("persona_single", ({},), lambda params, dev, hp: fam.single_params(ed_params, dev),
+             lambda hp: cost, uses=uses, info=dict(info, epsilon=pc.epsilon)),
+  ]
+  centres = jnp.asarray(centres)
+  info_k = dict(info, prototypes=pc.prototypes, cluster_sizes=[int(s) for s in sizes],
+                epsilon=pc.epsilon, sample_epsilon=pc.sample_epsilon)
+  rules = tuple(pc.assignment)
+
+  def persona_adapt(params, dev, hp):
+    g, _ = fam.assign(ed_params, group_params, centres, dev, hp["assignment"])
+    return fam.group_params(ed_params, group_params, centres, g, dev)
+
+  methods.append(Method("persona", grid(assignment=rules), persona_adapt, lambda hp: cost,
+                        uses=uses, info=info_k))
+
+  spacing = median_spacing(centres)
+  share = jnp.asarray(sizes / max(sizes.sum(), 1), jnp.float32)
+
+  def init(hp, device_ids):
+    n = int(np.max(device_ids)) + 1
+    return {"centres": centres, "population": share, "merges": jnp.int32(0),
+            "personal": jnp.zeros((n, centres.shape[1]), centres.dtype),
+            "owner": jnp.full((n,), -1, jnp.int32)}
+
+  def dyn_adapt(params, dev, hp, state):
+    g, code = fam.assign(ed_params, group_params, state["centres"], dev, hp["assignment"])
+    centre = state["centres"][g]
+    if hp["scope"] == "device":      # the device's own copy of its prototype, while it stays
+      i = dev["device_id"]
+      centre = jnp.where(state["owner"][i] == g, state["personal"][i], centre)
+    return (fam.params_at(ed_params, group_params, centre, g, dev),
+            {"code": code, "assign": g, "centre": centre, "device": dev["device_id"]})
+
+  def dyn_refine(state, reports, hp):
+    if hp["scope"] == "population":
+      return dict(state, **refine(state, reports["code"], reports["assign"], hp["rate"],
+                                  pc.merge_ratio * spacing))
+    return refine_personal(state, reports["centre"], reports["code"], reports["device"],
+                           reports["assign"], hp["rate"])
+
+  methods.append(Method(
+      "persona_dynamic", grid(assignment=rules, rate=tuple(pc.refine_rates),
+                              scope=tuple(pc.refine_scopes)),
+      lambda params, dev, hp: persona_adapt(params, dev, hp), lambda hp: cost, uses=uses,
+      info=dict(info_k, merge_ratio=pc.merge_ratio),
+      stream=Stream(init, dyn_adapt, dyn_refine)))
+  return methods
