@@ -54,7 +54,7 @@ def get_config(arg: str = ""):
   c.data.drift = mlc.ConfigDict(dict(
       windows=6,
       jump_prob=0.15,                   # the whole shift redrawn from the split's ranges
-      label_rate=0.3,                   # label prior: (1-r) p + r Dirichlet draw
+      label_rate=0.3,                   # label prior: stationary Dirichlet, correlation 1-r
       rotation_step=6.0, noise_step=0.04, blur_step=0.05, clutter_strength_step=0.08,
       thickness_prob=0.2))              # stroke thickness moves by one
 
@@ -93,6 +93,10 @@ def get_config(arg: str = ""):
       meta_devices=12288, meta_query_size=32, devices_per_step=32,
       num_steps=3000, learning_rate=1e-3, warmup_steps=50, weight_decay=1e-4, grad_clip=1.0,
       eval_every=250, log_every=100, checkpoint_every=250))
+  # Ablation rows (each trains its own stage): persona_k{K}, persona_single_eps{ε},
+  # duet_frozen_heads (the released code's untrained heads).
+  c.persona.ablations = mlc.ConfigDict(dict(prototypes=(1, 2, 5, 10), epsilons=(0.25, 4.0),
+                                            frozen_heads=True))
   c.method_families = ("baselines", "tta", "cdc_mmpg", "persona")
 
   if smoke:
@@ -107,4 +111,5 @@ def get_config(arg: str = ""):
                           refine_rates=(0.3,), meta_devices=8, meta_query_size=4,
                           devices_per_step=4, num_steps=4, warmup_steps=1, eval_every=2,
                           log_every=2, checkpoint_every=2))
+    c.persona.ablations.update(dict(prototypes=(1,), epsilons=(0.25,)))
   return c

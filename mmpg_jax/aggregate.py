@@ -52,7 +52,23 @@ def table(runs) -> str:
                  f"{m['labels_used_per_device']} | {m['device_backward_passes']} | "
                  f"{flops(m.get('device_flops', 0))} | {flops(m.get('cloud_flops', 0))} | "
                  f"{m['uplink_bytes']:.0f} | {m['downlink_bytes']:.0f} |")
-  return "\n".join(lines)
+  return "\n".join(lines + window_table(runs, sel))
+
+
+def window_table(runs, sel) -> list:
+  """Stream tasks: the selection metric per window position, mean over runs (test)."""
+  w = runs[0].get("windows_per_device")
+  if not w:
+    return []
+  lines = ["", f"Test {sel} per window position (mean over {len(runs)} runs):", "",
+           "| method | " + " | ".join(f"w{i}" for i in range(w)) + " |", "|" + "---|" * (w + 1)]
+  for n in runs[0]["methods"]:
+    per = [r["methods"][n]["per_window"][sel] for r in runs
+           if "per_window" in r["methods"].get(n, {})]
+    if per:
+      lines.append(f"| {n} | " + " | ".join(f"{100 * v:.2f}" for v in np.mean(per, axis=0))
+                   + " |")
+  return lines
 
 
 if __name__ == "__main__":

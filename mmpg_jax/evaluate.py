@@ -65,6 +65,9 @@ class Evaluator:
     """A stateful method (Method.stream) on a split: the cloud serves every entry of window
     position t with the current state, then refines the state with what they reported; t in
     time order (a split without windows is one time step). Each split starts from init."""
+    if method.rescore is not None:
+      raise ValueError(f"method {method.name!r} sets both stream and rescore; a stream "
+                       f"method's adapt gives the parameters it is scored with")
     static, traced = _split_hp(hp)
     key = (method.name, "stream", static)
     full = lambda t: {**dict(static), **t}

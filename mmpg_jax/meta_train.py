@@ -190,7 +190,7 @@ def initial_state(fda, cfg):
 
 def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, workdir,
                    metrics, key: str = "fda_params", metric: str = "accuracy",
-                   hint: str = "Lower the stage's learning_rate."):
+                   config_key: str = "fda", hint: str = "Lower the stage's learning_rate."):
   """The meta-training loop every cloud hypernetwork shares (the FDA, DUET's generator,
   Persona's editors): AdamW over `loss_fn(params, batch) -> (loss, metrics)` on the stage
   config `sc` (learning_rate, warmup_steps, num_steps, weight_decay, grad_clip, eval_every,
@@ -198,8 +198,8 @@ def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, 
   at step 0 and every `sc.eval_every` steps, the best parameters kept. `make_batches()` ->
   `batch_fn(step)` runs only when there is work left (it may encode a pool of meta devices).
   Resumes, checkpoints and guards as every stage (train.run_stage). Returns (best params,
-  summary)."""
-  tx, state = selected_state(params0, sc, key, stage)
+  summary). `config_key` names the stage config in errors."""
+  tx, state = selected_state(params0, sc, key, config_key)
 
   def prepare(state, start):
     if start == 0:

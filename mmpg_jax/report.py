@@ -72,6 +72,29 @@ def _per_window(ev, task) -> dict:
   return out
 
 
+def ablation_lines(results, task) -> list:
+  """Rows a family marks as ablations (info 'ablation'), beside the rows they vary."""
+  m = results["methods"]
+  rows = [n for n in m if m[n].get("info", {}).get("ablation")]
+  if not rows:
+    return []
+  bases = [n for n in m if n not in rows and any(r.startswith(n + "_") for r in rows)]
+  sel = task.selection_metric
+  lines = ["## Ablations", "",
+           "Each ablation row is trained as its own stage and selected like every other row "
+           "(validation devices only), beside the row it varies.", "",
+           f"| method | ablation | validation {sel.name} | {sel.name} test | {sel.name} OOD | "
+           "downlink B |", "|---|---|---|---|---|---|"]
+  for n in bases + rows:
+    r, mt = m[n], m[n]["metrics"]
+    lines.append(f"| {n} | {r.get('info', {}).get('ablation', '(as configured)')} | "
+                 f"{_fmt(sel, r.get(f'validation_{sel.name}', float('nan')))} | "
+                 f"{_fmt(sel, mt.get(sel.name, float('nan')))} | "
+                 f"{_fmt(sel, mt.get(sel.name + '_ood', float('nan')))} | "
+                 f"{r['downlink_bytes']:.0f} |")
+  return lines + [""]
+
+
 def window_lines(results, task) -> list:
   """Who follows the drift: the selection metric per window position, test and OOD."""
   m = results["methods"]
@@ -172,6 +195,7 @@ def write_report(workdir: str, results: dict, cfg, task) -> None:
                    f"{r['downlink_bytes']:.0f} | {100 * r['downlink_bytes'] / base:.1f}% |")
     lines.append("")
   lines += window_lines(results, task)
+  lines += ablation_lines(results, task)
   lines += robustness_lines(results, task)
   lines += diagnosis_lines(results, task)
   lines += [f"![{p}]({p})" for p in plots]

@@ -30,11 +30,12 @@ def setup():
   return cfg, task, model, params, fam
 
 
-def _dev(task, model, params, cfg, seed=0, window=0):
+def _dev(task, model, params, cfg, seed=0, window=0, device_id=None):
   ctx, _ = random_features(task, model, params, cfg.data.context_size, seed)
   query, rng = random_features(task, model, params, 6, seed + 100)
   query["label"] = jnp.asarray(rng.integers(0, 10, 6), jnp.int32)
-  return {"context": ctx, "query": query, "device_id": jnp.int32(seed),
+  return {"context": ctx, "query": query,
+          "device_id": jnp.int32(seed if device_id is None else device_id),
           "window": jnp.int32(window)}
 
 
@@ -66,6 +67,30 @@ def test_kmeans_recovers_separated_clusters_and_is_deterministic():
   assert len(set(a1)) == 4
 
 
+def _numpy_lloyd(x, c, iterations):
+  """Plain numpy Lloyd iterations (the reference)."""
+  x, c = np.asarray(x, np.float64), np.asarray(c, np.float64).copy()
+  for _ in range(iterations):
+    a = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+    for g in range(len(c)):
+      if (a == g).any():
+        c[g] = x[a == g].mean(0)
+  return c, ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+
+
+def test_jax_kmeans_equals_a_numpy_reference_on_a_fixed_seed():
+  x = jax.random.normal(jax.random.key(7), (300, 5))
+  key = jax.random.key(3)
+  centres, assign = persona.kmeans(x, 6, 25, key)
+  init = persona.kmeanspp(x, 6, key)
+  # the seeds are data points, each drawn once
+  rows = [int(np.flatnonzero((np.asarray(x) == np.asarray(c)).all(1))[0]) for c in init]
+  assert len(set(rows)) == 6
+  want_c, want_a = _numpy_lloyd(x, init, 25)
+  np.testing.assert_array_equal(np.asarray(assign), want_a)
+  np.testing.assert_allclose(np.asarray(centres), want_c, rtol=1e-5, atol=1e-5)
+
+
 def test_refine_moves_assigned_centres_by_the_rate_and_merges_close_pairs():
   centres = jnp.asarray([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
   state = {"centres": centres, "population": jnp.full(3, 1 / 3), "merges": jnp.int32(0)}
@@ -85,6 +110,24 @@ def test_refine_moves_assigned_centres_by_the_rate_and_merges_close_pairs():
   np.testing.assert_allclose(out["centres"][0], [0.1, 0.0], atol=1e-6)   # the merged pair
   np.testing.assert_allclose(out["centres"][1], [7.0, 5.0], atol=1e-6)   # the split
   np.testing.assert_allclose(out["population"].sum(), 1.0, rtol=1e-6)
+
+
+def test_refine_never_merges_without_a_split_and_never_averages_to_the_origin():
+  two = {"centres": jnp.asarray([[0.0, 0.0], [0.01, 0.0]]), "population": jnp.zeros(2),
+         "merges": jnp.int32(0)}
+  out = persona.refine(two, jnp.asarray([[1.0, 1.0], [2.0, 2.0]]), jnp.asarray([0, 0]), 0.0,
+                       merge_distance=1.0)
+  assert int(out["merges"]) == 0           # K = 2: merging would leave nothing to split into
+  three = {"centres": jnp.asarray([[1.0, 1.0], [1.01, 1.0], [5.0, 5.0]]),
+           "population": jnp.asarray([0.0, 0.0, 1.0]), "merges": jnp.int32(0)}
+  out = persona.refine(three, jnp.asarray([[5.0, 5.0], [9.0, 5.0]]), jnp.asarray([2, 2]), 0.0,
+                       merge_distance=1.0)
+  assert int(out["merges"]) == 1
+  np.testing.assert_allclose(out["centres"][0], [1.005, 1.0], atol=1e-6)   # midpoint, not 0
+  # a split that would land within the merge distance of its source is not made
+  out = persona.refine(three, jnp.asarray([[5.0, 5.0], [5.5, 5.0]]), jnp.asarray([2, 2]), 0.0,
+                       merge_distance=1.0)
+  assert int(out["merges"]) == 0
 
 
 def test_zero_heads_give_the_global_model_and_duet_starts_at_it(setup):
@@ -118,6 +161,66 @@ def test_layer_codes_carry_knowledge_across_layers(setup):
   assert not np.allclose(e2[1], e2[0], atol=1e-4)
 
 
+def _zero_heads(tree):
+  return dict(tree, heads=jax.tree.map(jnp.zeros_like, tree["heads"]))
+
+
+def test_a_zero_sample_edit_on_a_zero_prototype_edit_is_the_base_model(setup):
+  cfg, task, model, params, fam = setup
+  dev = _dev(task, model, params, cfg)
+  ed = _zero_heads(fam.editor.init(jax.random.key(0), _el(task, dev))["params"])
+  groups = jax.tree.map(lambda x: jnp.stack([x, x]), ed)
+  centres = jax.random.normal(jax.random.key(1), (2, len(fam.layers.paths) * cfg.persona.code_dim))
+  for g in range(2):
+    jax.tree.map(np.testing.assert_array_equal,
+                 fam.group_params(ed, groups, centres, g, dev), params)
+
+
+def test_a_gradient_reaches_every_generator_and_editor_head(setup):
+  cfg, task, model, params, fam = setup
+  dev = _dev(task, model, params, cfg)
+  el = _el(task, dev)
+  gen = fam.generator.init(jax.random.key(0), el)["params"]
+  ed = fam.editor.init(jax.random.key(1), el)["params"]
+  loss = lambda p: task.meta_loss(model, p, dev["query"])[0]
+  checks = {
+      "duet": (gen, lambda g: loss(fam.duet_params(g, dev))),
+      "persona_single": (ed, lambda e: loss(fam.single_params(e, dev))),
+  }
+  groups = jax.tree.map(lambda x: jnp.stack([x, x]), ed)
+  centres = 0.5 * jnp.ones((2, len(fam.layers.paths) * cfg.persona.code_dim))
+  checks["prototype editor 1"] = (
+      groups, lambda gs: loss(fam.group_params(ed, gs, centres, 1, dev)))
+  for name, (tree, fn) in checks.items():
+    grads = jax.grad(fn)(tree)
+    heads = P.flatten(grads["heads"])
+    assert heads, name
+    for path, g in heads.items():
+      g = np.asarray(g)[1] if name.startswith("prototype") else np.asarray(g)
+      assert np.abs(g).max() > 0, (name, path)
+  # ... and the heads of the prototype edit are the Stage-A editor's (frozen in Stage C)
+  grads = jax.grad(lambda e: loss(fam.group_params(e, groups, centres, 0, dev)))(ed)
+  assert all(np.abs(np.asarray(g)).max() > 0 for g in P.flatten(grads["heads"]).values())
+
+
+def test_assignment_picks_the_minimal_edit_or_the_nearest_prototype(setup):
+  cfg, task, model, params, fam = setup
+  dev = _dev(task, model, params, cfg)
+  ed = fam.editor.init(jax.random.key(2), _el(task, dev))["params"]
+  scale = jnp.asarray([3.0, 0.5, 1.0])    # editor 1 needs the smallest sample edit
+  groups = jax.tree.map(lambda x: jnp.stack([x, x, x]), ed)
+  groups = dict(groups, heads=jax.tree.map(
+      lambda h: h * scale.reshape((3,) + (1,) * (h.ndim - 1)), groups["heads"]))
+  code = fam.codes(ed, dev)
+  centres = jnp.stack([code + 5.0, code + 0.1, code - 3.0])   # centre 1 is the nearest too
+  g, c = fam.assign(ed, groups, centres, dev, "min_edit")
+  assert int(g) == 1
+  np.testing.assert_allclose(c, code)
+  centres = jnp.stack([code + 5.0, code - 3.0, code + 0.1])   # now centre 2 is the nearest
+  assert int(fam.assign(ed, groups, centres, dev, "nearest")[0]) == 2
+  assert int(fam.assign(ed, groups, centres, dev, "min_edit")[0]) == 1
+
+
 def _methods(setup, rate=0.5):
   cfg, task, model, params, fam = setup
   dev = _dev(task, model, params, cfg)
@@ -130,7 +233,8 @@ def _methods(setup, rate=0.5):
                                              for kk in keys]), ed)
   centres = jax.random.uniform(jax.random.key(5), (k, len(fam.layers.paths) * cfg.persona.code_dim),
                                minval=-1, maxval=1)
-  return persona.make_methods(fam, gen, ed, groups, centres, np.ones(k, int)), dev
+  proto = {"groups": groups, "centres": centres, "sizes": np.ones(k, int), "summary": {}}
+  return persona.make_methods(fam, gen, ed, proto), dev
 
 
 def test_device_path_of_duet_and_persona_runs_no_backward_pass(setup, no_backward):
@@ -138,10 +242,13 @@ def test_device_path_of_duet_and_persona_runs_no_backward_pass(setup, no_backwar
   methods, dev = _methods(setup)
   names = [m.name for m in methods]
   assert names == ["duet", "persona_single", "persona", "persona_dynamic"]
+  down = [m.cost(m.grid[0]).downlink_bytes for m in methods]
+  floats = fam.layers.floats() * 4
+  assert down == [floats, floats, floats + 4, 2 * floats + 4]   # layers | id + residual
   for m in methods:
     c = m.cost(m.grid[0])
     assert c.device_backward_passes == 0 and c.labels_used_per_device == 0
-    assert c.uplink_bytes > 0 and c.downlink_bytes == fam.layers.floats() * 4
+    assert c.uplink_bytes > 0 and c.downlink_bytes >= fam.layers.floats() * 4
     for hp in m.grid:
       p = jax.jit(lambda d: m.adapt(params, d, hp))(dev)
       task.scores(model, p, dev["query"]).block_until_ready()
@@ -195,8 +302,8 @@ def test_device_scope_keeps_each_device_its_own_moving_copy_of_its_prototype(set
   methods, _ = _methods(setup)
   dyn = methods[-1]
   hp = {"assignment": "nearest", "rate": 1.0, "scope": "device"}
-  a0, a1 = _dev(task, model, params, cfg, seed=0), _dev(task, model, params, cfg, seed=0,
-                                                         window=1)
+  a0 = _dev(task, model, params, cfg, seed=0)
+  a1 = _dev(task, model, params, cfg, seed=5, window=1, device_id=0)   # its next window
   b0 = _dev(task, model, params, cfg, seed=1)
   state = dyn.stream.init(hp, np.arange(2))
   outs = [dyn.stream.adapt(params, d, hp, state) for d in (a0, b0)]
@@ -206,9 +313,10 @@ def test_device_scope_keeps_each_device_its_own_moving_copy_of_its_prototype(set
   np.testing.assert_allclose(state["personal"][0], outs[0][1]["code"], atol=1e-6)  # rate 1
   assert state["owner"].tolist() == [int(outs[0][1]["assign"]), int(outs[1][1]["assign"])]
   # window 1 of device 0, still on the same prototype, decodes its own copy
-  _, rep = dyn.stream.adapt(params, a1, hp, state)
-  if int(rep["assign"]) == int(state["owner"][0]):
-    np.testing.assert_allclose(rep["centre"], state["personal"][0])
+  stay = dict(state, owner=state["owner"].at[0].set(
+      dyn.stream.adapt(params, a1, hp, state)[1]["assign"]))     # still on the same prototype
+  _, rep = dyn.stream.adapt(params, a1, hp, stay)
+  np.testing.assert_allclose(rep["centre"], state["personal"][0])
   # another prototype: a fresh copy from that prototype's centre
   moved = dict(state, owner=state["owner"].at[0].set(-1))
   _, rep = dyn.stream.adapt(params, a1, hp, moved)
@@ -225,6 +333,7 @@ def dataclass_replace(m, **kw):
     ("persona.epsilon", 0.0, "must be > 0"),
     ("persona.layers", ("classifier/norm",), "not a Dense layer"),
     ("persona.assignment", ("closest",), "subset of"),
+    ("persona.refine_rates", (), "at least one value"),
 ])
 def test_bad_persona_configs_are_refused_before_any_work(setup, tmp_path, key, value, match):
   c = setup[0].copy_and_resolve_references()

@@ -178,8 +178,13 @@ def edit_norm(layers):
 # ---- k-means and the dynamic refinement (pure, jittable) --------------------------------------
 
 def kmeans(x, k: int, iterations: int, key):
-  """k-means++ seeding, then Lloyd steps: (centres [k, C], assignment [n]). An empty cluster
-  keeps its centre."""
+  """k-means++ seeding, then `iterations` Lloyd steps: (centres [k, C], assignment [n])."""
+  centres = lloyd(x, kmeanspp(x, k, key), iterations)
+  return centres, jnp.argmin(_sqdist(x, centres), axis=1)
+
+
+def kmeanspp(x, k: int, key):
+  """k-means++ seeding: each next centre drawn with probability ∝ squared distance."""
   n = x.shape[0]
   first = jax.random.randint(key, (), 0, n)
   centres = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
@@ -189,16 +194,20 @@ def kmeans(x, k: int, iterations: int, key):
     j = jax.random.choice(jax.random.fold_in(key, i), n, p=d2 / jnp.maximum(d2.sum(), 1e-12))
     return c.at[i].set(x[j])
 
-  centres = jax.lax.fori_loop(1, k, seed, centres)
+  return jax.lax.fori_loop(1, k, seed, centres)
 
-  def lloyd(_, c):
+
+def lloyd(x, centres, iterations: int):
+  """Lloyd steps from `centres`; an empty cluster keeps its centre."""
+  k = centres.shape[0]
+
+  def step(_, c):
     onehot = jax.nn.one_hot(jnp.argmin(_sqdist(x, c), axis=1), k)
     count = onehot.sum(0)
     mean = onehot.T @ x / jnp.maximum(count, 1.0)[:, None]
     return jnp.where(count[:, None] > 0, mean, c)
 
-  centres = jax.lax.fori_loop(0, iterations, lloyd, centres)
-  return centres, jnp.argmin(_sqdist(x, centres), axis=1)
+  return jax.lax.fori_loop(0, iterations, step, centres)
 
 
 def _sqdist(x, c):
@@ -220,19 +229,27 @@ def refine(state, codes, assign, rate, merge_distance):
   mean = onehot.T @ codes / jnp.maximum(count, 1.0)[:, None]
   c = jnp.where(count[:, None] > 0, c + rate * (mean - c), c)
   pop = (1 - rate) * pop + rate * count / jnp.maximum(count.sum(), 1.0)
-  # merge the closest pair if too close; the freed slot splits the most spread-out prototype
+  # Merge the closest pair if too close; the freed slot splits the most spread-out other
+  # prototype half-way towards its farthest window. Merge and split go together (K stays
+  # fixed), so a merge waits until a split is possible: another prototype (K >= 3) with two
+  # or more windows this step whose new centre lies farther than the merge distance from its
+  # source (no merge-split cycling).
   d = jnp.sqrt(_sqdist(c, c)) + jnp.where(jnp.eye(k, dtype=bool), jnp.inf, 0.0)
   flat = jnp.argmin(d)
   i, j = flat // k, flat % k
   dist_to = jnp.sqrt(((codes - c[assign]) ** 2).sum(-1))                 # [M]
   spread = onehot.T @ dist_to / jnp.maximum(count, 1.0)
-  s = jnp.argmax(jnp.where(jnp.arange(k) == j, -jnp.inf, spread))
+  others = (jnp.arange(k) != i) & (jnp.arange(k) != j)
+  s = jnp.argmax(jnp.where(others, spread, -jnp.inf))
   far = codes[jnp.argmax(jnp.where(assign == s, dist_to, -jnp.inf))]
+  half = 0.5 * (c[s] + far)
   wi, wj = pop[i], pop[j]
-  merged = (wi * c[i] + wj * c[j]) / jnp.maximum(wi + wj, 1e-12)
-  c_m = c.at[i].set(merged).at[j].set(0.5 * (c[s] + far))
+  merged = jnp.where(wi + wj > 0, (wi * c[i] + wj * c[j]) / jnp.maximum(wi + wj, 1e-12),
+                     0.5 * (c[i] + c[j]))
+  c_m = c.at[i].set(merged).at[j].set(half)
   pop_m = pop.at[i].set(wi + wj).at[j].set(0.5 * pop[s]).at[s].set(0.5 * pop[s])
-  do = (d[i, j] < merge_distance) & (count[s] > 1) & (s != i)
+  do = ((d[i, j] < merge_distance) & others[s] & (count[s] > 1)
+        & (jnp.sqrt(((half - c[s]) ** 2).sum()) > merge_distance))
   return {"centres": jnp.where(do, c_m, c), "population": jnp.where(do, pop_m, pop),
           "merges": state["merges"] + do.astype(jnp.int32)}
 
@@ -262,6 +279,16 @@ class Stream:
 def validate_config(cfg, task, model, abstract_params) -> None:
   pc = cfg.persona
   need = config_checks.need
+  for key in ("assignment", "refine_rates", "refine_scopes"):
+    need(len(pc[key]) > 0, f"persona.{key}", pc[key], "a grid needs at least one value")
+  for key in ("merge_ratio", "edit_penalty"):
+    need(pc[key] >= 0, f"persona.{key}", pc[key], "must be >= 0")
+  ab = pc.ablations
+  need(all(e > 0 for e in ab.epsilons), "persona.ablations.epsilons", ab.epsilons,
+       "every clip bound must be > 0")
+  need(all(isinstance(k, int) and 1 <= k <= pc.meta_devices for k in ab.prototypes),
+       "persona.ablations.prototypes", ab.prototypes,
+       f"each K between 1 and the {pc.meta_devices} training windows (persona.meta_devices)")
   for key in ("persona.code_dim", "persona.hidden", "persona.meta_devices",
               "persona.devices_per_step", "persona.num_steps", "persona.learning_rate",
               "persona.kmeans_iterations", "persona.eval_every", "persona.log_every",
@@ -315,9 +342,17 @@ class Family:
     out = self.generator.apply({"params": gen_params}, _elements(self.ctx.task, dev))
     return P.apply_edit(self.ctx.params, self.layers.as_edit(out), mode="replace")
 
-  def single_params(self, ed_params, dev):
+  def single_params(self, ed_params, dev, eps=None):
     ed = self.editor.apply({"params": ed_params}, _elements(self.ctx.task, dev))
-    return P.apply_edit(self.ctx.params, self.layers.as_edit(clip_layers(ed, self.cfg.epsilon)))
+    eps = self.cfg.epsilon if eps is None else eps
+    return P.apply_edit(self.ctx.params, self.layers.as_edit(clip_layers(ed, eps)))
+
+  def example_elements(self):
+    """A window's anchor elements (zeros): the networks' init input."""
+    task, model, params = self.ctx.task, self.ctx.model, self.ctx.params
+    n = self.ctx.config.data.context_size
+    return task.anchor_elements(task.example_features(model, params, n))[
+        task.anchor_modalities[0]]
 
   def codes(self, ed_params, dev):
     return self.editor.apply({"params": ed_params}, _elements(self.ctx.task, dev),
@@ -377,7 +412,7 @@ def _pool(ctx):
   return pool
 
 
-def _train(fam, stage, params0, episode_loss, params_of, pool_fn, salt):
+def _train(fam, stage, params0, episode_loss, params_of, pool_fn):
   """One meta-training stage over the meta windows (meta_train.train_selected)."""
   ctx, pc = fam.ctx, fam.cfg
 
@@ -387,18 +422,26 @@ def _train(fam, stage, params0, episode_loss, params_of, pool_fn, salt):
 
   def make_batches():
     pool = pool_fn()
-    return lambda step: _pool_batch(pool, pc.devices_per_step, ctx.config.seed, step, salt)
+    return lambda step: _pool_batch(pool, pc.devices_per_step, ctx.config.seed, step,
+                                    _salt(stage))
 
   return meta_train.train_selected(
       stage, params0, pc, loss_fn=loss_fn, validate=fam.validator(params_of),
       make_batches=make_batches, cfg=ctx.config, workdir=ctx.workdir, metrics=ctx.metrics,
-      key="net_params", metric=ctx.task.selection_metric.name,
+      key="net_params", metric=ctx.task.selection_metric.name, config_key="persona",
       hint="Lower persona.learning_rate.")
+
+
+def _salt(stage: str) -> int:
+  """A stage's own stream of batch permutations (a stable hash of its name)."""
+  import zlib
+  return {"duet": 21, "persona_editor": 22}.get(stage, zlib.crc32(stage.encode()) % 2 ** 31)
 
 
 def build(ctx):
   """Meta-trains (or reloads) DUET's generator and Persona's editor, prototypes and prototype
-  editors; returns duet, persona_single, persona, persona_dynamic."""
+  editors, and the ablations `persona.ablations` asks for; returns duet, persona_single,
+  persona, persona_dynamic and the ablation rows."""
   task, model, params, cfg = ctx.task, ctx.model, ctx.params, ctx.config
   pc = cfg.persona
   layers = adaptive_layers(params, pc.layers)
@@ -406,84 +449,148 @@ def build(ctx):
   base = tuple((flat[f"{p}/kernel"], flat[f"{p}/bias"]) for p in layers.paths)
   fam = Family(ctx, layers, Generator(layers.shapes, pc.hidden, pc.code_dim, pc.head_scale),
                Editor(layers.shapes, pc.hidden, pc.code_dim, pc.head_scale), base)
-  el0 = task.anchor_elements(task.example_features(model, params, cfg.data.context_size))[
-      task.anchor_modalities[0]]
   cache = {}
 
-  def pool_fn():                      # encoded once, only if some stage has work left
+  def pool_fn():                      # encoded once, only if some stage needs it
     if "pool" not in cache:
       cache["pool"] = _pool(ctx)
     return cache["pool"]
 
-  # DUET: the heads' offsets start at the global layers (module docstring).
-  gen0 = fam.generator.init(jax.random.key(cfg.seed + 11), el0)["params"]
-  gen0 = jax.tree.map(lambda x: x, gen0)
-  for n, (k, b) in enumerate(base):
-    gen0["heads"][f"a_{n}"], gen0["heads"][f"b_{n}"] = k.reshape(-1), b
-  frozen = {}
-  if pc.freeze_heads:                 # the official code's fixed random heads
-    frozen = gen0.pop("heads")
-  duet_of = lambda net, dev: fam.duet_params({**net, **({"heads": frozen} if frozen else {})},
-                                             dev)
-  duet_loss = lambda net, dev: fam.meta_loss(duet_of(net, dev), dev[task.query_role])
-  gen_params, duet_summary = _train(fam, "duet", gen0, duet_loss, duet_of, pool_fn, 21)
-  if frozen:
-    gen_params = {**gen_params, "heads": frozen}
+  ab = pc.ablations
+  gen_params, duet_summary = train_duet(fam, pool_fn, pc.freeze_heads, "duet")
+  ed_params, single_summary = train_editor(fam, pool_fn, pc.epsilon, "persona_editor")
+  proto = train_prototypes(fam, ed_params, pool_fn, pc.prototypes, "persona_prototypes")
+  ctx.extra["persona"] = {"duet": duet_summary, "editor": single_summary,
+                          "prototypes": proto["summary"],
+                          "generator_params": P.tree_size(gen_params),
+                          "editor_params": P.tree_size(ed_params)}
+  methods = make_methods(fam, gen_params, ed_params, proto)
+  # Ablations (issue 10): learnable vs frozen heads, the clip bound, the number of prototypes.
+  if ab.frozen_heads and not pc.freeze_heads:
+    g, summ = train_duet(fam, pool_fn, True, "duet_frozen_heads")
+    ctx.extra["persona"]["duet_frozen_heads"] = summ
+    methods.append(ablation(duet_method(fam, g, "duet_frozen_heads"), "heads frozen"))
+  for eps in ab.epsilons:
+    e, summ = train_editor(fam, pool_fn, eps, f"persona_editor_eps{eps:g}")
+    ctx.extra["persona"][f"editor_eps{eps:g}"] = summ
+    methods.append(ablation(single_method(fam, e, eps, f"persona_single_eps{eps:g}"),
+                            f"epsilon {eps:g}"))
+  for k in ab.prototypes:
+    if k == pc.prototypes:
+      continue
+    pk = train_prototypes(fam, ed_params, pool_fn, k, f"persona_prototypes_k{k}")
+    ctx.extra["persona"][f"prototypes_k{k}"] = pk["summary"]
+    methods.append(ablation(persona_method(fam, ed_params, pk, f"persona_k{k}"),
+                            f"{k} prototypes"))
+  return methods
 
-  # Persona Stage A: the single-prototype editor.
-  ed0 = fam.editor.init(jax.random.key(cfg.seed + 12), el0)["params"]
+
+def ablation(method, what):
+  return dataclasses.replace(method, info=dict(method.info, ablation=what))
+
+
+def train_duet(fam, pool_fn, freeze: bool, stage: str):
+  """DUET's generator; the heads' offsets start at the global layers (module docstring).
+  `freeze`: the heads stay as initialised (the official code's untrained heads)."""
+  ctx = fam.ctx
+  task, cfg = ctx.task, ctx.config
+  gen0 = fam.generator.init(jax.random.key(cfg.seed + 11), fam.example_elements())["params"]
+  gen0 = jax.tree.map(lambda x: x, gen0)
+  for n, (k, b) in enumerate(fam.base_layers):
+    gen0["heads"][f"a_{n}"], gen0["heads"][f"b_{n}"] = k.reshape(-1), b
+  frozen = gen0.pop("heads") if freeze else None
+  with_heads = lambda net: {**net, "heads": frozen} if freeze else net
+  duet_of = lambda net, dev: fam.duet_params(with_heads(net), dev)
+  duet_loss = lambda net, dev: fam.meta_loss(duet_of(net, dev), dev[task.query_role])
+  net, summary = _train(fam, stage, gen0, duet_loss, duet_of, pool_fn)
+  return with_heads(net), summary
+
+
+def train_editor(fam, pool_fn, eps: float, stage: str):
+  """Persona Stage A: the single-prototype editor with clip bound eps."""
+  ctx = fam.ctx
+  task, cfg, pc = ctx.task, ctx.config, fam.cfg
+  ed0 = fam.editor.init(jax.random.key(cfg.seed + 12), fam.example_elements())["params"]
 
   def single_loss(net, dev):
     ed = fam.editor.apply({"params": net}, _elements(task, dev))
-    p = P.apply_edit(params, layers.as_edit(clip_layers(ed, pc.epsilon)))
+    p = P.apply_edit(ctx.params, fam.layers.as_edit(clip_layers(ed, eps)))
     loss, metric = fam.meta_loss(p, dev[task.query_role])
-    return loss + pc.edit_penalty * edit_norm(ed) ** 2 / layers.floats(), metric
+    return loss + pc.edit_penalty * edit_norm(ed) ** 2 / fam.layers.floats(), metric
 
-  ed_params, single_summary = _train(fam, "persona_editor", ed0, single_loss,
-                                     fam.single_params, pool_fn, 22)
+  return _train(fam, stage, ed0, single_loss,
+                lambda net, dev: fam.single_params(net, dev, eps), pool_fn)
 
-  # Stage B: prototypes = k-means over the meta windows' layer codes (cached in the workdir's
-  # checkpoints through Stage C's state: recomputed identically from the same editor).
+
+def train_prototypes(fam, ed_params, pool_fn, k: int, stage: str) -> dict:
+  """Stage B (k-means over the meta windows' Stage-A layer codes; recomputed identically from
+  the same editor on a resumed run) and Stage C (k prototype editors). Returns {'groups',
+  'centres', 'sizes', 'summary'}."""
+  ctx = fam.ctx
+  task, cfg, pc = ctx.task, ctx.config, fam.cfg
   codes_fn = jax.jit(jax.vmap(lambda d: fam.codes(ed_params, d)))
   k_codes = _codes_of_pool(ctx, codes_fn, pool_fn)
   centres, labels = jax.jit(kmeans, static_argnums=(1, 2))(
-      k_codes, pc.prototypes, pc.kmeans_iterations, jax.random.key(cfg.seed + 13))
-  sizes = np.bincount(np.asarray(labels), minlength=pc.prototypes)
-  logging.info("persona: %d prototypes, cluster sizes %s", pc.prototypes, sizes.tolist())
+      k_codes, k, pc.kmeans_iterations, jax.random.key(cfg.seed + 13))
+  labels = np.asarray(labels, np.int32)
+  sizes = np.bincount(labels, minlength=k)
+  logging.info("%s: %d prototypes, cluster sizes %s", stage, k, sizes.tolist())
+  if (sizes == 0).any():
+    raise config_checks.ConfigError(
+        f"k-means left prototype(s) {np.flatnonzero(sizes == 0).tolist()} of {k} without a "
+        f"training window ({len(labels)} windows; sizes {sizes.tolist()}): their editors "
+        f"could not train. Lower the number of prototypes (persona.prototypes or "
+        f"persona.ablations.prototypes) or raise persona.meta_devices")
 
-  # Stage C: K prototype editors, copy g on cluster g's windows. Each copy keeps Stage A's
+  # Stage C: k prototype editors, copy g on cluster g's windows. Each copy keeps Stage A's
   # window encoder and layer GRU but starts its heads afresh (zero offsets, small random
   # maps): at step 0 a window gets its prototype's edit and almost no sample edit, instead of
-  # the prototype's edit plus a second full Stage-A edit.
+  # the prototype's edit plus a second full Stage-A edit. A step trains one copy on a batch
+  # of its own cluster's windows (copies in turn: g = step mod k), so a step gathers and
+  # updates one copy, not one per window.
   def fresh_heads(g):
-    h = fam.editor.init(jax.random.key(cfg.seed + 100 + g), el0)["params"]["heads"]
-    return dict(ed_params, heads=h)
+    h = fam.editor.init(jax.random.key(cfg.seed + 100 + g), fam.example_elements())["params"]
+    return dict(ed_params, heads=h["heads"])
 
-  group0 = jax.tree.map(lambda *xs: jnp.stack(xs),
-                        *[fresh_heads(g) for g in range(pc.prototypes)])
+  group0 = jax.tree.map(lambda *xs: jnp.stack(xs), *[fresh_heads(g) for g in range(k)])
 
-  def group_loss(net, dev):
-    g = dev["cluster"]
+  def group_loss(net, dev, g):
     p = fam.group_params(ed_params, net, centres, g, dev)
     sample = fam.editor.apply({"params": jax.tree.map(lambda x: x[g], net)},
                               _elements(task, dev))
     loss, metric = fam.meta_loss(p, dev[task.query_role])
-    return loss + pc.edit_penalty * edit_norm(sample) ** 2 / layers.floats(), metric
+    return loss + pc.edit_penalty * edit_norm(sample) ** 2 / fam.layers.floats(), metric
+
+  def loss_fn(net, batch):
+    loss, metric = jax.vmap(lambda d: group_loss(net, d, batch["cluster"]))(batch["dev"])
+    return loss.mean(), {f"query_{task.selection_metric.name}": metric.mean()}
+
+  members = [np.flatnonzero(labels == g) for g in range(k)]
+
+  def make_batches():
+    pool = pool_fn()
+
+    def batch(step):
+      g = step % k
+      ids = members[g]
+      rnd, pos = divmod(step // k, max(len(ids) // pc.devices_per_step, 1))
+      perm = np.random.default_rng([cfg.seed, 23, g, rnd]).permutation(ids)
+      take = perm[np.arange(pos * pc.devices_per_step, (pos + 1) * pc.devices_per_step)
+                  % len(perm)]
+      return {"dev": jax.tree.map(lambda v: v[take], pool), "cluster": np.int32(g)}
+    return batch
 
   def group_of(net, dev):
     g, _ = fam.assign(ed_params, net, centres, dev, "nearest")
     return fam.group_params(ed_params, net, centres, g, dev)
 
-  def labelled_pool():
-    return {**pool_fn(), "cluster": np.asarray(labels, np.int32)}
-
-  group_params, proto_summary = _train(fam, "persona_prototypes", group0, group_loss, group_of,
-                                       labelled_pool, 23)
-  ctx.extra["persona"] = {"duet": duet_summary, "editor": single_summary,
-                          "prototypes": {**proto_summary, "cluster_sizes": sizes.tolist()},
-                          "generator_params": P.tree_size(gen_params),
-                          "editor_params": P.tree_size(ed_params)}
-  return make_methods(fam, gen_params, ed_params, group_params, centres, sizes)
+  groups, summary = meta_train.train_selected(
+      stage, group0, pc, loss_fn=loss_fn, validate=fam.validator(group_of),
+      make_batches=make_batches, cfg=cfg, workdir=ctx.workdir, metrics=ctx.metrics,
+      key="net_params", metric=task.selection_metric.name, config_key="persona",
+      hint="Lower persona.learning_rate.")
+  return {"groups": groups, "centres": jnp.asarray(centres), "sizes": sizes,
+          "summary": {**summary, "cluster_sizes": sizes.tolist()}}
 
 
 def _codes_of_pool(ctx, codes_fn, pool_fn, chunk: int = 512):
@@ -494,36 +601,73 @@ def _codes_of_pool(ctx, codes_fn, pool_fn, chunk: int = 512):
   return jnp.asarray(np.concatenate(out))
 
 
-def make_methods(fam, gen_params, ed_params, group_params, centres, sizes):
-  ctx, pc = fam.ctx, fam.cfg
-  task, cfg, cm = ctx.task, ctx.config, ctx.cost_model
+def _cost(fam, downlink_floats: float, extra_bytes: int = 0):
+  ctx = fam.ctx
+  task, cfg = ctx.task, ctx.config
   n_ctx = cfg.data.context_size
   dbytes = costs.dtype_bytes(cfg.comm_dtype)
-  el_dim = task.anchor_dims(ctx.model, ctx.params)[task.anchor_modalities[0]]
-  n_el = task.num_elements(ctx.model, ctx.params, n_ctx)[task.anchor_modalities[0]]
-  cost = costs.DeviceCost(uplink_bytes=n_el * el_dim * dbytes,
-                          downlink_bytes=fam.layers.floats() * dbytes,
-                          device_flops=cm.encode(n_ctx))
-  info = {"real_time_elements": n_el, "adaptive_layers": list(fam.layers.paths)}
-  uses = (task.context_role,)
-  methods = [
-      Method("duet", ({},), lambda params, dev, hp: fam.duet_params(gen_params, dev),
-             lambda hp: cost, uses=uses, info={**info, "freeze_heads": bool(pc.freeze_heads)}),
-      Method("persona_single", ({},), lambda params, dev, hp: fam.single_params(ed_params, dev),
-             lambda hp: cost, uses=uses, info=dict(info, epsilon=pc.epsilon)),
-  ]
-  centres = jnp.asarray(centres)
-  info_k = dict(info, prototypes=pc.prototypes, cluster_sizes=[int(s) for s in sizes],
-                epsilon=pc.epsilon, sample_epsilon=pc.sample_epsilon)
-  rules = tuple(pc.assignment)
+  mod = task.anchor_modalities[0]
+  el_dim = task.anchor_dims(ctx.model, ctx.params)[mod]
+  n_el = task.num_elements(ctx.model, ctx.params, n_ctx)[mod]
+  return costs.DeviceCost(uplink_bytes=n_el * el_dim * dbytes,
+                          downlink_bytes=downlink_floats * dbytes + extra_bytes,
+                          device_flops=ctx.cost_model.encode(n_ctx))
 
-  def persona_adapt(params, dev, hp):
-    g, _ = fam.assign(ed_params, group_params, centres, dev, hp["assignment"])
-    return fam.group_params(ed_params, group_params, centres, g, dev)
 
-  methods.append(Method("persona", grid(assignment=rules), persona_adapt, lambda hp: cost,
-                        uses=uses, info=info_k))
+def _info(fam):
+  task, cfg = fam.ctx.task, fam.ctx.config
+  mod = task.anchor_modalities[0]
+  return {"real_time_elements": task.num_elements(fam.ctx.model, fam.ctx.params,
+                                                  cfg.data.context_size)[mod],
+          "adaptive_layers": list(fam.layers.paths)}
 
+
+def duet_method(fam, gen_params, name="duet"):
+  """Downlink per window: the generated layers, whole."""
+  cost = _cost(fam, fam.layers.floats())
+  return Method(name, ({},), lambda params, dev, hp: fam.duet_params(gen_params, dev),
+                lambda hp: cost, uses=(fam.ctx.task.context_role,),
+                info=dict(_info(fam), downlink="the adaptive layers, whole"))
+
+
+def single_method(fam, ed_params, eps, name="persona_single"):
+  cost = _cost(fam, fam.layers.floats())
+  return Method(name, ({},), lambda params, dev, hp: fam.single_params(ed_params, dev, eps),
+                lambda hp: cost, uses=(fam.ctx.task.context_role,),
+                info=dict(_info(fam), epsilon=eps, downlink="the clipped edit"))
+
+
+PROTOTYPE_ID_BYTES = 4
+
+
+def persona_method(fam, ed_params, proto, name="persona"):
+  """Downlink per window: the prototype's id and the clipped sample edit; the device holds
+  the K prototype edits (downloaded once: `prototype_bank_bytes` in info)."""
+  pc = fam.cfg
+  k = len(proto["sizes"])
+  dbytes = costs.dtype_bytes(fam.ctx.config.comm_dtype)
+  groups, centres = proto["groups"], proto["centres"]
+  cost = _cost(fam, fam.layers.floats(), PROTOTYPE_ID_BYTES)
+
+  def adapt(params, dev, hp):
+    g, _ = fam.assign(ed_params, groups, centres, dev, hp["assignment"])
+    return fam.group_params(ed_params, groups, centres, g, dev)
+
+  return Method(name, grid(assignment=tuple(pc.assignment)), adapt, lambda hp: cost,
+                uses=(fam.ctx.task.context_role,),
+                info=dict(_info(fam), prototypes=k, cluster_sizes=[int(s) for s in proto["sizes"]],
+                          epsilon=pc.epsilon, sample_epsilon=pc.sample_epsilon,
+                          prototype_bank_bytes=k * fam.layers.floats() * dbytes,
+                          downlink="prototype id + the clipped sample edit"))
+
+
+def make_methods(fam, gen_params, ed_params, proto):
+  """duet, persona_single, persona and persona_dynamic from trained networks."""
+  pc = fam.cfg
+  methods = [duet_method(fam, gen_params), single_method(fam, ed_params, pc.epsilon),
+             persona_method(fam, ed_params, proto)]
+  static = methods[-1]
+  groups, centres, sizes = proto["groups"], proto["centres"], proto["sizes"]
   spacing = median_spacing(centres)
   share = jnp.asarray(sizes / max(sizes.sum(), 1), jnp.float32)
 
@@ -534,12 +678,12 @@ def make_methods(fam, gen_params, ed_params, group_params, centres, sizes):
             "owner": jnp.full((n,), -1, jnp.int32)}
 
   def dyn_adapt(params, dev, hp, state):
-    g, code = fam.assign(ed_params, group_params, state["centres"], dev, hp["assignment"])
+    g, code = fam.assign(ed_params, groups, state["centres"], dev, hp["assignment"])
     centre = state["centres"][g]
     if hp["scope"] == "device":      # the device's own copy of its prototype, while it stays
       i = dev["device_id"]
       centre = jnp.where(state["owner"][i] == g, state["personal"][i], centre)
-    return (fam.params_at(ed_params, group_params, centre, g, dev),
+    return (fam.params_at(ed_params, groups, centre, g, dev),
             {"code": code, "assign": g, "centre": centre, "device": dev["device_id"]})
 
   def dyn_refine(state, reports, hp):
@@ -549,10 +693,15 @@ def make_methods(fam, gen_params, ed_params, group_params, centres, sizes):
     return refine_personal(state, reports["centre"], reports["code"], reports["device"],
                            reports["assign"], hp["rate"])
 
-  methods.append(Method(
-      "persona_dynamic", grid(assignment=rules, rate=tuple(pc.refine_rates),
-                              scope=tuple(pc.refine_scopes)),
-      lambda params, dev, hp: persona_adapt(params, dev, hp), lambda hp: cost, uses=uses,
-      info=dict(info_k, merge_ratio=pc.merge_ratio),
+  # A refined prototype no longer matches the device's copy of the bank: the downlink also
+  # carries the refined prototype edit (an upper bound: sent every window).
+  dyn_cost = _cost(fam, 2 * fam.layers.floats(), PROTOTYPE_ID_BYTES)
+  methods.append(dataclasses.replace(
+      static, name="persona_dynamic",
+      grid=grid(assignment=tuple(pc.assignment), rate=tuple(pc.refine_rates),
+                scope=tuple(pc.refine_scopes)),
+      adapt=lambda params, dev, hp: static.adapt(params, dev, hp), cost=lambda hp: dyn_cost,
+      info=dict(static.info, merge_ratio=pc.merge_ratio,
+                downlink="prototype id + the clipped sample edit + the refined prototype edit"),
       stream=Stream(init, dyn_adapt, dyn_refine)))
   return methods
