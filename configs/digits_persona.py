@@ -6,9 +6,11 @@ adapts once per window and the report gives accuracy per window position. The tr
 baseline, test-time-adaptation and CDC-MMPG settings start from the video QA config (loaded,
 not copied); what differs is set here.
 
-Default, ~6 min on 2 CPU cores:
+Default, ~12.5 min on 2 CPU cores (742 s measured, data prepared; building it adds ~15 s):
+global model 38 s, CDC-MMPG 118 s (12,288 meta windows), Persona/DUET with their ablations
+(ten meta-trained stages) ~8 min, evaluation of 28 methods 84 s:
   python -m mmpg_jax.main --config=configs/digits_persona.py --workdir=runs/digits
-Smoke (same code path, tiny), about 1 min:
+Smoke (same code path, tiny), about 1.5 min:
   python -m mmpg_jax.main --config=configs/digits_persona.py:smoke --workdir=/tmp/smoke_d
 
 Expected result of the default run: see WORKSPACE.md ("Drifting digits"), 3 seeds. The smoke
