@@ -13,7 +13,9 @@ global model 38 s, CDC-MMPG 118 s (12,288 meta windows), Persona/DUET with their
 Smoke (same code path, tiny), about 1.5 min:
   python -m mmpg_jax.main --config=configs/digits_persona.py:smoke --workdir=/tmp/smoke_d
 
-Expected result of the default run: see WORKSPACE.md ("Drifting digits"), 3 seeds. The smoke
+Expected result of the default run (3 seeds, WORKSPACE.md "Results: drifting digits"): test
+accuracy global 63.3, fta_k5 70.3, prior_em 67.6, cdc_mmpg 78.4, duet 79.1, persona_single 79.2,
+persona 78.4, persona_dynamic 78.4, persona_k1 79.8, oracle 80.9. The smoke
 run only checks that every stage runs end to end; its numbers mean nothing.
 """
 import importlib.util
