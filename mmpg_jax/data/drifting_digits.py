@@ -148,10 +148,7 @@ def render_images(rng: np.random.Generator, shift: Mapping, pool_by_class, image
           "label": label.astype(np.int32)}
 
 
-def _pool(cfg, split):
-  images, _ = digits.load_mnist_5k()
-  by_class = digits.instance_pools(int(cfg["seed"]))[md.SPLIT_POOL[split]]
-  return images, by_class
+_pool = md._pool        # (images, the split's instance pool by class)
 
 
 def _rng(cfg, split, index, role, window):
@@ -159,13 +156,8 @@ def _rng(cfg, split, index, role, window):
                                 ROLE_CODES[role], WINDOW_OFFSET + int(window)])
 
 
-def device_roles(cfg: Mapping, split: str) -> dict:
-  """The role sizes of one window of a split's devices."""
-  roles = {"context": cfg["context_size"], "support": cfg["support_size"],
-           "query": cfg["query_size"]}
-  if split != "meta":
-    roles["oracle"] = cfg["oracle_size"]
-  return roles
+# The role sizes of one window (the video benchmark's roles, per window).
+device_roles = md.device_roles
 
 
 def _shift_record(shift) -> dict:
@@ -184,7 +176,7 @@ def make_device(cfg: Mapping, split: str, index: int, roles: Mapping[str, int],
   traj = trajectory(cfg, split, index)
   ws = range(len(traj)) if windows is None else windows
   out = {"device_id": np.int32(index),
-         "shift": md_stack([_shift_record(traj[w]) for w in ws])}
+         "shift": {k: np.stack([_shift_record(traj[w])[k] for w in ws]) for k in SHIFT_KEYS}}
   for role, n in roles.items():
     per = [render_images(_rng(cfg, split, index, role, w), traj[w], by_class, images, int(n),
                          cfg) for w in ws]
@@ -211,7 +203,3 @@ def make_global_train_device(cfg: Mapping, index: int, n: int) -> dict:
   return render_images(np.random.default_rng([int(cfg["seed"]), SPLIT_CODES["global_train"],
                                               int(index), ROLE_CODES["train"]]),
                        shift, by_class, images, n, cfg)
-
-
-def md_stack(records):
-  return {k: np.stack([r[k] for r in records]) for k in records[0]}
