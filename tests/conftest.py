@@ -95,11 +95,23 @@ def subprocess_env(data_dir):
 
 @pytest.fixture(scope="session")
 def clean_run(tmp_path_factory, data_dir):
-  """One uninterrupted run of `python -m mmpg_jax.main` (smoke config + LONG)."""
-  workdir = tmp_path_factory.mktemp("clean") / "run"
-  r = subprocess.run(main_cmd(workdir, *LONG), cwd=ROOT, env=subprocess_env(data_dir),
-                     capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
+  """One uninterrupted run of `python -m mmpg_jax.main` (smoke config + LONG), made once per
+  test session and shared by the pytest-xdist workers: the first worker to need it runs it
+  under a file lock, the others wait for it and read the same workdir (no test writes there)."""
+  import fcntl
+  base = tmp_path_factory.getbasetemp()
+  # Under xdist each worker's base is <session>/popen-gwN; the session folder is common.
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  workdir = root / "clean_run" / "run"
+  with open(root / "clean_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not (workdir / "results.json").exists():
+        r = subprocess.run(main_cmd(workdir, *LONG), cwd=ROOT, env=subprocess_env(data_dir),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return workdir
 
 
