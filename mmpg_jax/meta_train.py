@@ -140,37 +140,48 @@ def meta_loss_fn(task, model, fda, base_params, fc):
   return loss_fn
 
 
+def pool_batch(pool, n_per_step: int, seed: int, step: int, salt: int = 7) -> dict:
+  """The `n_per_step` pool devices of a step: a per-epoch permutation (every device once before
+  any repeats), a function of (seed, salt, step) only; `salt` gives a stage its own order."""
+  n = len(jax.tree.leaves(pool)[0])
+  per_epoch = max(n // n_per_step, 1)
+  epoch, pos = divmod(step, per_epoch)
+  ids = np.random.default_rng([seed, salt, epoch]).permutation(n)[
+      pos * n_per_step:(pos + 1) * n_per_step]
+  return jax.tree.map(lambda v: v[ids], pool)
+
+
 def episode_batch(pool, fc, seed, step):
   """Devices and anchor budgets of a step: a function of (seed, step) only."""
-  n = len(jax.tree.leaves(pool)[0])
   b = fc.devices_per_step
-  per_epoch = max(n // b, 1)
-  epoch, pos = divmod(step, per_epoch)
-  perm = np.random.default_rng([seed, 7, epoch]).permutation(n)
-  ids = perm[pos * b:(pos + 1) * b]
   ks = np.random.default_rng([seed, 11, step]).choice(np.asarray(fc.train_ks), b)
-  return {"dev": jax.tree.map(lambda v: v[ids], pool), "k": ks.astype(np.int32)}
+  return {"dev": pool_batch(pool, b, seed, step), "k": ks.astype(np.int32)}
+
+
+def validator(task, model, val_feats, params_of):
+  """`params_of(net, dev) -> device params` -> `validate(net)`: the mean selection metric on
+  validation devices, signed so that higher is better (one jitted vmap over the devices)."""
+  metric = task.selection_metric
+  sign = 1.0 if metric.higher_is_better else -1.0
+
+  def one(net, dev):
+    query = dev[task.query_role]
+    return task.metric_values(task.scores(model, params_of(net, dev), query), query)[metric.name]
+
+  # The validation data is an argument, not a closed-over constant: XLA would otherwise
+  # constant-fold the anchor selection of every device at compile time.
+  batched = jax.jit(lambda net, sub: sign * jax.vmap(one, in_axes=(None, 0))(net, sub).mean())
+  sub = {k: v for k, v in val_feats.items() if k not in (task.support_role, task.oracle_role)}
+  return lambda net: batched(net, sub)
 
 
 def make_validator(task, model, fda, base_params, val_feats, cfg, summary=None):
   """Mean selection metric of cdc_mmpg (default selector and K) on validation devices,
   signed so that higher is better."""
   ac = cfg.adr
-  metric = task.selection_metric
-  sign = 1.0 if metric.higher_is_better else -1.0
-
-  def one(fda_params, dev):
-    p = cdc_mmpg.adapt_device(task, base_params, fda, fda_params, dev, selector=ac.selector,
-                              k=ac.k, clip=cfg.fda.clip, key=cdc_mmpg.device_key(cfg.seed, dev),
-                              summary=summary)
-    query = dev[task.query_role]
-    return task.metric_values(task.scores(model, p, query), query)[metric.name]
-
-  # The validation data is an argument, not a closed-over constant: XLA would otherwise
-  # constant-fold the anchor selection of every device at compile time.
-  batched = jax.jit(lambda fp, sub: sign * jax.vmap(one, in_axes=(None, 0))(fp, sub).mean())
-  sub = {k: v for k, v in val_feats.items() if k not in (task.support_role, task.oracle_role)}
-  return lambda fda_params: batched(fda_params, sub)
+  return validator(task, model, val_feats, lambda fda_params, dev: cdc_mmpg.adapt_device(
+      task, base_params, fda, fda_params, dev, selector=ac.selector, k=ac.k, clip=cfg.fda.clip,
+      key=cdc_mmpg.device_key(cfg.seed, dev), summary=summary))
 
 
 def selected_state(params0, sc, key: str = "fda_params", what: str = "fda"):

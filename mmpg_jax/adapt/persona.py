@@ -315,15 +315,6 @@ def _elements(task, dev):
   return task.anchor_elements(dev[task.context_role])[task.anchor_modalities[0]]
 
 
-def _pool_batch(pool, n_per_step, seed, step, salt):
-  n = len(jax.tree.leaves(pool)[0])
-  per_epoch = max(n // n_per_step, 1)
-  epoch, pos = divmod(step, per_epoch)
-  ids = np.random.default_rng([seed, salt, epoch]).permutation(n)[
-      pos * n_per_step:(pos + 1) * n_per_step]
-  return jax.tree.map(lambda v: v[ids], pool)
-
-
 @dataclasses.dataclass
 class Family:
   """Everything the persona family builds, shared by its methods and its tests."""
@@ -389,18 +380,7 @@ class Family:
 
   def validator(self, params_of):
     """params_of(net_params, dev) -> device params; mean selection metric on validation."""
-    task, model = self.ctx.task, self.ctx.model
-    sel = task.selection_metric
-    sign = 1.0 if sel.higher_is_better else -1.0
-    sub = {k: v for k, v in self.ctx.val.items() if k not in (task.support_role,
-                                                               task.oracle_role)}
-
-    def one(net, dev):
-      q = dev[task.query_role]
-      return task.metric_values(task.scores(model, params_of(net, dev), q), q)[sel.name]
-
-    fn = jax.jit(lambda net, s: sign * jax.vmap(one, in_axes=(None, 0))(net, s).mean())
-    return lambda net: fn(net, sub)
+    return meta_train.validator(self.ctx.task, self.ctx.model, self.ctx.val, params_of)
 
 
 def _pool(ctx):
@@ -422,8 +402,8 @@ def _train(fam, stage, params0, episode_loss, params_of, pool_fn):
 
   def make_batches():
     pool = pool_fn()
-    return lambda step: _pool_batch(pool, pc.devices_per_step, ctx.config.seed, step,
-                                    _salt(stage))
+    return lambda step: meta_train.pool_batch(pool, pc.devices_per_step, ctx.config.seed, step,
+                                              _salt(stage))
 
   return meta_train.train_selected(
       stage, params0, pc, loss_fn=loss_fn, validate=fam.validator(params_of),
@@ -700,7 +680,7 @@ def make_methods(fam, gen_params, ed_params, proto):
       static, name="persona_dynamic",
       grid=grid(assignment=tuple(pc.assignment), rate=tuple(pc.refine_rates),
                 scope=tuple(pc.refine_scopes)),
-      adapt=lambda params, dev, hp: static.adapt(params, dev, hp), cost=lambda hp: dyn_cost,
+      cost=lambda hp: dyn_cost,
       info=dict(static.info, merge_ratio=pc.merge_ratio,
                 downlink="prototype id + the clipped sample edit + the refined prototype edit"),
       stream=Stream(init, dyn_adapt, dyn_refine)))
