@@ -85,14 +85,16 @@ def get_config(arg: str = ""):
   c.cdc_robust.cloud_leaves = c.baselines.tent.leaves
   c.adr.update(dict(k=8, k_sweep=(2, 8, 32), ablations=("random", "all")))
   # Persona and DUET (adapt/persona.py): the classifier's two Dense layers are the adaptive
-  # layers; ε = edit clip, ε_s = sample-edit clip; assignment rule and refinement rate are
-  # chosen on validation devices.
+  # layers; ε = edit clip, ε_s = sample-edit clip; K (`prototypes`), the assignment rule and
+  # the refinement rate and scope are chosen on validation devices. refine_training: Stage C
+  # also decodes the centres device-scope refinement would serve (adapt/persona.py).
   c.persona = mlc.ConfigDict(dict(
       layers=("classifier/hidden", "classifier/out"),
       code_dim=32, hidden=64, head_scale=0.1, freeze_heads=False,
       epsilon=1.0, sample_epsilon=0.5, edit_penalty=1e-3,
-      prototypes=8, kmeans_iterations=50, assignment=("nearest", "min_edit"),
+      prototypes=(2, 5, 8), kmeans_iterations=50, assignment=("nearest", "min_edit"),
       refine_rates=(0.1, 0.3, 0.6), refine_scopes=("population", "device"),
+      refine_training=True,
       merge_ratio=0.25,
       meta_devices=12288, meta_query_size=32, devices_per_step=32,
       num_steps=3000, learning_rate=1e-3, warmup_steps=50, weight_decay=1e-4, grad_clip=1.0,
@@ -111,7 +113,7 @@ def get_config(arg: str = ""):
     c.model.update(dict(channels=(4, 8, 8), embed_dim=16, head_hidden=16))
     c.fda.meta_query_size = 4
     c.adr.update(dict(k=2, k_sweep=(2,), ablations=("random", "all")))
-    c.persona.update(dict(code_dim=8, hidden=8, prototypes=2, kmeans_iterations=3,
+    c.persona.update(dict(code_dim=8, hidden=8, prototypes=(2,), kmeans_iterations=3,
                           refine_rates=(0.3,), meta_devices=8, meta_query_size=4,
                           devices_per_step=4, num_steps=4, warmup_steps=1, eval_every=2,
                           log_every=2, checkpoint_every=2))

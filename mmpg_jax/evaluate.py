@@ -145,6 +145,7 @@ class Evaluator:
       names = next(iter(per_group_diag.values()), {})
       diags = {name: {g: d[name] for g, d in per_group_diag.items()} for name in names}
       out[m.name] = {"hp": hp, "validation": max(scores), "grid_scores": scores,
+                     "grid": list(m.grid),
                      "per_device": per_group, "diagnostics": diags}
       # A stream task's entries are (device, window) pairs: the report averages by position.
       windows = {g: np.asarray(f["window"]) for g, f in eval_feats.items() if "window" in f}

@@ -48,6 +48,10 @@ def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
                      **method_costs[name].as_dict(),
                      "selected_hparams": ev["hp"],
                      f"validation_{sel.name}": sign * float(ev["validation"]),
+                     # every grid point's validation score: what the selection chose among
+                     **({"validation_grid": [{"hp": h, sel.name: sign * float(s)}
+                                             for h, s in zip(ev["grid"], ev["grid_scores"])]}
+                        if len(ev.get("grid", ())) > 1 else {}),
                      **({"info": method_info[name]} if method_info and method_info.get(name)
                         else {})}
   windows = evals["global"].get("window", {})

@@ -227,14 +227,14 @@ def _methods(setup, rate=0.5):
   el = _el(task, dev)
   gen = fam.generator.init(jax.random.key(2), el)["params"]
   ed = fam.editor.init(jax.random.key(3), el)["params"]
-  k = cfg.persona.prototypes
+  k = max(cfg.persona.prototypes)
   keys = jax.random.split(jax.random.key(4), k)
   groups = jax.tree.map(lambda x: jnp.stack([x + 0.01 * jax.random.normal(kk, x.shape)
                                              for kk in keys]), ed)
   centres = jax.random.uniform(jax.random.key(5), (k, len(fam.layers.paths) * cfg.persona.code_dim),
                                minval=-1, maxval=1)
   proto = {"groups": groups, "centres": centres, "sizes": np.ones(k, int), "summary": {}}
-  return persona.make_methods(fam, gen, ed, proto), dev
+  return persona.make_methods(fam, gen, ed, {k: proto}), dev
 
 
 def test_device_path_of_duet_and_persona_runs_no_backward_pass(setup, no_backward):
@@ -275,14 +275,14 @@ def test_the_evaluator_serves_streams_in_time_order_and_refines_between_windows(
   devs = [_dev(task, model, params, cfg, seed=s, window=w) for s in range(3) for w in range(3)]
   feats = jax.tree.map(lambda *x: np.stack(x), *devs)
   ev = evaluate.Evaluator(task, model, device_chunk=4)
-  hp = {"assignment": "nearest", "rate": 0.0, "scope": "population"}
+  hp = {"assignment": "nearest", "rate": 0.0, "scope": "population", "prototypes": max(cfg.persona.prototypes)}
   # rate 0: the state never moves, so the stream equals the stateless method entry by entry
   a = ev.per_device_metrics(dyn, params, feats, hp)
   b = ev.per_device_metrics(dataclass_replace(dyn, stream=None), params, feats, hp)
   np.testing.assert_array_equal(a["accuracy"], b["accuracy"])
   # with refinement, window 0 is served by the initial state (same as static) and the state
   # seen at window t is the one refined by windows < t: recompute it by hand
-  hp = {"assignment": "nearest", "rate": 0.9, "scope": "population"}
+  hp = {"assignment": "nearest", "rate": 0.9, "scope": "population", "prototypes": max(cfg.persona.prototypes)}
   got = ev.per_device_metrics(dyn, params, feats, hp)
   state = dyn.stream.init(hp, np.arange(3))
   for w in range(3):
@@ -301,7 +301,7 @@ def test_device_scope_keeps_each_device_its_own_moving_copy_of_its_prototype(set
   cfg, task, model, params, fam = setup
   methods, _ = _methods(setup)
   dyn = methods[-1]
-  hp = {"assignment": "nearest", "rate": 1.0, "scope": "device"}
+  hp = {"assignment": "nearest", "rate": 1.0, "scope": "device", "prototypes": max(cfg.persona.prototypes)}
   a0 = _dev(task, model, params, cfg, seed=0)
   a1 = _dev(task, model, params, cfg, seed=5, window=1, device_id=0)   # its next window
   b0 = _dev(task, model, params, cfg, seed=1)
@@ -329,7 +329,8 @@ def dataclass_replace(m, **kw):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("persona.prototypes", 100, "training windows"),
+    ("persona.prototypes", (2, 100), "training windows"),
+    ("persona.prototypes", (), "training windows"),
     ("persona.epsilon", 0.0, "must be > 0"),
     ("persona.layers", ("classifier/norm",), "not a Dense layer"),
     ("persona.assignment", ("closest",), "subset of"),
@@ -342,3 +343,25 @@ def test_bad_persona_configs_are_refused_before_any_work(setup, tmp_path, key, v
   with pytest.raises(config_checks.ConfigError, match=match):
     main.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+def test_history_centres_replay_device_scope_refinement_along_each_meta_stream():
+  """Stage C's refined training centres equal a plain loop over each stream: window t is served
+  its device's copy of its prototype's centre (a fresh copy when the prototype changes), which
+  then moves towards the window's code."""
+  rng = np.random.default_rng(0)
+  k, c, w, n, rate = 3, 4, 3, 8, 0.4               # 8 windows: streams of 3, the last partial
+  centres = rng.normal(size=(k, c)).astype(np.float32)
+  codes = rng.normal(size=(n, c)).astype(np.float32)
+  labels = np.array([0, 0, 1, 2, 2, 2, 1, 1], np.int32)
+  want = np.zeros_like(codes)
+  for start in range(0, n, w):
+    owner, p = -1, None
+    for i in range(start, min(start + w, n)):
+      g = labels[i]
+      want[i] = p if owner == g else centres[g]
+      p, owner = want[i] + rate * (codes[i] - want[i]), g
+  got = persona.history_centres(jnp.asarray(codes), jnp.asarray(labels), jnp.asarray(centres),
+                                w, rate)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(got)[[0, 3, 6]], centres[labels[[0, 3, 6]]])  # starts

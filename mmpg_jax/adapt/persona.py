@@ -19,6 +19,12 @@ Prototypes (Stage B): k-means in JAX (k-means++ seeding, Lloyd steps) over the m
 Prototype editors (Stage C): K copies of the Stage-A editor (fresh heads), copy g
   meta-trained on the windows of cluster g for a sample edit on top of prototype g:
   W = W_base + clip(proto_g + clip(sample_g(x), ±ε_s), ±ε), with a penalty on the sample edit.
+  With `persona.refine_training` (default on) a training window's prototype edit is decoded,
+  as often as not, from the centre the device-scope refinement would hold for it (its meta
+  stream's earlier windows, `history_centres`, at a rate drawn from `refine_rates`): without
+  it the decoder only ever meets the K fixed centres, and a refined centre is off its
+  training distribution (issue 10, step 1: refinement then never helped).
+The number of prototypes K is chosen on validation devices among `persona.prototypes`.
 Assignment, chosen on validation devices: `nearest` (the k-means assignment of the window's
   Stage-A code) or `min_edit` (the prototype whose editor needs the smallest sample edit: the
   official dynamic inference).
@@ -254,6 +260,29 @@ def refine(state, codes, assign, rate, merge_distance):
           "merges": state["merges"] + do.astype(jnp.int32)}
 
 
+def history_centres(codes, labels, centres, windows: int, rate: float):
+  """The centre device-scope refinement serves each meta window with: meta ids come in streams
+  of `windows` consecutive windows (`task.meta_windows_per_stream`); each stream is replayed
+  through `refine_personal` in time order with assignments `labels`. Returns [N, C]: window i's
+  centre before its own code is seen (a stream's first window: its prototype's centre)."""
+  n, c = codes.shape
+  streams = -(-n // windows)
+  pad = streams * windows - n                    # a partial last stream: padded, then dropped
+  codes_s = jnp.pad(codes, ((0, pad), (0, 0))).reshape(streams, windows, c)
+  labels_s = jnp.pad(labels, (0, pad)).reshape(streams, windows)
+  ids = jnp.arange(streams)
+
+  def step(state, t):
+    g, code = labels_s[:, t], codes_s[:, t]
+    centre = jnp.where((state["owner"] == g)[:, None], state["personal"], centres[g])
+    return refine_personal(state, centre, code, ids, g, rate), centre
+
+  state = {"personal": jnp.zeros((streams, c), codes.dtype),
+           "owner": jnp.full((streams,), -1, jnp.int32)}
+  _, served = jax.lax.scan(step, state, jnp.arange(windows))      # [W, streams, C]
+  return jnp.swapaxes(served, 0, 1).reshape(-1, c)[:n]
+
+
 def refine_personal(state, centre, code, device, assign, rate):
   """Scope "device": each served device's own copy of its prototype's centre moves towards
   its window's code, c_d <- c_d + rate (code - c_d); a device assigned to another prototype
@@ -297,10 +326,11 @@ def validate_config(cfg, task, model, abstract_params) -> None:
   need(pc.epsilon > 0, "persona.epsilon", pc.epsilon, "the edit clip ε must be > 0")
   need(pc.sample_epsilon > 0, "persona.sample_epsilon", pc.sample_epsilon,
        "the sample-edit clip ε_s must be > 0")
-  need(isinstance(pc.prototypes, int) and 1 <= pc.prototypes <= pc.meta_devices,
+  need(len(pc.prototypes) > 0 and all(isinstance(k, int) and 1 <= k <= pc.meta_devices
+                                      for k in pc.prototypes),
        "persona.prototypes", pc.prototypes,
-       f"K prototypes need 1 <= K <= the {pc.meta_devices} training windows "
-       f"(persona.meta_devices) k-means clusters")
+       f"the K values chosen among on validation, each 1 <= K <= the {pc.meta_devices} "
+       f"training windows (persona.meta_devices) k-means clusters")
   need(all(0 < r <= 1 for r in pc.refine_rates), "persona.refine_rates", pc.refine_rates,
        "EMA rates in (0, 1]")
   need(pc.assignment and set(pc.assignment) <= {"nearest", "min_edit"}, "persona.assignment",
@@ -439,12 +469,15 @@ def build(ctx):
   ab = pc.ablations
   gen_params, duet_summary = train_duet(fam, pool_fn, pc.freeze_heads, "duet")
   ed_params, single_summary = train_editor(fam, pool_fn, pc.epsilon, "persona_editor")
-  proto = train_prototypes(fam, ed_params, pool_fn, pc.prototypes, "persona_prototypes")
+  # One prototype set per K, shared by persona / persona_dynamic (K chosen on validation
+  # among persona.prototypes) and the ablation rows persona_k{K}.
+  protos = {k: train_prototypes(fam, ed_params, pool_fn, k, f"persona_prototypes_k{k}")
+            for k in sorted(set(pc.prototypes) | set(ab.prototypes))}
   ctx.extra["persona"] = {"duet": duet_summary, "editor": single_summary,
-                          "prototypes": proto["summary"],
+                          "prototypes": {f"k{k}": p["summary"] for k, p in protos.items()},
                           "generator_params": P.tree_size(gen_params),
                           "editor_params": P.tree_size(ed_params)}
-  methods = make_methods(fam, gen_params, ed_params, proto)
+  methods = make_methods(fam, gen_params, ed_params, {k: protos[k] for k in pc.prototypes})
   # Ablations (issue 10): learnable vs frozen heads, the clip bound, the number of prototypes.
   if ab.frozen_heads and not pc.freeze_heads:
     g, summ = train_duet(fam, pool_fn, True, "duet_frozen_heads")
@@ -456,11 +489,7 @@ def build(ctx):
     methods.append(ablation(single_method(fam, e, eps, f"persona_single_eps{eps:g}"),
                             f"epsilon {eps:g}"))
   for k in ab.prototypes:
-    if k == pc.prototypes:
-      continue
-    pk = train_prototypes(fam, ed_params, pool_fn, k, f"persona_prototypes_k{k}")
-    ctx.extra["persona"][f"prototypes_k{k}"] = pk["summary"]
-    methods.append(ablation(persona_method(fam, ed_params, pk, f"persona_k{k}"),
+    methods.append(ablation(persona_method(fam, ed_params, {k: protos[k]}, f"persona_k{k}"),
                             f"{k} prototypes"))
   return methods
 
@@ -534,18 +563,27 @@ def train_prototypes(fam, ed_params, pool_fn, k: int, stage: str) -> dict:
 
   group0 = jax.tree.map(lambda *xs: jnp.stack(xs), *[fresh_heads(g) for g in range(k)])
 
-  def group_loss(net, dev, g):
-    p = fam.group_params(ed_params, net, centres, g, dev)
+  def group_loss(net, dev, g, centre):
+    p = fam.params_at(ed_params, net, centre, g, dev)
     sample = fam.editor.apply({"params": jax.tree.map(lambda x: x[g], net)},
                               _elements(task, dev))
     loss, metric = fam.meta_loss(p, dev[task.query_role])
     return loss + pc.edit_penalty * edit_norm(sample) ** 2 / fam.layers.floats(), metric
 
   def loss_fn(net, batch):
-    loss, metric = jax.vmap(lambda d: group_loss(net, d, batch["cluster"]))(batch["dev"])
+    loss, metric = jax.vmap(lambda d, c: group_loss(net, d, batch["cluster"], c))(
+        batch["dev"], batch["centre"])
     return loss.mean(), {f"query_{task.selection_metric.name}": metric.mean()}
 
   members = [np.flatnonzero(labels == g) for g in range(k)]
+  # The centres a window's prototype edit is decoded from in training: index 0 the fixed
+  # centre, index r + 1 the device-scope refined centre at refine_rates[r].
+  served = [np.asarray(centres)[labels]]
+  if pc.refine_training:
+    w = task.meta_windows_per_stream()
+    served += [np.asarray(history_centres(k_codes, jnp.asarray(labels), centres, w, r))
+               for r in pc.refine_rates]
+  served = np.stack(served)                                            # [R + 1, N, C]
 
   def make_batches():
     pool = pool_fn()
@@ -557,7 +595,12 @@ def train_prototypes(fam, ed_params, pool_fn, k: int, stage: str) -> dict:
       perm = np.random.default_rng([cfg.seed, 23, g, rnd]).permutation(ids)
       take = perm[np.arange(pos * pc.devices_per_step, (pos + 1) * pc.devices_per_step)
                   % len(perm)]
-      return {"dev": jax.tree.map(lambda v: v[take], pool), "cluster": np.int32(g)}
+      # half the windows keep the fixed centre, the rest one of the refined ones
+      rng, r = np.random.default_rng([cfg.seed, 24, step]), len(served) - 1
+      which = (np.where(rng.random(len(take)) < 0.5, 0, rng.integers(1, r + 1, len(take)))
+               if r else np.zeros(len(take), np.int64))
+      return {"dev": jax.tree.map(lambda v: v[take], pool), "cluster": np.int32(g),
+              "centre": served[which, take]}
     return batch
 
   def group_of(net, dev):
@@ -620,44 +663,50 @@ def single_method(fam, ed_params, eps, name="persona_single"):
 PROTOTYPE_ID_BYTES = 4
 
 
-def persona_method(fam, ed_params, proto, name="persona"):
-  """Downlink per window: the prototype's id and the clipped sample edit; the device holds
-  the K prototype edits (downloaded once: `prototype_bank_bytes` in info)."""
+def persona_method(fam, ed_params, protos, name="persona"):
+  """protos: {K: a trained prototype set}; K is a hyper-parameter chosen on validation.
+  Downlink per window: the prototype's id and the clipped sample edit; the device holds the K
+  prototype edits (downloaded once: `prototype_bank_bytes` in info, per K)."""
   pc = fam.cfg
-  k = len(proto["sizes"])
   dbytes = costs.dtype_bytes(fam.ctx.config.comm_dtype)
-  groups, centres = proto["groups"], proto["centres"]
   cost = _cost(fam, fam.layers.floats(), PROTOTYPE_ID_BYTES)
 
   def adapt(params, dev, hp):
+    proto = protos[hp["prototypes"]]
+    groups, centres = proto["groups"], proto["centres"]
     g, _ = fam.assign(ed_params, groups, centres, dev, hp["assignment"])
     return fam.group_params(ed_params, groups, centres, g, dev)
 
-  return Method(name, grid(assignment=tuple(pc.assignment)), adapt, lambda hp: cost,
-                uses=(fam.ctx.task.context_role,),
-                info=dict(_info(fam), prototypes=k, cluster_sizes=[int(s) for s in proto["sizes"]],
+  return Method(name, grid(assignment=tuple(pc.assignment), prototypes=tuple(sorted(protos))),
+                adapt, lambda hp: cost, uses=(fam.ctx.task.context_role,),
+                info=dict(_info(fam), prototypes=sorted(protos),
+                          cluster_sizes={f"k{k}": [int(s) for s in p["sizes"]]
+                                         for k, p in protos.items()},
                           epsilon=pc.epsilon, sample_epsilon=pc.sample_epsilon,
-                          prototype_bank_bytes=k * fam.layers.floats() * dbytes,
+                          prototype_bank_bytes={f"k{k}": k * fam.layers.floats() * dbytes
+                                                for k in protos},
                           downlink="prototype id + the clipped sample edit"))
 
 
-def make_methods(fam, gen_params, ed_params, proto):
-  """duet, persona_single, persona and persona_dynamic from trained networks."""
+def make_methods(fam, gen_params, ed_params, protos):
+  """duet, persona_single, persona and persona_dynamic from trained networks; protos: {K:
+  prototype set} for the K values validation chooses among."""
   pc = fam.cfg
   methods = [duet_method(fam, gen_params), single_method(fam, ed_params, pc.epsilon),
-             persona_method(fam, ed_params, proto)]
+             persona_method(fam, ed_params, protos)]
   static = methods[-1]
-  groups, centres, sizes = proto["groups"], proto["centres"], proto["sizes"]
-  spacing = median_spacing(centres)
-  share = jnp.asarray(sizes / max(sizes.sum(), 1), jnp.float32)
+  spacing = {k: median_spacing(p["centres"]) for k, p in protos.items()}
 
   def init(hp, device_ids):
     n = int(np.max(device_ids)) + 1
+    centres, sizes = protos[hp["prototypes"]]["centres"], protos[hp["prototypes"]]["sizes"]
+    share = jnp.asarray(sizes / max(sizes.sum(), 1), jnp.float32)
     return {"centres": centres, "population": share, "merges": jnp.int32(0),
             "personal": jnp.zeros((n, centres.shape[1]), centres.dtype),
             "owner": jnp.full((n,), -1, jnp.int32)}
 
   def dyn_adapt(params, dev, hp, state):
+    groups = protos[hp["prototypes"]]["groups"]
     g, code = fam.assign(ed_params, groups, state["centres"], dev, hp["assignment"])
     centre = state["centres"][g]
     if hp["scope"] == "device":      # the device's own copy of its prototype, while it stays
@@ -669,7 +718,7 @@ def make_methods(fam, gen_params, ed_params, proto):
   def dyn_refine(state, reports, hp):
     if hp["scope"] == "population":
       return dict(state, **refine(state, reports["code"], reports["assign"], hp["rate"],
-                                  pc.merge_ratio * spacing))
+                                  pc.merge_ratio * spacing[hp["prototypes"]]))
     return refine_personal(state, reports["centre"], reports["code"], reports["device"],
                            reports["assign"], hp["rate"])
 
@@ -679,7 +728,7 @@ def make_methods(fam, gen_params, ed_params, proto):
   methods.append(dataclasses.replace(
       static, name="persona_dynamic",
       grid=grid(assignment=tuple(pc.assignment), rate=tuple(pc.refine_rates),
-                scope=tuple(pc.refine_scopes)),
+                scope=tuple(pc.refine_scopes), prototypes=tuple(sorted(protos))),
       cost=lambda hp: dyn_cost,
       info=dict(static.info, merge_ratio=pc.merge_ratio,
                 downlink="prototype id + the clipped sample edit + the refined prototype edit"),

@@ -158,6 +158,11 @@ class Task:
     """Fresh, fully labelled meta devices (numpy, stacked): the cloud's view."""
     raise NotImplementedError
 
+  def meta_windows_per_stream(self) -> int:
+    """Meta devices come in streams of this many consecutive ids (a stream's windows in time
+    order: id i is window i % W of stream i // W). 1: every meta device stands alone."""
+    return 1
+
   def encode_meta(self, model, params, raw) -> dict:
     """Jittable: raw meta devices -> {'context': feats, 'query': feats (labelled)}."""
     raise NotImplementedError

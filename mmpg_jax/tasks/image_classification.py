@@ -138,6 +138,9 @@ class Task(_Base):
     roles = {"context": cfg["context_size"], "query": query_size}
     return stack([dd.meta_window(cfg, int(i), roles) for i in indices])
 
+  def meta_windows_per_stream(self) -> int:
+    return int(self.config.data.drift.windows)          # dd.meta_window's layout
+
   def encode_meta(self, model, params, raw):
     enc = lambda x: model.apply({"params": params}, x, method=model.encode_images)
     return {r: {"emb": enc(raw[r]["image"]), "label": raw[r]["label"]}
