@@ -74,7 +74,10 @@ def get_config(arg: str = ""):
       num_steps=1500, batch_size=64, learning_rate=2e-3, warmup_steps=50, weight_decay=1e-4,
       log_every=100, checkpoint_every=250, keep_checkpoints=2))
 
-  c.baselines = mlc.ConfigDict()
+  # Which baselines the family builds (a task may lack what one needs: seqrec has no
+  # unlabelled-row objective for TENT and no oracle data).
+  c.baselines = mlc.ConfigDict(dict(include=("global", "fta", "tent", "prior_em", "qb_norm",
+                                             "oracle")))
   # On-device fine-tuning: learning rate and steps chosen on validation devices, per k.
   c.baselines.fta = mlc.ConfigDict(dict(
       ks=(1, 5, 10), learning_rates=(1e-3, 3e-3, 1e-2, 3e-2), steps=(5, 20),

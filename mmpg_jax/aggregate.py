@@ -57,7 +57,7 @@ def table(runs) -> str:
 
 def window_table(runs, sel) -> list:
   """Stream tasks: the selection metric per window position, mean over runs (test)."""
-  w = runs[0].get("windows_per_device")
+  w = runs[0].get("window_positions", runs[0].get("windows_per_device"))
   if not w:
     return []
   lines = ["", f"Test {sel} per window position (mean over {len(runs)} runs):", "",

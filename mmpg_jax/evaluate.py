@@ -92,7 +92,7 @@ class Evaluator:
       values, reports = self._chunked(lambda p: fn(params, p, traced, state), part)
       state = refine(state, reports, traced)
       for k, v in values.items():
-        out.setdefault(k, np.zeros(n, v.dtype))[idx] = v
+        out.setdefault(k, np.zeros((n,) + v.shape[1:], v.dtype))[idx] = v
     return out
 
   def _chunked(self, fn, sub):
@@ -151,6 +151,7 @@ class Evaluator:
       windows = {g: np.asarray(f["window"]) for g, f in eval_feats.items() if "window" in f}
       if windows:
         out[m.name]["window"] = windows
+        out[m.name]["device_id"] = {g: np.asarray(f["device_id"]) for g, f in eval_feats.items()}
       logging.info("%-10s hp=%s val %.4f | %s | %.1fs", m.name, hp, max(scores),
                    " ".join(f"{g} {sel} {v[sel].mean():.4f}" for g, v in per_group.items()),
                    time.time() - t0)

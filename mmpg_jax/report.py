@@ -24,12 +24,18 @@ def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
   o = evals["oracle"]["per_device"] if "oracle" in evals else None
   margin = ({grp: float(o[grp][sel.name].mean() - g[grp][sel.name].mean()) for grp in g}
             if o else {})
+  # A pooled metric (e.g. one AUC over every row of every user) is computed from all devices'
+  # values at once by the task's function, not averaged over devices.
+  pooled = getattr(task, "pooled_metrics", {})
   methods = {}
   for name, ev in evals.items():
     metrics, per_device = {}, {}
     for grp, values in ev["per_device"].items():
       sfx = SUFFIX[grp]
       for metric in task.metrics:
+        if metric.name in pooled:
+          metrics[metric.name + sfx] = float(pooled[metric.name](values))
+          continue
         v = values[metric.name]
         metrics[metric.name + sfx] = float(v.mean())
         metrics[metric.name + sfx + "_std"] = float(v.std())
@@ -54,12 +60,19 @@ def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
                         if len(ev.get("grid", ())) > 1 else {}),
                      **({"info": method_info[name]} if method_info and method_info.get(name)
                         else {})}
+  # Entries with a `window`: either every device's stream of windows (drifting digits) or one
+  # entry per device in a time slice (users arriving over time); positions count either way.
   windows = evals["global"].get("window", {})
-  per_stream = int(windows["test"].max()) + 1 if "test" in windows else 1
+  ids = evals["global"].get("device_id", {})
+  devices = {grp: (len(np.unique(ids[grp])) if grp in ids else len(g[grp][sel.name]))
+             for grp in g}
+  positions = int(windows["test"].max()) + 1 if "test" in windows else 1
+  per_device = len(g["test"][sel.name]) // max(devices["test"], 1)
   return {"benchmark": cfg.benchmark, "task": cfg.task,
-          "num_eval_devices": len(g["test"][sel.name]) // per_stream,
-          "num_ood_devices": len(g.get("test_ood", {}).get(sel.name, [])) // per_stream,
-          **({"windows_per_device": per_stream} if windows else {}),
+          "num_eval_devices": devices["test"],
+          "num_ood_devices": devices.get("test_ood", 0),
+          **({"windows_per_device": per_device} if windows and per_device > 1 else {}),
+          **({"window_positions": positions} if windows else {}),
           "oracle_global_margin": margin,
           **extra, "methods": methods}
 
@@ -70,6 +83,8 @@ def _per_window(ev, task) -> dict:
   out = {}
   for grp, pos in ev.get("window", {}).items():
     for metric in task.metrics:
+      if metric.name in getattr(task, "pooled_metrics", {}):
+        continue
       v = np.asarray(ev["per_device"][grp][metric.name])
       out[metric.name + SUFFIX[grp]] = [float(v[pos == w].mean())
                                         for w in range(int(pos.max()) + 1)]
@@ -102,13 +117,11 @@ def ablation_lines(results, task) -> list:
 def window_lines(results, task) -> list:
   """Who follows the drift: the selection metric per window position, test and OOD."""
   m = results["methods"]
-  w = results.get("windows_per_device")
+  w = results.get("window_positions", results.get("windows_per_device"))
   if not w:
     return []
   sel = task.selection_metric
-  lines = ["## Per window position", "",
-           f"Mean {sel.name} over devices at each position of their streams (window 0 first; "
-           "each window's shift is a drift step, or a jump, from the last).", ""]
+  lines = ["## Per window position", "", task.window_note.format(metric=sel.name), ""]
   for grp, sfx in SUFFIX.items():
     key = sel.name + sfx
     if key not in m["global"].get("per_window", {}):
@@ -131,7 +144,12 @@ def _fmt(metric, x):
   """Rates in %, other metrics (ranks) as they are."""
   if x is None or not np.isfinite(x):
     return "–"
-  return f"{100 * x:.2f}" if metric.percent else f"{x:.2f}"
+  return f"{100 * x:.{metric.decimals}f}" if metric.percent else f"{x:.{metric.decimals}f}"
+
+
+def _share(x):
+  """A share of the oracle - global margin in %; '–' without an oracle."""
+  return "–" if x is None or not np.isfinite(x) else f"{100 * x:.0f}%"
 
 
 def write_report(workdir: str, results: dict, cfg, task) -> None:
@@ -168,8 +186,8 @@ def write_report(workdir: str, results: dict, cfg, task) -> None:
     mt = r["metrics"]
     get = lambda k: mt.get(k, float("nan"))
     row = (f"| {name} | {_fmt(sel, get(sel.name))} | {_fmt(sel, get(sel.name + '_std'))} | "
-           f"{100 * get('margin_closed'):.0f}% | {_fmt(sel, get(sel.name + '_ood'))} | "
-           f"{100 * get('margin_closed_ood'):.0f}% | "
+           f"{_share(get('margin_closed'))} | {_fmt(sel, get(sel.name + '_ood'))} | "
+           f"{_share(get('margin_closed_ood'))} | "
            + "".join(f"{_fmt(x, get(x.name))} | {_fmt(x, get(x.name + '_ood'))} | "
                      for x in others)
            + f"{r['labels_used_per_device']} | {r['device_backward_passes']} | "

@@ -168,14 +168,30 @@ def qb_norm(ctx):
                 rescore=rescore, info={"rival": True})
 
 
+KNOWN = ("global", "fta", "tent", "prior_em", "qb_norm", "oracle")
+
+
+def validate_config(cfg, task, model, abstract_params) -> None:
+  from mmpg_jax.config_checks import need
+  inc = tuple(cfg.baselines.include)
+  need("global" in inc and set(inc) <= set(KNOWN), "baselines.include", inc,
+       f"a subset of {KNOWN} that holds 'global' (every report is relative to it)")
+  need("oracle" not in inc or task.oracle_role is not None, "baselines.include", inc,
+       f"task {task.name!r} has no oracle data; leave 'oracle' out")
+
+
 def build(ctx):
   bc = ctx.config.baselines
+  inc = set(bc.include)
   methods = [global_method()]
-  methods += [fta(ctx, k) for k in bc.fta.ks]
-  methods += [tent(ctx)]
-  if ctx.task.label_groups:
+  if "fta" in inc:
+    methods += [fta(ctx, k) for k in bc.fta.ks]
+  if "tent" in inc:
+    methods += [tent(ctx)]
+  if "prior_em" in inc and ctx.task.label_groups:
     methods += [prior_em(ctx, q) for q in bc.prior_em.variants]
-  if hasattr(ctx.task, "bank_scores") and "qb_norm" in bc:
+  if "qb_norm" in inc and hasattr(ctx.task, "bank_scores") and "qb_norm" in bc:
     methods += [qb_norm(ctx)]
-  methods += [oracle(ctx)]
+  if "oracle" in inc:
+    methods += [oracle(ctx)]
   return methods

@@ -170,7 +170,8 @@ def validate_config(cfg, task, model, abstract_params) -> None:
     need(sel in adr.SELECTORS, "adr.selector/ablations", sel, f"known: {adr.SELECTORS}")
   flat = P.flatten(abstract_params)
   cdc_robust.validate_config(cfg, task)
-  P.select(abstract_params, cfg.cdc_robust.cloud_leaves)
+  if "cloud_tent" in cfg.cdc_robust.variants:   # its leaves matter only when it runs
+    P.select(abstract_params, cfg.cdc_robust.cloud_leaves)
   for path in P.select(abstract_params, cfg.fda.edit_leaves):
     shape = flat[path].shape
     if len(shape) >= 2 and int(np.prod(shape)) > cfg.fda.full_delta_max:

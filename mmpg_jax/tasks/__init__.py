@@ -13,6 +13,7 @@ _REGISTRY = {
     "video_qa": "mmpg_jax.tasks.video_qa",
     "video_retrieval": "mmpg_jax.tasks.video_retrieval",
     "image_classification": "mmpg_jax.tasks.image_classification",
+    "seqrec": "mmpg_jax.tasks.seqrec",
 }
 _EXTRA = {}
 

@@ -32,6 +32,7 @@ class Metric:
   name: str
   higher_is_better: bool = True
   percent: bool = True          # a rate in [0, 1], reported in %; False: reported as is
+  decimals: int = 2             # digits the report shows
 
 
 class Task:
@@ -50,6 +51,10 @@ class Task:
   anchor_modalities = ("video",)
   roles = ("context", "support", "query", "oracle")
   support_role, oracle_role, context_role, query_role = "support", "oracle", "context", "query"
+
+  # What report.md says above its per-window table (tasks whose entries carry `window`).
+  window_note = ("Mean {metric} over devices at each position of their streams (window 0 "
+                 "first; each window's shift is a drift step, or a jump, from the last).")
 
   def __init__(self, config):
     self.config = config
