@@ -15,7 +15,7 @@ Smoke (same code path, tiny), about 1.5 min:
 
 Expected result of the default run (3 seeds, WORKSPACE.md "Results: drifting digits"): test
 accuracy global 63.3, fta_k5 70.3, prior_em 67.6, cdc_mmpg 78.4, duet 79.1, persona_single 79.2,
-persona 78.4, persona_dynamic 78.4, persona_k1 79.8, oracle 80.9. The smoke
+persona 79.4 (K = 2 chosen), persona_dynamic 79.4, persona_k1 79.8, oracle 80.9. The smoke
 run only checks that every stage runs end to end; its numbers mean nothing.
 """
 import importlib.util

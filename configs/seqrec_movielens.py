@@ -66,8 +66,11 @@ def get_config(arg: str = ""):
                     full_delta_max=2048,          # the 32x32 kernels are edited in full
                     train_ks=(1, 2, 0) if smoke else (2, 4, 8, 0)))
   c.cdc_robust.update(dict(variants=(), cloud_samples=1))
+  # A user is served once per split (one target), so only population-scope refinement applies
+  # (a device-scope copy would never be read again; the meta positions form no fixed-length
+  # streams, so Stage C's refined centres are the fixed ones: refine_training is moot).
   c.persona.update(dict(layers=("classifier/hidden", "classifier/out"),
-                        code_dim=8 if smoke else 32))
+                        code_dim=8 if smoke else 32, refine_scopes=("population",)))
   if not smoke:
     c.persona.ablations.update(dict(prototypes=(), epsilons=(), frozen_heads=False))
   else:

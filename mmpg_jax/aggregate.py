@@ -20,54 +20,68 @@ def load(paths):
   return out
 
 
-def selection_metric(run) -> str:
+def selection_metric(run):
   """The task's selection metric (its first), from the task registry."""
   from mmpg_jax import tasks
   try:
-    return tasks.get(run["task"]).metrics[0].name
+    return tasks.get(run["task"]).metrics[0]
   except (KeyError, ValueError):
-    return "accuracy"
+    return tasks.Metric("accuracy")
+
+
+def _pm(metric, xs) -> str:
+  """mean ± std in the metric's own unit (% for rates) and decimals."""
+  scale = 100 if metric.percent else 1
+  return (f"{scale * np.mean(xs):.{metric.decimals}f} ± "
+          f"{scale * np.std(xs):.{metric.decimals}f}")
+
+
+def _share(xs) -> str:
+  xs = 100 * np.asarray(xs, float)
+  return "–" if not np.isfinite(xs).any() else f"{np.nanmean(xs):.0f}% ± {np.nanstd(xs):.0f}"
 
 
 def table(runs) -> str:
   names = list(runs[0]["methods"])
-  sel = selection_metric(runs[0])
-  margins = [r["oracle_global_margin"]["test"] for r in runs]
-  lines = [f"{len(runs)} runs; oracle − global margin of {sel} on test devices "
-           f"{100 * np.mean(margins):.2f} ± {100 * np.std(margins):.2f} points.", "",
-           f"| method | test {sel} | closed | OOD {sel} | OOD closed | labels | backward passes | "
-           "device FLOPs | cloud FLOPs | uplink B | downlink B |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  metric = selection_metric(runs[0])
+  sel = metric.name
+  margins = [r["oracle_global_margin"].get("test") for r in runs]
+  lines = ([f"{len(runs)} runs; oracle − global margin of {sel} on test devices "
+            f"{_pm(metric, margins)}{' points' if metric.percent else ''}.", ""]
+           if None not in margins else [f"{len(runs)} runs (no oracle: no margin).", ""])
+  lines += [f"| method | test {sel} | closed | OOD {sel} | OOD closed | labels | "
+            "backward passes | device FLOPs | cloud FLOPs | uplink B | downlink B |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for n in names:
     rs = [r["methods"][n] for r in runs if n in r["methods"]]
-    acc = [100 * r["metrics"][sel] for r in rs]
-    ood = [100 * r["metrics"].get(sel + "_ood", np.nan) for r in rs]
-    closed = [100 * r["metrics"].get("margin_closed", np.nan) for r in rs]
-    closed_ood = [100 * r["metrics"].get("margin_closed_ood", np.nan) for r in rs]
+    acc = [r["metrics"][sel] for r in rs]
+    ood = [r["metrics"].get(sel + "_ood", np.nan) for r in rs]
+    closed = [r["metrics"].get("margin_closed", np.nan) for r in rs]
+    closed_ood = [r["metrics"].get("margin_closed_ood", np.nan) for r in rs]
     m = rs[0]
     flops = lambda x: "0" if not x else f"{x:.3g}"
-    lines.append(f"| {n} | {np.mean(acc):.2f} ± {np.std(acc):.2f} | {np.mean(closed):.0f}% ± "
-                 f"{np.std(closed):.0f} | {np.mean(ood):.2f} ± {np.std(ood):.2f} | "
-                 f"{np.mean(closed_ood):.0f}% ± {np.std(closed_ood):.0f} | "
+    lines.append(f"| {n} | {_pm(metric, acc)} | {_share(closed)} | {_pm(metric, ood)} | "
+                 f"{_share(closed_ood)} | "
                  f"{m['labels_used_per_device']} | {m['device_backward_passes']} | "
                  f"{flops(m.get('device_flops', 0))} | {flops(m.get('cloud_flops', 0))} | "
                  f"{m['uplink_bytes']:.0f} | {m['downlink_bytes']:.0f} |")
-  return "\n".join(lines + window_table(runs, sel))
+  return "\n".join(lines + window_table(runs, metric))
 
 
-def window_table(runs, sel) -> list:
+def window_table(runs, metric) -> list:
   """Stream tasks: the selection metric per window position, mean over runs (test)."""
   w = runs[0].get("window_positions", runs[0].get("windows_per_device"))
   if not w:
     return []
+  sel, scale = metric.name, (100 if metric.percent else 1)
   lines = ["", f"Test {sel} per window position (mean over {len(runs)} runs):", "",
            "| method | " + " | ".join(f"w{i}" for i in range(w)) + " |", "|" + "---|" * (w + 1)]
   for n in runs[0]["methods"]:
     per = [r["methods"][n]["per_window"][sel] for r in runs
            if "per_window" in r["methods"].get(n, {})]
     if per:
-      lines.append(f"| {n} | " + " | ".join(f"{100 * v:.2f}" for v in np.mean(per, axis=0))
-                   + " |")
+      lines.append(f"| {n} | " + " | ".join(f"{scale * v:.{metric.decimals}f}"
+                                            for v in np.mean(per, axis=0)) + " |")
   return lines
 
 

@@ -6,7 +6,7 @@ clicked item).
 * `uauc`: the mean per-user AUC over users that have both classes.
 * `logloss`: mean binary cross-entropy of sigmoid(score).
 * `ndcg@k`, `hr@k`: per user, candidates ranked by score; IDCG uses the number of positives.
-Ties count against the positive (a negative scored equal to it ranks above it), so a constant
+A non-finite score ranks last. Ties count against the positive (a negative scored equal to it ranks above it), so a constant
 scorer gets the worst rank, not the best: the official code sorts and, with the positive stored
 first, would rank it first.
 
@@ -42,6 +42,9 @@ def ranking(scores, labels, ks=(5, 10, 20)) -> dict:
   out = {}
   # rank of each positive: 1 + the candidates scored at least as high, other than itself
   above = (scores[:, None, :] >= scores[:, :, None]).sum(-1) - 1        # [U, n]
+  n = scores.shape[1]
+  # a non-finite score ranks last (NaN compares False, which would rank it first)
+  above = np.where(np.isfinite(scores), above, n - 1)
   rank = np.where(labels > 0, above + 1, np.inf)
   npos = (labels > 0).sum(-1)
   for k in ks:

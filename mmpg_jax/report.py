@@ -66,7 +66,7 @@ def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
   ids = evals["global"].get("device_id", {})
   devices = {grp: (len(np.unique(ids[grp])) if grp in ids else len(g[grp][sel.name]))
              for grp in g}
-  positions = int(windows["test"].max()) + 1 if "test" in windows else 1
+  positions = max((int(p.max()) + 1 for p in windows.values()), default=1)
   per_device = len(g["test"][sel.name]) // max(devices["test"], 1)
   return {"benchmark": cfg.benchmark, "task": cfg.task,
           "num_eval_devices": devices["test"],
@@ -81,13 +81,16 @@ def _per_window(ev, task) -> dict:
   """{metric + group suffix: [mean over devices at window position 0, 1, ...]} for a stream
   task's method (entries carry their window position); {} otherwise."""
   out = {}
-  for grp, pos in ev.get("window", {}).items():
+  windows = ev.get("window", {})
+  n = max((int(p.max()) + 1 for p in windows.values()), default=0)
+  for grp, pos in windows.items():
     for metric in task.metrics:
       if metric.name in getattr(task, "pooled_metrics", {}):
         continue
       v = np.asarray(ev["per_device"][grp][metric.name])
-      out[metric.name + SUFFIX[grp]] = [float(v[pos == w].mean())
-                                        for w in range(int(pos.max()) + 1)]
+      # a position no entry of this group holds (few users, many time slices) is nan
+      out[metric.name + SUFFIX[grp]] = [float(v[pos == w].mean()) if (pos == w).any()
+                                        else float("nan") for w in range(n)]
   return out
 
 
@@ -302,7 +305,7 @@ def robustness_lines(results, task) -> list:
         f"| {n} | {_fmt(sel, r.get(f'validation_{sel.name}', float('nan')))} | "
         f"{_fmt(sel, mt.get(sel.name, float('nan')))} | "
         f"{_fmt(sel, mt.get(sel.name + '_ood', float('nan')))} | "
-        f"{100 * mt.get('margin_closed_ood', float('nan')):.0f}% | "
+        f"{_share(mt.get('margin_closed_ood', float('nan')))} | "
         f"{r['labels_used_per_device']} | {r['device_backward_passes']} | "
         f"{_fmt_flops(r['device_flops'])} | {_fmt_flops(r.get('cloud_flops', 0))} | "
         f"{r['uplink_bytes']:.0f} | {r['downlink_bytes']:.0f} |")

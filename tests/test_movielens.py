@@ -61,7 +61,7 @@ def test_candidate_structure_1_plus_4_in_training_1_plus_99_at_test_contiguous_p
       # support: the user's own labelled positions strictly before the target
       assert d["support"]["mask"].sum() == min(10, t - 1)
       assert (d["support"]["candidates"][:, 0][d["support"]["mask"] > 0]
-              == seq[max(1, t - 10):t]).all()
+              == seq[max(1, t - 10):t][::-1]).all()                 # newest first
 
 
 def test_preprocessing_is_a_function_of_the_seed(prep):

@@ -47,6 +47,9 @@ def test_per_user_metrics_match_the_numpy_reference(setup):
   np.testing.assert_allclose(got["uauc"], rec_metrics.user_auc(scores, labels), rtol=1e-5)
   ref = [rec_metrics.logloss(s, l) for s, l in zip(scores, labels)]
   np.testing.assert_allclose(got["logloss"], ref, rtol=1e-5)
+  nan = task.metric_values(jnp.asarray(scores[0]).at[int(labels[0].argmax())].set(jnp.nan),
+                           {"label": jnp.asarray(labels[0])})
+  assert float(nan["hr@20"]) == 0 and float(nan["uauc"]) == 0     # a diverged model ranks last
   pooled = task.pooled_metrics["auc"]({k: np.asarray(v) for k, v in got.items()})
   assert pooled == pytest.approx(rec_metrics.all_metrics(scores, labels)["auc"])
 
@@ -83,11 +86,21 @@ def test_a_device_becomes_rows_its_methods_score(setup):
       float(task.loss(model, params, half)), rel=1e-5)
 
 
+def test_an_item_outside_the_vocabulary_is_refused_not_clamped(setup):
+  c, task, model, params = setup
+  raw = task.prepare_data().devices("validation")
+  raw["target"]["candidates"][3, 7] = task.prepared().num_items + 5
+  with pytest.raises(ValueError, match="target candidates: item id.*outside the vocabulary"):
+    task.encode_split(model, params, raw)
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("data.num_test_devices", 7, "the preprocessing gives 35"),
     ("data.context_size", 3, "one click window"),
     ("data.min_interactions", 3, "at least 5"),
     ("baselines.include", ("global", "oracle"), "no oracle data"),
+    ("baselines.include", ("global", "tent"), "no unsupervised objective"),
+    ("persona.meta_devices", 10 ** 6, "at most the 3851 training positions"),
 ])
 def test_bad_seqrec_configs_are_refused_before_any_work(setup, tmp_path, key, value, match):
   c = setup[0].copy_and_resolve_references()

@@ -39,6 +39,15 @@ def test_ndcg_and_hr_on_one_positive_per_user_against_a_plain_loop():
       assert r[f"ndcg@{k}"][u] == pytest.approx(1 / np.log2(rank + 1) if rank <= k else 0.0)
 
 
+def test_a_nan_score_ranks_last_not_first():
+  scores = np.random.default_rng(2).normal(size=(2, 100))
+  scores[0, 0] = np.nan
+  labels = np.zeros((2, 100))
+  labels[:, 0] = 1
+  r = rm.ranking(scores, labels)
+  assert r["hr@20"][0] == 0 and r["ndcg@20"][0] == 0
+
+
 def test_a_constant_scorer_gets_the_worst_rank_not_the_best():
   labels = np.zeros((3, 100))
   labels[:, 0] = 1                                         # the positive stored first

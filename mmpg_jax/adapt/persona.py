@@ -326,8 +326,8 @@ def validate_config(cfg, task, model, abstract_params) -> None:
   need(pc.epsilon > 0, "persona.epsilon", pc.epsilon, "the edit clip ε must be > 0")
   need(pc.sample_epsilon > 0, "persona.sample_epsilon", pc.sample_epsilon,
        "the sample-edit clip ε_s must be > 0")
-  need(len(pc.prototypes) > 0 and all(isinstance(k, int) and 1 <= k <= pc.meta_devices
-                                      for k in pc.prototypes),
+  need(isinstance(pc.prototypes, (tuple, list)) and len(pc.prototypes) > 0
+       and all(isinstance(k, int) and 1 <= k <= pc.meta_devices for k in pc.prototypes),
        "persona.prototypes", pc.prototypes,
        f"the K values chosen among on validation, each 1 <= K <= the {pc.meta_devices} "
        f"training windows (persona.meta_devices) k-means clusters")

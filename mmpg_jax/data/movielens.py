@@ -26,7 +26,7 @@ Preprocessing (a pure function of the data config, `preprocess`):
   A cold user's evaluation target is its last click. Negatives are items the user never
   clicked, drawn without replacement by a generator seeded with (seed, user, position).
 * A device's labelled support (on-device fine-tuning, the official `base_finetune`) is its
-  most recent `support_positions` training positions (1 + train_negatives rows each), with a
+  most recent `support_positions` training positions, newest first, (1 + train_negatives rows each), with a
   mask where the user has fewer; for the test target this history includes the validation
   position (it lies in the past), for the validation target it does not.
 """
@@ -229,9 +229,10 @@ def eval_users(prep: Prepared, split: str) -> np.ndarray:
 
 def support(prep: Prepared, cfg: Mapping, user: int, before: int) -> dict:
   """The user's most recent `support_positions` labelled positions before `before` (1 + train
-  negatives rows each); `mask` [S] is 0 where the user has fewer."""
+  negatives rows each), most recent first (so the first k rows, what fta_k reads, are the
+  newest); `mask` [S] is 0 where the user has fewer (at the end)."""
   s, neg = int(cfg["support_positions"]), int(cfg["train_negatives"])
-  ts = list(range(1, before))[-s:]
+  ts = list(range(1, before))[-s:][::-1]
   rows = [position(prep, cfg, user, t, neg) for t in ts]
   w = int(cfg["window"])
   out = {"window": np.zeros((s, w), np.int32), "candidates": np.zeros((s, 1 + neg), np.int32),

@@ -118,8 +118,22 @@ class Task(_Base):
     return {"user": np.repeat(u[:, None], n, axis=1), "item": it,
             "label": np.asarray(label, np.float32), "weight": np.asarray(weight, np.float32)}
 
+  def check_items(self, ids, what: str) -> None:
+    """Item ids must lie in 0..num_items (0 pads): an embedding lookup past the vocabulary
+    would silently read a clamped row in JAX."""
+    ids = np.asarray(ids)
+    n = self.prepared().num_items
+    if ids.size and (ids.min() < 0 or ids.max() > n):
+        bad = ids[(ids < 0) | (ids > n)]
+        raise ValueError(f"{what}: item id(s) {sorted(set(bad.tolist()))[:5]} outside the "
+                         f"vocabulary 1..{n} (0 pads): the data was built with another item "
+                         f"map; delete the prepared data folder and rerun")
+
   def encode_split(self, model, params, devices):
     t, s = devices["target"], devices["support"]
+    for role, block in (("target", t), ("support", s)):
+      self.check_items(block["window"], f"{role} click windows")
+      self.check_items(block["candidates"], f"{role} candidates")
     nd = len(devices["user"])
     query = self._rows(model, params, t["window"], t["candidates"], t["label"],
                        np.ones_like(t["label"]))
@@ -151,7 +165,9 @@ class Task(_Base):
     y = feats["label"]
     pos = (scores * y).sum() / jnp.maximum(y.sum(), 1.0)
     neg = 1.0 - y
-    above = ((scores >= pos) * neg).sum()                  # ties rank the negatives first
+    # ties rank the negatives first; a non-finite positive score ranks last (NaN compares
+    # False, which would otherwise give rank 1)
+    above = jnp.where(jnp.isfinite(pos), ((scores >= pos) * neg).sum(), neg.sum())
     below = ((scores < pos) * neg).sum()
     ties = ((scores == pos) * neg).sum()
     rank = 1.0 + above
@@ -171,10 +187,6 @@ class Task(_Base):
     w = feats["weight"]
     return (_bce(self.scores(model, params, feats), feats["label"]) * w).sum() / jnp.maximum(
         w.sum(), 1.0)
-
-  def entropy(self, model, params, feats):
-    raise NotImplementedError("seqrec has no unlabelled-row objective (TENT); leave 'tent' out "
-                              "of baselines.methods")
 
   def anchor_elements(self, context):
     el = context["elements"]
@@ -245,6 +257,12 @@ class Task(_Base):
            f"the preprocessing gives {want} (users are the devices; set it to {want})")
     need(d.context_size == 1, "data.context_size", d.context_size,
          "a device's context is its one click window (set 1)")
+    for key in ("fda.meta_devices", "persona.meta_devices"):
+      section, name = key.split(".")
+      n = cfg[section][name]
+      need(n <= f["training_positions"], key, n,
+           f"at most the {f['training_positions']} training positions meta devices are drawn "
+           f"from (a meta device is one position)")
     rows = d.support_positions * (1 + d.train_negatives)
     need(d.support_size == rows, "data.support_size", d.support_size,
          f"support_positions x (1 + train_negatives) = {rows} labelled rows")
