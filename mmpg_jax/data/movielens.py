@@ -37,7 +37,7 @@ from typing import Mapping
 
 import numpy as np
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"            # 2: support rows newest first
 WHEEL = "recbole"
 WHEEL_VERSION = "1.2.1"
 FILES = {"inter": "recbole/dataset_example/ml-100k/ml-100k.inter",
