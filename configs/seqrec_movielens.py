@@ -32,7 +32,10 @@ def get_config(arg: str = ""):
   users = (40, 5) if smoke else (943, 94)          # users read, of them cold (OOD)
   warm = users[0] - users[1]
   c.data = mlc.ConfigDict(dict(
-      name="movielens", seed=0,
+      # "movielens" (the packaged MovieLens-100K) or "seqrec_text": train.txt / test.txt in
+      # the official DUET/Persona format under manual_dir (e.g. the official scripts'
+      # MovieLens-1M or Amazon files; the checks then say which device counts to set)
+      name="movielens", manual_dir="", seed=0,
       min_interactions=5,               # a user needs 2 clicks of history + 3 targets
       num_cold_users=users[1],          # never seen by the cloud: the OOD group
       max_users=users[0] if smoke else 0,   # 0 = all

@@ -147,3 +147,78 @@ def test_time_slices_are_equal_and_ordered():
   assert np.bincount(w).tolist() == [2, 2, 2, 2]
   order = np.argsort(ts, kind="stable")
   assert (np.diff(w[order]) >= 0).all()
+
+
+# ---- files in the official text format as the data --------------------------------------------
+
+def _write_official_files(d, rng, users=8, items=80, neg_train=4, neg_test=9):
+  """train.txt / test.txt as the official scripts write them: per user its targets in time
+  order, each as 1 + negatives contiguous rows (positive first), the click window of the
+  previous clicks left-aligned. User 0 has no training target (no history)."""
+  fmt = lambda s: ",".join(str(v) for v in s)
+  train, test = [], []
+  for u in range(users):
+    clicks = rng.choice(np.arange(1, items + 1), 8, replace=False).tolist()
+    n_train = 0 if u == 0 else 1 + u % 4
+    for t in range(n_train + 1):
+      hist = (clicks[max(0, t - 10):t] + [0] * 10)[:10]
+      pos = clicks[t]
+      negs = [i for i in rng.permutation(np.arange(1, items + 1)).tolist() if i not in clicks]
+      k = neg_test if t == n_train else neg_train
+      block = [f"{100 + u};{pos};{fmt([0] * 10)};{fmt(hist)};1"]
+      block += [f"{100 + u};{n};{fmt([0] * 10)};{fmt(hist)};0" for n in negs[:k]]
+      (test if t == n_train else train).extend(block)
+  (d / "train.txt").write_text("\n".join(train) + "\n")
+  (d / "test.txt").write_text("\n".join(test) + "\n")
+
+
+def test_official_text_files_are_a_data_source_with_validation_held_out(cfg, tmp_path):
+  from mmpg_jax.data import pipeline, seqrec_text, tfds_movielens as tml
+  _write_official_files(tmp_path, np.random.default_rng(0))
+  c = cfg.copy_and_resolve_references()
+  c.data.update(dict(name="seqrec_text", manual_dir=str(tmp_path), num_cold_users=2,
+                     eval_negatives=9, data_dir=str(tmp_path / "prepared")))
+  src = tml.prepared(c.data)
+  f = src.figures(c.data)
+  assert (f["users"], f["users_without_history"], f["test_blocks"]) == (8, 1, 8)
+  assert f["cold_users"] == 2 and f["test_ood_users"] == 2 and f["test_users"] == 6
+  u0 = int(np.flatnonzero(src.raw_users == 100)[0])           # the user without history
+  val = src.eval_users("validation")
+  assert u0 not in val and not src.cold[val].any() and len(val) == f["validation_users"]
+  # the cloud never trains on a validation block or a cold user's block
+  cloud = list(src.global_rows(c.data))
+  held = {int(src.blocks[u][-1]) for u in val}
+  assert not held & {int(r[2]["timestamp"]) for r in cloud}
+  assert not src.cold[[u for u, _, _ in cloud]].any()
+  assert f["training_positions"] == len(cloud)
+  for u in val:
+    d = src.eval_device(c.data, "validation", int(u))
+    b = src.blocks[u][-1]
+    assert d["target"]["candidates"].shape == (10,) and d["target"]["label"][0] == 1
+    assert d["target"]["candidates"][0] == src.train["candidates"][b][0]
+    assert d["support"]["mask"].sum() == len(src.blocks[u]) - 1
+    t = src.eval_device(c.data, "test", int(u))
+    # test support: every training block, newest first (the validation block included)
+    assert t["support"]["candidates"][0, 0] == src.train["candidates"][b][0]
+  # the user without history keeps an empty support, not an error
+  assert len(src.blocks[u0]) == 0
+  if not src.cold[u0]:
+    assert src.eval_device(c.data, "test", u0)["support"]["mask"].sum() == 0
+  # through the TFDS builders and the task, with the device counts the data gives
+  c.data.update(dict(num_val_devices=f["validation_users"], num_test_devices=f["test_users"],
+                     num_ood_devices=f["test_ood_users"], num_global_devices=f["warm_users"]))
+  task = tasks.build(c)
+  task.validate_config(c)
+  model = task.build_model()
+  params = task.init_params(model, 0)
+  feats = task.encode_split(model, params, task.prepare_data().devices("validation"))
+  assert feats["query"]["label"].shape == (len(val), 10)
+  assert "DUET/Persona text format" in task.report_notes(c)[0]
+
+
+def test_a_missing_manual_dir_is_refused_before_any_work(cfg, tmp_path):
+  c = cfg.copy_and_resolve_references()
+  c.data.update(dict(name="seqrec_text", manual_dir=str(tmp_path / "nowhere")))
+  with pytest.raises(config_checks.ConfigError, match="must hold train.txt and test.txt"):
+    main.run(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()

@@ -129,6 +129,26 @@ class Prepared:
   def num_items(self) -> int:
     return len(self.raw_items)
 
+  # The source protocol the TFDS builders and the task read (seqrec_text.TextSource too).
+  def global_rows(self, cfg):
+    return global_rows(self, cfg)
+
+  def eval_users(self, split):
+    return eval_users(self, split)
+
+  def eval_device(self, cfg, split, user):
+    return eval_device(self, cfg, split, user)
+
+  def describe(self, cfg) -> str:
+    f = self.figures(cfg)
+    return (f"MovieLens-100K (RecBole's packaged copy), preprocessed as the DUET/Persona line: "
+            f"{f['users']} users ({f['dropped_users']} dropped below {f['min_interactions']} "
+            f"clicks), {f['items']} items, {f['interactions']} clicks; {f['warm_users']} warm "
+            f"users give {f['training_positions']} training positions ({f['training_rows']} "
+            f"rows: 1 + {cfg['train_negatives']} candidates each), and one validation and one "
+            f"test target each (1 + {cfg['eval_negatives']} candidates); {f['cold_users']} cold "
+            f"users (OOD) never seen by the cloud are tested at their last click.")
+
   def figures(self, cfg: Mapping) -> dict:
     """The preprocessing's figures for the report."""
     warm = ~self.cold

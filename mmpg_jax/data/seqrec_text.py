@@ -14,6 +14,8 @@ row whose click_seq is all padding (a user's first click, which has no history) 
 the official code keeps it (its model then reads the padding position); `empty_windows`
 counts them so a report can say so.
 """
+import os
+
 import numpy as np
 
 
@@ -103,3 +105,182 @@ def group_candidates(rows: dict, size: int, path: str) -> dict:
   return {"user": user[:, 0], "window": click[:, 0],
           "candidates": take(rows["target"].reshape(b, size)), "label": take(label),
           "empty_windows": int((click[:, 0, 0] == 0).sum())}
+
+
+# ---- the files as a seqrec data source -----------------------------------------------------------
+
+TRAIN_FILE, TEST_FILE = "train.txt", "test.txt"
+
+
+def file_fingerprint(manual_dir: str) -> list:
+  """(name, size, mtime) of the source files: a prepared copy is rebuilt when they change."""
+  out = []
+  for name in (TRAIN_FILE, TEST_FILE):
+    p = os.path.join(manual_dir, name)
+    if os.path.exists(p):
+      st = os.stat(p)
+      out.append([name, st.st_size, int(st.st_mtime)])
+  return out
+
+
+class TextSource:
+  """`data.manual_dir`/{train.txt, test.txt} in the official format as a seqrec data source
+  (the protocol of `movielens.Prepared`: num_items, figures, describe, global_rows,
+  eval_users, eval_device).
+
+  * Users are numbered in order of first appearance; the vocabulary is 1..the largest id.
+  * A user's training blocks are taken in file order as time order (the official scripts write
+    them so); the files carry no timestamps, so time slices follow file order too.
+  * Each user has at most one test block (its test target). `num_cold_users` seeded users with
+    a test block form the cold group (test_ood): their training blocks never reach the cloud.
+  * Validation (model selection only): a warm user's last training block, held out of the
+    cloud's training rows; its positive is scored against `eval_negatives` negatives drawn
+    (seeded) from items the user never clicked in either file, so validation and test rank
+    1 + eval_negatives candidates alike.
+  * A user's support is its training blocks before the target, newest first; a user with a
+    test block and no training block keeps an empty support (masked: fine-tuning leaves it
+    at the global model) and is counted in the figures (`users_without_history`).
+  """
+
+  def __init__(self, cfg):
+    d = cfg.get("manual_dir", "") or ""
+    paths = {"train": os.path.join(d, TRAIN_FILE), "test": os.path.join(d, TEST_FILE)}
+    missing = [p for p in paths.values() if not os.path.exists(p)]
+    if not d or missing:
+      raise FormatError(
+          f"data.manual_dir={d!r} must hold {TRAIN_FILE} and {TEST_FILE} in the DUET/Persona "
+          f"text format (user;target;trigger_seq;click_seq;label), as the official data "
+          f"scripts write them (missing: {missing or 'the directory'}); nothing is downloaded")
+    w, self.cfg = int(cfg["window"]), cfg
+    self.train = group_candidates(read_rows(paths["train"], w), 1 + int(cfg["train_negatives"]),
+                                  paths["train"])
+    self.test = group_candidates(read_rows(paths["test"], w), 1 + int(cfg["eval_negatives"]),
+                                 paths["test"])
+    raw = np.concatenate([self.train["user"], self.test["user"]])
+    _, first = np.unique(raw, return_index=True)
+    self.raw_users = raw[np.sort(first)]
+    index = {int(u): i for i, u in enumerate(self.raw_users.tolist())}
+    n = len(self.raw_users)
+    train_user = np.asarray([index[int(u)] for u in self.train["user"]], np.int64)
+    test_user = np.asarray([index[int(u)] for u in self.test["user"]], np.int64)
+    counts = np.bincount(test_user, minlength=n)
+    if (counts > 1).any():
+      u = int(np.flatnonzero(counts > 1)[0])
+      raise FormatError(f"{paths['test']}: user {self.raw_users[u]} has {counts[u]} test "
+                        f"blocks; expected one test target per user")
+    self.test_of = np.full(n, -1, np.int64)
+    self.test_of[test_user] = np.arange(len(test_user))
+    self.blocks = [np.flatnonzero(train_user == u) for u in range(n)]      # file order
+    items = [self.train["window"], self.train["candidates"], self.test["window"],
+             self.test["candidates"]]
+    self._num_items = int(max(int(a.max()) for a in items))
+    has_test = self.test_of >= 0
+    n_cold = int(cfg["num_cold_users"])
+    if not 0 <= n_cold < has_test.sum():
+      raise FormatError(f"data.num_cold_users={n_cold} must leave warm test users "
+                        f"({int(has_test.sum())} users have a test block)")
+    self.cold = np.zeros(n, bool)
+    self.cold[np.random.default_rng([int(cfg["seed"]), 4]).choice(
+        np.flatnonzero(has_test), n_cold, replace=False)] = True
+    self.has_test = has_test
+
+  @property
+  def num_items(self) -> int:
+    return self._num_items
+
+  def _validates(self, u) -> bool:
+    return bool(self.has_test[u] and not self.cold[u] and len(self.blocks[u]) >= 1)
+
+  def _cloud_blocks(self, u) -> np.ndarray:
+    """A warm user's training blocks the cloud may train on (its validation block held out)."""
+    if self.cold[u]:
+      return self.blocks[u][:0]
+    return self.blocks[u][:-1] if self._validates(u) else self.blocks[u]
+
+  def eval_users(self, split) -> np.ndarray:
+    n = len(self.raw_users)
+    if split == "validation":
+      return np.asarray([u for u in range(n) if self._validates(u)], np.int64)
+    keep = self.cold if split == "test_ood" else ~self.cold
+    return np.flatnonzero(keep & self.has_test)
+
+  def _row(self, b) -> dict:
+    return {k: self.train[k][b] for k in ("window", "candidates", "label")}
+
+  def global_rows(self, cfg):
+    for u in range(len(self.raw_users)):
+      for k, b in enumerate(self._cloud_blocks(u)):
+        yield u, k, dict(self._row(b), timestamp=np.int64(b))
+
+  def _support(self, blocks) -> dict:
+    s, nt = int(self.cfg["support_positions"]), 1 + int(self.cfg["train_negatives"])
+    w = int(self.cfg["window"])
+    out = {"window": np.zeros((s, w), np.int32), "candidates": np.zeros((s, nt), np.int32),
+           "label": np.zeros((s, nt), np.float32), "mask": np.zeros(s, np.float32)}
+    for i, b in enumerate(blocks[::-1][:s]):                   # newest first
+      for k, v in self._row(b).items():
+        out[k][i] = v
+      out["mask"][i] = 1.0
+    return out
+
+  def eval_device(self, cfg, split, user) -> dict:
+    blocks = self.blocks[user]
+    if split == "validation":
+      b = blocks[-1]
+      pos = int(self.train["candidates"][b][0])
+      target = {"window": self.train["window"][b],
+                "candidates": np.concatenate([[pos], self._negatives(user)]).astype(np.int32),
+                "label": np.eye(1, 1 + int(cfg["eval_negatives"]), dtype=np.float32)[0]}
+      support, t = self._support(blocks[:-1]), b
+    else:
+      t = int(self.test_of[user])
+      target = {k: self.test[k][t] for k in ("window", "candidates", "label")}
+      support = self._support(blocks)
+    return {"user": np.int32(user), "timestamp": np.int64(t), "target": target,
+            "support": support}
+
+  def _negatives(self, user) -> np.ndarray:
+    clicked = np.zeros(self._num_items + 1, bool)
+    for b in self.blocks[user]:
+      clicked[self.train["window"][b]] = True
+      clicked[self.train["candidates"][b][0]] = True
+    if self.test_of[user] >= 0:
+      t = self.test_of[user]
+      clicked[self.test["window"][t]] = True
+      clicked[self.test["candidates"][t][0]] = True
+    clicked[0] = True
+    pool = np.flatnonzero(~clicked)
+    n = int(self.cfg["eval_negatives"])
+    if len(pool) < n:
+      raise FormatError(f"user {self.raw_users[user]} clicked all but {len(pool)} items: too "
+                        f"few to draw {n} validation negatives; lower data.eval_negatives")
+    return np.random.default_rng([int(self.cfg["seed"]), int(user), 7]).choice(
+        pool, n, replace=False).astype(np.int32)
+
+  def figures(self, cfg) -> dict:
+    warm = ~self.cold
+    rows = sum(len(self._cloud_blocks(u)) for u in range(len(self.raw_users)))
+    return {"users": len(self.raw_users), "items": self._num_items,
+            "train_blocks": len(self.train["user"]), "test_blocks": len(self.test["user"]),
+            "warm_users": int(warm.sum()), "cold_users": int(self.cold.sum()),
+            "training_positions": rows,
+            "training_rows": rows * (1 + int(cfg["train_negatives"])),
+            "validation_users": len(self.eval_users("validation")),
+            "test_users": len(self.eval_users("test")),
+            "test_ood_users": len(self.eval_users("test_ood")),
+            "users_without_history": int(sum(1 for b in self.blocks if len(b) == 0)),
+            "empty_windows": self.train["empty_windows"] + self.test["empty_windows"],
+            "candidates_train": 1 + int(cfg["train_negatives"]),
+            "candidates_eval": 1 + int(cfg["eval_negatives"])}
+
+  def describe(self, cfg) -> str:
+    f = self.figures(cfg)
+    return (f"Files in the DUET/Persona text format from {cfg['manual_dir']}: {f['users']} "
+            f"users, {f['items']} items, {f['train_blocks']} training targets (1 + "
+            f"{cfg['train_negatives']} rows each) and {f['test_blocks']} test targets (1 + "
+            f"{cfg['eval_negatives']}); {f['cold_users']} cold users (OOD) never seen by the "
+            f"cloud; validation holds out each warm user's last training target, re-drawing "
+            f"its negatives to 1 + {cfg['eval_negatives']} candidates; "
+            f"{f['users_without_history']} users without training history, "
+            f"{f['empty_windows']} targets with an empty click window (kept). The files carry "
+            f"no time: file order is time order.")

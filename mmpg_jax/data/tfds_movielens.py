@@ -19,19 +19,43 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmpg_jax.data import movielens as ml
+from mmpg_jax.data import seqrec_text
 from mmpg_jax.data import tfds_moving_digits as tmd
 
 DEVICE_SPLITS = tmd.DEVICE_SPLITS
 
 
 @functools.lru_cache(maxsize=4)
-def _prepared(cfg_json: str) -> ml.Prepared:
-  return ml.preprocess(json.loads(cfg_json))
+def _prepared(cfg_json: str):
+  cfg = json.loads(cfg_json)
+  if cfg.get("name") == "seqrec_text":
+    return seqrec_text.TextSource(cfg)
+  return ml.preprocess(cfg)
 
 
-def prepared(cfg) -> ml.Prepared:
-  """The preprocessed clicks of a data config (cached: both builders and the task read it)."""
-  return _prepared(json.dumps(tmd.data_config_dict(cfg), sort_keys=True))
+def prepared(cfg):
+  """The data source of a data config (cached: both builders and the task read it):
+  MovieLens-100K preprocessed (`movielens.Prepared`, data.name "movielens") or files in the
+  official text format (`seqrec_text.TextSource`, data.name "seqrec_text"). Both give
+  num_items, figures(cfg), describe(cfg), global_rows(cfg), eval_users(split) and
+  eval_device(cfg, split, user)."""
+  d = tmd.data_config_dict(cfg)
+  d.pop("_files", None)
+  return _prepared(json.dumps(d, sort_keys=True))
+
+
+class _MovielensBase(tmd._Base):
+  """The generated benchmarks' config plumbing; for text files the config name also hashes
+  their sizes and times, so a changed file is prepared anew."""
+
+  GENERATOR_VERSION = ml.GENERATOR_VERSION
+
+  def __init__(self, *, data_cfg=None, **kwargs):
+    if data_cfg is not None:
+      data_cfg = tmd.data_config_dict(data_cfg)
+      if data_cfg.get("name") == "seqrec_text":
+        data_cfg["_files"] = seqrec_text.file_fingerprint(data_cfg.get("manual_dir", ""))
+    super().__init__(data_cfg=data_cfg, **kwargs)
 
 
 def _target_features(window, n):
@@ -41,10 +65,8 @@ def _target_features(window, n):
       "label": tfds.features.Tensor(shape=(n,), dtype=np.float32)})
 
 
-class MovielensCloud(tmd._Base):
+class MovielensCloud(_MovielensBase):
   """The cloud's training positions: split `global_train`, one example per position."""
-
-  GENERATOR_VERSION = ml.GENERATOR_VERSION
 
   def _info(self):
     cfg = self.builder_config.data
@@ -64,14 +86,12 @@ class MovielensCloud(tmd._Base):
 
   def _generate_examples(self):
     cfg = self.builder_config.data
-    for i, (u, t, pos) in enumerate(ml.global_rows(prepared(cfg), cfg)):
+    for i, (u, t, pos) in enumerate(prepared(cfg).global_rows(cfg)):
       yield i, {"user": np.int32(u), "position": np.int32(t), **pos}
 
 
-class MovielensDevices(tmd._Base):
+class MovielensDevices(_MovielensBase):
   """Evaluation devices (users), one example each: splits validation, test, test_ood."""
-
-  GENERATOR_VERSION = ml.GENERATOR_VERSION
 
   def _info(self):
     cfg = self.builder_config.data
@@ -96,5 +116,5 @@ class MovielensDevices(tmd._Base):
   def _generate_examples(self, split):
     cfg = self.builder_config.data
     prep = prepared(cfg)
-    for i, u in enumerate(ml.eval_users(prep, split)):
-      yield i, ml.eval_device(prep, cfg, split, int(u))
+    for i, u in enumerate(prep.eval_users(split)):
+      yield i, prep.eval_device(cfg, split, int(u))

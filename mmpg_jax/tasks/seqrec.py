@@ -29,6 +29,7 @@ import optax
 
 from mmpg_jax import models, rec_metrics
 from mmpg_jax.data import movielens as ml
+from mmpg_jax.data import seqrec_text
 from mmpg_jax.data import pipeline
 from mmpg_jax.data import tfds_movielens as tml
 from mmpg_jax.tasks.base import Metric
@@ -44,7 +45,7 @@ def _bce(scores, labels):
 
 class Task(_Base):
   name = "seqrec"
-  datasets = ("movielens",)
+  datasets = ("movielens", "seqrec_text")      # data/movielens.py, data/seqrec_text.py
   metrics = ((Metric("uauc", percent=False, decimals=4), Metric("auc", percent=False, decimals=4))
              + tuple(Metric(f"ndcg@{k}", percent=False, decimals=4) for k in KS)
              + tuple(Metric(f"hr@{k}", percent=False, decimals=4) for k in KS)
@@ -197,16 +198,9 @@ class Task(_Base):
 
   def report_notes(self, cfg):
     d = cfg.data
-    f = self.prepared().figures(d)
     return [
-        f"MovieLens-100K (RecBole's packaged copy), preprocessed as the DUET/Persona line: "
-        f"{f['users']} users ({f['dropped_users']} dropped below {f['min_interactions']} "
-        f"clicks), {f['items']} items, {f['interactions']} clicks; {f['warm_users']} warm users "
-        f"give {f['training_positions']} training positions ({f['training_rows']} rows: "
-        f"1 + {d.train_negatives} candidates each), and one validation and one test target "
-        f"each (1 + {d.eval_negatives} candidates); {f['cold_users']} cold users (OOD) never "
-        f"seen by the cloud are tested at their last click. A device's real-time data is its "
-        f"last {d.window} clicks.",
+        self.prepared().describe(d.to_dict()) + f" A device's real-time data is its last "
+        f"{d.window} clicks.",
         f"Metrics per user over its 1 + {d.eval_negatives} candidates (uauc, ndcg, hr; ties "
         f"rank the negatives first), logloss per row, auc pooled over all rows. Users arrive "
         f"in {d.time_windows} time slices (by the target's time); a stateful method refines "
@@ -240,7 +234,7 @@ class Task(_Base):
 
   # ---- checks --------------------------------------------------------------------------------
   def validate_config(self, cfg):
-    from mmpg_jax.config_checks import need
+    from mmpg_jax.config_checks import ConfigError, need
     d = cfg.data
     for key in ("window", "train_negatives", "eval_negatives", "support_positions",
                 "time_windows", "min_interactions"):
@@ -248,7 +242,10 @@ class Task(_Base):
            "a positive integer")
     need(d.min_interactions >= 5, "data.min_interactions", d.min_interactions,
          "at least 5: two clicks of history, a training, a validation and a test target")
-    f = self.prepared().figures(d)
+    try:
+      f = self.prepared().figures(d)
+    except (ml.SourceError, seqrec_text.FormatError) as e:
+      raise ConfigError(f"config.data (name {d.name!r}): {e}") from e
     for key, want in (("num_val_devices", f["validation_users"]),
                       ("num_test_devices", f["test_users"]),
                       ("num_ood_devices", f["test_ood_users"]),
