@@ -161,7 +161,8 @@ def test_the_main_job_runs_on_drifting_digits_and_reports_every_window(cfg, data
   for name in ("prior_em", "duet", "persona_single", "persona", "persona_dynamic",
                "persona_k1"):
     assert m[name]["device_backward_passes"] == 0 and m[name]["labels_used_per_device"] == 0
-  assert set(m["persona_dynamic"]["selected_hparams"]) == {"assignment", "rate", "scope"}
+  assert set(m["persona_dynamic"]["selected_hparams"]) == {"assignment", "rate", "scope",
+                                                          "prototypes"}
   assert {"duet", "editor", "prototypes"} <= set(res["persona"])
   report = (tmp_path / "run" / "report.md").read_text()
   assert "## Per window position" in report and "| method (test) | w0 |" in report
