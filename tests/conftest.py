@@ -134,3 +134,23 @@ def no_backward(monkeypatch):
   assert names, "JAX changed its transposition entry point; update this fixture"
   for n in names:
     monkeypatch.setattr(ad, n, refuse)
+
+
+def with_value(cfg, key: str, value):
+  """A copy of `cfg` with the dotted `key` set to `value`."""
+  out = cfg.copy_and_resolve_references()
+  node = out
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  return out
+
+
+def assert_refused_before_any_work(cfg, key: str, value, match: str, tmp_path):
+  """The real main job with config.<key> = value stops with a ConfigError matching `match`
+  before it creates its workdir."""
+  from mmpg_jax import config_checks, main
+  with pytest.raises(config_checks.ConfigError, match=match):
+    main.run(with_value(cfg, key, value), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()

@@ -6,11 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from mmpg_jax import config_checks, main, tasks
+from mmpg_jax import main, tasks
 from mmpg_jax.data import drifting_digits as dd
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
 from mmpg_jax.tasks import image_classification as ic
+
+from conftest import assert_refused_before_any_work
 
 
 @pytest.fixture(scope="module")
@@ -124,15 +126,7 @@ def test_global_images_come_from_the_global_pool_and_the_training_ranges(cfg, be
     ("data.jitter", 9, "between 0 and"),
 ])
 def test_bad_stream_configs_are_refused_before_any_work(cfg, tmp_path, key, value, match):
-  c = cfg.copy_and_resolve_references()
-  node = c
-  *path, last = key.split(".")
-  for p in path:
-    node = node[p]
-  node[last] = value
-  with pytest.raises(config_checks.ConfigError, match=match):
-    main.run(c, str(tmp_path / "w"))
-  assert not (tmp_path / "w").exists()
+  assert_refused_before_any_work(cfg, key, value, match, tmp_path)
 
 
 def test_the_main_job_runs_on_drifting_digits_and_reports_every_window(cfg, data_dir, tmp_path,

@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import config_checks, costs, evaluate, main, tasks
+from mmpg_jax import costs, evaluate, tasks
 from mmpg_jax import params as P
 from mmpg_jax.adapt import baselines, persona
 
 from conftest import random_features
+from conftest import assert_refused_before_any_work
 
 
 @pytest.fixture(scope="module")
@@ -337,12 +338,7 @@ def dataclass_replace(m, **kw):
     ("persona.refine_rates", (), "at least one value"),
 ])
 def test_bad_persona_configs_are_refused_before_any_work(setup, tmp_path, key, value, match):
-  c = setup[0].copy_and_resolve_references()
-  section, name = key.split(".")
-  c[section][name] = value
-  with pytest.raises(config_checks.ConfigError, match=match):
-    main.run(c, str(tmp_path / "w"))
-  assert not (tmp_path / "w").exists()
+  assert_refused_before_any_work(setup[0], key, value, match, tmp_path)
 
 
 def test_history_centres_replay_device_scope_refinement_along_each_meta_stream():

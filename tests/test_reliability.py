@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from mmpg_jax import checkpointing, config_checks, main, tasks, train
+from mmpg_jax import checkpointing, tasks, train
 from mmpg_jax import workdir as wd
 from mmpg_jax.data import pipeline
 
 from conftest import checkpoint_steps as _steps
+from conftest import assert_refused_before_any_work
 
 
 # ---------- damaged checkpoints ---------------------------------------------------------------
@@ -149,12 +150,4 @@ def test_a_failing_checkpoint_write_names_the_step_and_keeps_earlier_ones(smoke_
 ])
 def test_invalid_config_values_are_refused_before_any_work(smoke_config, tmp_path, key, value,
                                                            match):
-  cfg = smoke_config.copy_and_resolve_references()
-  node = cfg
-  *parents, leaf = key.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-  with pytest.raises(config_checks.ConfigError, match=match):
-    main.run(cfg, str(tmp_path / "w"))
-  assert not (tmp_path / "w").exists()
+  assert_refused_before_any_work(smoke_config, key, value, match, tmp_path)

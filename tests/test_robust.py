@@ -1,7 +1,6 @@
 """CDC-MMPG's variants and controls (adapt/cdc_robust.py) and the forward-only rivals T3A and
 LAME (adapt/tta.py): forward only on the device, exact fall-backs, and reference
 implementations."""
-import copy
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ from mmpg_jax.adapt import cdc_mmpg, cdc_robust, tta
 from mmpg_jax.data import moving_digits as md
 
 from conftest import BackwardPassRan
+from conftest import with_value
 from test_cdc import _ctx, _device, fda_setup  # noqa: F401  (fda_setup is a fixture)
 
 VARIANT_HP = {"cdc_mmpg_em2": {"scale": 1.0, "smoothing": 2.0},
@@ -166,14 +166,8 @@ def test_lame_knn_affinity_and_its_fixed_point():
 ])
 def test_bad_variant_and_rival_configs_are_refused_before_any_work(smoke_config, key, value,
                                                                    match):
-  cfg = copy.deepcopy(smoke_config)
-  node = cfg
-  *parents, leaf = key.split(".")
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
   with pytest.raises(config_checks.ConfigError, match=match):
-    config_checks.check(cfg)
+    config_checks.check(with_value(smoke_config, key, value))
 
 
 def test_wide_meta_shifts_never_draw_the_ood_only_ranges(smoke_config, task):

@@ -12,6 +12,7 @@ from mmpg_jax import config_checks, main, rec_metrics, tasks
 from mmpg_jax.tasks import seqrec
 
 from conftest import ROOT
+from conftest import assert_refused_before_any_work
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +104,7 @@ def test_an_item_outside_the_vocabulary_is_refused_not_clamped(setup):
     ("persona.meta_devices", 10 ** 6, "at most the 3851 training positions"),
 ])
 def test_bad_seqrec_configs_are_refused_before_any_work(setup, tmp_path, key, value, match):
-  c = setup[0].copy_and_resolve_references()
-  section, name = key.split(".")
-  c[section][name] = value
-  with pytest.raises(config_checks.ConfigError, match=match):
-    main.run(c, str(tmp_path / "w"))
-  assert not (tmp_path / "w").exists()
+  assert_refused_before_any_work(setup[0], key, value, match, tmp_path)
 
 
 def test_the_main_job_runs_on_movielens_and_reports_every_method(setup, tmp_path):
