@@ -116,3 +116,45 @@ def test_msrvtt_info_and_retrieval_lists(tmp_path):
     vf.read_msrvtt_info(str(tmp_path / "broken.json"))
   with pytest.raises(vf.VideoDataError, match="MSRVTT_JSFUSION_test.csv"):
     vf.read_retrieval_test(str(tmp_path / "missing.csv"))
+
+
+# ---- devices from the data ---------------------------------------------------------------------
+
+def test_msvd_devices_are_seeded_clusters_of_mean_embeddings(tmp_path):
+  from mmpg_jax.data import video_devices as vd
+  rng = np.random.default_rng(1)
+  folder = tmp_path / "msvd"
+  folder.mkdir()
+  centres = rng.normal(size=(3, 8)) * 5
+  truth = np.repeat(np.arange(3), 4)
+  ids = [f"vid{i}" for i in range(12)]
+  for v, c in zip(ids, truth):
+    np.save(folder / f"{v}.npy", (centres[c] + 0.1 * rng.normal(size=(6, 8))).astype(np.float32))
+  store = vf.FeatureStore(str(folder), 8)
+  labels, found = vd.clusters(store, ids, 3, seed=0)
+  again, _ = vd.clusters(store, ids, 3, seed=0)
+  np.testing.assert_array_equal(labels, again)
+  # the three planted groups come back as three devices (up to naming)
+  assert len({tuple(np.flatnonzero(labels == g)) for g in range(3)}
+             ^ {tuple(np.flatnonzero(truth == g)) for g in range(3)}) == 0
+  assert found.shape == (3, 8)
+  with pytest.raises(vf.VideoDataError, match="1 <= k <= the 12 videos"):
+    vd.clusters(store, ids, 13, seed=0)
+
+
+def test_msrvtt_devices_are_categories_and_roles_are_disjoint():
+  from mmpg_jax.data import video_devices as vd
+  info = {"category": {f"video{i}": i % 20 for i in range(40)}}
+  assert vd.categories(info, ["video3", "video23"]).tolist() == [3, 3]
+  with pytest.raises(vf.VideoDataError, match="no category"):
+    vd.categories(info, ["video99"])
+  counts = {"global": 8, "meta": 6, "validation": 3, "test": 3}
+  roles = vd.assign_roles(20, counts, seed=0)
+  every = np.concatenate([roles[r] for r in vd.ROLES])
+  assert len(every) == len(set(every.tolist())) == 20
+  assert {r: len(v) for r, v in roles.items()} == counts
+  assert vd.assign_roles(20, counts, seed=0)["test"].tolist() == roles["test"].tolist()
+  with pytest.raises(vf.VideoDataError, match="asks for 21 devices"):
+    vd.assign_roles(20, dict(counts, meta=7), seed=0)
+  with pytest.raises(vf.VideoDataError, match=r"\['validation'\] have none"):
+    vd.assign_roles(20, dict(counts, validation=0), seed=0)
