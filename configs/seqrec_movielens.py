@@ -43,9 +43,9 @@ def get_config(arg: str = ""):
       # the official DUET/Persona format under manual_dir (e.g. the official scripts'
       # MovieLens-1M or Amazon files; the checks then say which device counts to set)
       name="movielens", manual_dir="", seed=0,
-      min_interactions=5,               # a user needs 2 clicks of history + 3 targets
+      min_interactions=5,               # (movielens) 2 clicks of history + 3 targets
       num_cold_users=users[1],          # never seen by the cloud: the OOD group
-      max_users=users[0] if smoke else 0,   # 0 = all
+      max_users=users[0] if smoke else 0,   # (movielens) 0 = all; seqrec_text needs 0
       window=10,                        # the click window (real-time data)
       train_negatives=4, eval_negatives=99,
       support_positions=10,             # a user's labelled history for per-user fine-tuning

@@ -173,7 +173,7 @@ def test_official_text_files_are_a_data_source_with_validation_held_out(cfg, tmp
   _write_official_files(tmp_path, np.random.default_rng(0))
   c = cfg.copy_and_resolve_references()
   c.data.update(dict(name="seqrec_text", manual_dir=str(tmp_path), num_cold_users=2,
-                     eval_negatives=9, data_dir=str(tmp_path / "prepared")))
+                     eval_negatives=9, max_users=0, data_dir=str(tmp_path / "prepared")))
   src = tml.prepared(c.data)
   f = src.figures(c.data)
   assert (f["users"], f["users_without_history"], f["test_blocks"]) == (8, 1, 8)
@@ -198,8 +198,9 @@ def test_official_text_files_are_a_data_source_with_validation_held_out(cfg, tmp
     assert t["support"]["candidates"][0, 0] == src.train["candidates"][b][0]
   # the user without history keeps an empty support, not an error
   assert len(src.blocks[u0]) == 0
-  if not src.cold[u0]:
-    assert src.eval_device(c.data, "test", u0)["support"]["mask"].sum() == 0
+  split = "test_ood" if src.cold[u0] else "test"
+  assert u0 in src.eval_users(split)
+  assert src.eval_device(c.data, split, u0)["support"]["mask"].sum() == 0
   # through the TFDS builders and the task, with the device counts the data gives
   c.data.update(dict(num_val_devices=f["validation_users"], num_test_devices=f["test_users"],
                      num_ood_devices=f["test_ood_users"], num_global_devices=f["warm_users"]))
@@ -212,9 +213,29 @@ def test_official_text_files_are_a_data_source_with_validation_held_out(cfg, tmp
   assert "DUET/Persona text format" in task.report_notes(c)[0]
 
 
+def test_text_files_out_of_time_order_are_refused_with_the_line(cfg, tmp_path):
+  from mmpg_jax.data import seqrec_text
+  _write_official_files(tmp_path, np.random.default_rng(0))
+  c = cfg.copy_and_resolve_references()
+  c.data.update(dict(name="seqrec_text", manual_dir=str(tmp_path), num_cold_users=2,
+                     eval_negatives=9, max_users=0))
+  lines = (tmp_path / "train.txt").read_text().splitlines()
+  # user 103 has 4 training targets (lines 16-35): swap its last two blocks
+  blocks = [lines[i:i + 5] for i in range(0, len(lines), 5)]
+  users = [b[0].split(";")[0] for b in blocks]
+  i = max(k for k, u in enumerate(users) if u == "103")
+  blocks[i - 1], blocks[i] = blocks[i], blocks[i - 1]
+  (tmp_path / "train.txt").write_text("\n".join(l for b in blocks for l in b) + "\n")
+  with pytest.raises(seqrec_text.FormatError, match=r"train.txt:\d+: this target's click window "
+                                                    r"lacks the item clicked"):
+    seqrec_text.TextSource(c.data.to_dict())
+  with pytest.raises(seqrec_text.FormatError, match="max_users applies to MovieLens-100K only"):
+    seqrec_text.TextSource(dict(c.data.to_dict(), max_users=5))
+
+
 def test_a_missing_manual_dir_is_refused_before_any_work(cfg, tmp_path):
   c = cfg.copy_and_resolve_references()
-  c.data.update(dict(name="seqrec_text", manual_dir=str(tmp_path / "nowhere")))
+  c.data.update(dict(name="seqrec_text", manual_dir=str(tmp_path / "nowhere"), max_users=0))
   with pytest.raises(config_checks.ConfigError, match="must hold train.txt and test.txt"):
     main.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()

@@ -85,6 +85,8 @@ def test_questions_without_features_are_counted_not_dropped(tmp_path):
     ("bad.json", '[{"question": "q?",\n "answer": }]', r"bad.json:2: not valid JSON"),
     ("bad.csv", "question,answer\nq?,a\n", r"lacks columns \['video_id'\]"),
     ("bad.csv", "question,answer,video_id\nq?,a,1\nr?,b\n", r"bad.csv:3: fewer fields"),
+    ("bad.csv", "question,answer,video_id\nq?,a,1\n\nwhat, and why?,b,2\n",
+     r"bad.csv:4: more fields than the header"),                # the blank line counts
     ("bad.json", '[{"question": "", "answer": "a", "video_id": 1}]', "empty question"),
 ])
 def test_a_malformed_question_file_names_the_file_and_the_place(tmp_path, name, text, match):
@@ -102,7 +104,7 @@ def test_msrvtt_info_and_retrieval_lists(tmp_path):
   got = vf.read_msrvtt_info(str(tmp_path / "videodatainfo.json"))
   assert got["category"] == {"video0": 0, "video1": 1, "video2": 2, "video3": 0}
   assert got["captions"]["video1"] == ["caption 1", "caption 5"]
-  (tmp_path / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\nvideo2\n")
+  (tmp_path / "MSRVTT_train.9k.csv").write_text("\ufeffvideo_id\nvideo0\nvideo2\n")  # BOM
   (tmp_path / "train_list.txt").write_text("video0\nvideo2\n")
   assert vf.read_video_list(str(tmp_path / "MSRVTT_train.9k.csv")) == ["video0", "video2"]
   assert vf.read_video_list(str(tmp_path / "train_list.txt")) == ["video0", "video2"]
@@ -140,6 +142,12 @@ def test_msvd_devices_are_seeded_clusters_of_mean_embeddings(tmp_path):
   assert found.shape == (3, 8)
   with pytest.raises(vf.VideoDataError, match="1 <= k <= the 12 videos"):
     vd.clusters(store, ids, 13, seed=0)
+  # two distinct videos, three devices asked: a device would be empty
+  for v in ids:
+    np.save(folder / f"{v}.npy", np.full((2, 8), 1.0 + (v in ids[:6]), np.float32)
+            * np.eye(8, dtype=np.float32)[int(v in ids[:6])])
+  with pytest.raises(vf.VideoDataError, match=r"left 1 of 3 devices without a video"):
+    vd.clusters(vf.FeatureStore(str(folder), 8), ids, 3, seed=0)
 
 
 def test_msrvtt_devices_are_categories_and_roles_are_disjoint():

@@ -104,7 +104,7 @@ def group_candidates(rows: dict, size: int, path: str) -> dict:
   take = lambda a: np.take_along_axis(a, first, axis=1)
   return {"user": user[:, 0], "window": click[:, 0],
           "candidates": take(rows["target"].reshape(b, size)), "label": take(label),
-          "empty_windows": int((click[:, 0, 0] == 0).sum())}
+          "line": line[:, 0], "empty_windows": int((click[:, 0, 0] == 0).sum())}
 
 
 # ---- the files as a seqrec data source -----------------------------------------------------------
@@ -113,13 +113,14 @@ TRAIN_FILE, TEST_FILE = "train.txt", "test.txt"
 
 
 def file_fingerprint(manual_dir: str) -> list:
-  """(name, size, mtime) of the source files: a prepared copy is rebuilt when they change."""
+  """(path, size, mtime in ns) of the source files: a prepared copy (and the in-process cache)
+  is made anew when they change."""
   out = []
   for name in (TRAIN_FILE, TEST_FILE):
-    p = os.path.join(manual_dir, name)
+    p = os.path.abspath(os.path.join(manual_dir, name))
     if os.path.exists(p):
       st = os.stat(p)
-      out.append([name, st.st_size, int(st.st_mtime)])
+      out.append([p, st.st_size, st.st_mtime_ns])
   return out
 
 
@@ -143,6 +144,9 @@ class TextSource:
   """
 
   def __init__(self, cfg):
+    if int(cfg.get("max_users", 0) or 0):
+      raise FormatError("data.max_users applies to MovieLens-100K only; set it to 0 for "
+                        "data.name='seqrec_text' (use smaller files for a smaller run)")
     d = cfg.get("manual_dir", "") or ""
     paths = {"train": os.path.join(d, TRAIN_FILE), "test": os.path.join(d, TEST_FILE)}
     missing = [p for p in paths.values() if not os.path.exists(p)]
@@ -170,7 +174,9 @@ class TextSource:
                         f"blocks; expected one test target per user")
     self.test_of = np.full(n, -1, np.int64)
     self.test_of[test_user] = np.arange(len(test_user))
-    self.blocks = [np.flatnonzero(train_user == u) for u in range(n)]      # file order
+    order = np.argsort(train_user, kind="stable")                        # file order per user
+    self.blocks = np.split(order, np.cumsum(np.bincount(train_user, minlength=n))[:-1])
+    self._check_time_order(paths)
     items = [self.train["window"], self.train["candidates"], self.test["window"],
              self.test["candidates"]]
     self._num_items = int(max(int(a.max()) for a in items))
@@ -187,6 +193,23 @@ class TextSource:
   @property
   def num_items(self) -> int:
     return self._num_items
+
+  def _check_time_order(self, paths) -> None:
+    """File order must be time order (the files carry no time): each of a user's targets has
+    the previous target's clicked item in its click window. Otherwise the held-out validation
+    target would not be the latest, and later training windows would contain it."""
+    tr, te = self.train, self.test
+    for u, blocks in enumerate(self.blocks):
+      pairs = [(tr, a, tr, b, paths["train"]) for a, b in zip(blocks[:-1], blocks[1:])]
+      if len(blocks) and self.test_of[u] >= 0:
+        pairs.append((tr, blocks[-1], te, self.test_of[u], paths["test"]))
+      for src, a, dst, b, path in pairs:
+        if src["candidates"][a][0] not in dst["window"][b]:
+          raise FormatError(
+              f"{path}:{dst['line'][b]}: this target's click window lacks the item clicked at "
+              f"the user's previous target ({paths['train']}:{src['line'][a]}): the files "
+              f"must list each user's targets in time order, as the official scripts write "
+              f"them")
 
   def _validates(self, u) -> bool:
     return bool(self.has_test[u] and not self.cold[u] and len(self.blocks[u]) >= 1)

@@ -40,7 +40,8 @@ def prepared(cfg):
   num_items, figures(cfg), describe(cfg), global_rows(cfg), eval_users(split) and
   eval_device(cfg, split, user)."""
   d = tmd.data_config_dict(cfg)
-  d.pop("_files", None)
+  if d.get("name") == "seqrec_text":     # the files' state is part of the key: an edited file
+    d["_files"] = seqrec_text.file_fingerprint(d.get("manual_dir", ""))   # is read anew
   return _prepared(json.dumps(d, sort_keys=True))
 
 

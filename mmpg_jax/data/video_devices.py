@@ -42,7 +42,13 @@ def clusters(store, video_ids, k: int, seed: int, iterations: int = 50) -> tuple
   x = jnp.asarray(np.stack([mean_embedding(store.get(v)) for v in video_ids]))
   centres, labels = jax.jit(km.kmeans, static_argnums=(1, 2))(x, k, iterations,
                                                             jax.random.key(seed))
-  return np.asarray(labels, np.int32), np.asarray(centres)
+  labels = np.asarray(labels, np.int32)
+  sizes = np.bincount(labels, minlength=k)
+  if (sizes == 0).any():        # duplicate embeddings can leave a cluster empty: no device
+    raise VideoDataError(f"k-means left {int((sizes == 0).sum())} of {k} devices without a "
+                         f"video (sizes {sizes.tolist()}); lower data.num_devices or change "
+                         f"data.seed")
+  return labels, np.asarray(centres)
 
 
 def assign_roles(num_devices: int, counts: dict, seed: int) -> dict:

@@ -111,18 +111,27 @@ def read_qa(path: str, video_key: str) -> list:
                              f"{QA_FIELDS})")
       rows.append(_qa_row(q, video_key, f"{path}: entry {i}"))
   else:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
       reader = csv.DictReader(f)
       missing = [k for k in QA_FIELDS if k not in (reader.fieldnames or [])]
       if missing:
         raise VideoDataError(f"{path}: header {reader.fieldnames} lacks columns {missing}")
-      for lineno, q in enumerate(reader, start=2):
-        if any(q[k] is None for k in QA_FIELDS):
-          raise VideoDataError(f"{path}:{lineno}: fewer fields than the header")
-        rows.append(_qa_row(q, video_key, f"{path}:{lineno}"))
+      for q in reader:
+        _check_csv_row(q, path, reader.line_num, QA_FIELDS)
+        rows.append(_qa_row(q, video_key, f"{path}:{reader.line_num}"))
   if not rows:
     raise VideoDataError(f"{path} holds no questions")
   return rows
+
+
+def _check_csv_row(row: dict, path: str, line: int, fields) -> None:
+  """A CSV record with more or fewer fields than its header is an error (a comma inside an
+  unquoted question would otherwise shift every field silently)."""
+  if None in row:
+    raise VideoDataError(f"{path}:{line}: more fields than the header (quote fields that "
+                         f"contain commas)")
+  if any(row.get(k) is None for k in fields):
+    raise VideoDataError(f"{path}:{line}: fewer fields than the header")
 
 
 def _qa_row(q, video_key: str, where: str) -> dict:
@@ -192,12 +201,16 @@ def read_video_list(path: str) -> list:
   if not os.path.exists(path):
     raise VideoDataError(f"video list {path} is missing: expected a CSV with a 'video_id' "
                          f"column or one video id per line")
-  with open(path, encoding="utf-8", newline="") as f:
+  with open(path, encoding="utf-8-sig", newline="") as f:    # -sig: a BOM is not an id
     text = f.read()
   lines = [l.strip() for l in text.splitlines() if l.strip()]
-  if lines and "video_id" in lines[0].split(","):
-    rows = list(csv.DictReader(text.splitlines()))
-    return [r["video_id"].strip() for r in rows]
+  if lines and "video_id" in next(csv.reader([lines[0]])):
+    reader = csv.DictReader(lines)
+    out = []
+    for r in reader:
+      _check_csv_row(r, path, reader.line_num, ("video_id",))
+      out.append(r["video_id"].strip())
+    return out
   return lines
 
 
@@ -206,14 +219,15 @@ def read_retrieval_test(path: str) -> list:
   if not os.path.exists(path):
     raise VideoDataError(f"retrieval test list {path} is missing: expected the CSV with "
                          f"columns key, vid_key, video_id, sentence (MSRVTT_JSFUSION_test.csv)")
-  with open(path, encoding="utf-8", newline="") as f:
+  with open(path, encoding="utf-8-sig", newline="") as f:
     reader = csv.DictReader(f)
     missing = [k for k in ("video_id", "sentence") if k not in (reader.fieldnames or [])]
     if missing:
       raise VideoDataError(f"{path}: header {reader.fieldnames} lacks columns {missing}")
     out = []
-    for lineno, r in enumerate(reader, start=2):
+    for r in reader:
+      _check_csv_row(r, path, reader.line_num, ("video_id", "sentence"))
       if not r["video_id"] or not r["sentence"]:
-        raise VideoDataError(f"{path}:{lineno}: empty video_id or sentence")
+        raise VideoDataError(f"{path}:{reader.line_num}: empty video_id or sentence")
       out.append((r["video_id"].strip(), r["sentence"].strip()))
   return out
