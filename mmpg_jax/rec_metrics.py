@@ -15,7 +15,8 @@ AUC is the Mann-Whitney statistic with ties counted half.
 import numpy as np
 
 
-def _auc(scores, labels) -> float:
+def auc(scores, labels) -> float:
+  """AUC of one set of scored rows (the pooled `auc` over all users' rows, or one user's)."""
   pos, neg = scores[labels > 0], scores[labels <= 0]
   if len(pos) == 0 or len(neg) == 0:
     return float("nan")
@@ -33,7 +34,7 @@ def _auc(scores, labels) -> float:
 
 def user_auc(scores, labels) -> np.ndarray:
   """[U] per-user AUC (nan where a user lacks a class)."""
-  return np.asarray([_auc(s, l) for s, l in zip(np.asarray(scores), np.asarray(labels))])
+  return np.asarray([auc(s, l) for s, l in zip(np.asarray(scores), np.asarray(labels))])
 
 
 def ranking(scores, labels, ks=(5, 10, 20)) -> dict:
@@ -66,7 +67,7 @@ def all_metrics(scores, labels, ks=(5, 10, 20)) -> dict:
   """Every metric of the module docstring, averaged over users (pooled for auc/logloss)."""
   scores, labels = np.asarray(scores), np.asarray(labels)
   ua = user_auc(scores, labels)
-  out = {"auc": _auc(scores.ravel(), labels.ravel()),
+  out = {"auc": auc(scores.ravel(), labels.ravel()),
          "uauc": float(np.nanmean(ua)) if np.isfinite(ua).any() else float("nan"),
          "logloss": logloss(scores, labels)}
   out.update({k: float(v.mean()) for k, v in ranking(scores, labels, ks).items()})

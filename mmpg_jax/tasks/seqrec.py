@@ -62,6 +62,7 @@ class Task(_Base):
   def __init__(self, config):
     super().__init__(config)
     self._bench = None
+    self._enc = None                  # the jitted encoders of encode_split, made once
 
   # ---- model ---------------------------------------------------------------------------------
   def prepared(self):
@@ -95,7 +96,7 @@ class Task(_Base):
     return self._bench
 
   def _encoders(self, model):
-    if not hasattr(self, "_enc"):
+    if self._enc is None:
       self._enc = {
           "user": jax.jit(lambda p, w: model.apply({"params": p}, w, method=model.encode_user)),
           "item": jax.jit(lambda p, c: model.apply({"params": p}, c,
@@ -182,7 +183,8 @@ class Task(_Base):
     return out
 
   # Pooled over every row of every user (report.build_results calls these).
-  pooled_metrics = {"auc": lambda v: rec_metrics.all_metrics(v["_scores"], v["_labels"])["auc"]}
+  pooled_metrics = {"auc": lambda v: rec_metrics.auc(np.ravel(v["_scores"]),
+                                                     np.ravel(v["_labels"]))}
 
   def loss(self, model, params, feats):
     w = feats["weight"]
