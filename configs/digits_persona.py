@@ -18,22 +18,15 @@ accuracy global 63.3, fta_k5 70.3, prior_em 67.6, cdc_mmpg 78.4, duet 79.1, pers
 persona 79.4 (K = 2 chosen), persona_dynamic 79.4, persona_k1 79.8, oracle 80.9. The smoke
 run only checks that every stage runs end to end; its numbers mean nothing.
 """
-import importlib.util
 import os
 
 import ml_collections as mlc
 
-
-def _qa_config(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moving_digits_qa.py")
-  spec = importlib.util.spec_from_file_location("moving_digits_qa_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from mmpg_jax import config_loader
 
 
 def get_config(arg: str = ""):
-  qa = _qa_config(arg)
+  qa = config_loader.module("moving_digits_qa.py", os.path.dirname(os.path.abspath(__file__)))
   c = qa.get_config(arg)
   smoke = arg == "smoke"
   c.benchmark = "drifting_digits"

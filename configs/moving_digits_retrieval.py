@@ -14,22 +14,15 @@ table): test R@1 global 0.815, qb_norm 0.825, fta_k5 0.818, oracle 0.893 (margin
 cdc_mmpg 0.913 with 0 labels and 0 device backward passes; OOD R@1 global 0.545, cdc_mmpg 0.593,
 oracle 0.817. The smoke run only checks that every stage runs end to end.
 """
-import importlib.util
 import os
 
 import ml_collections as mlc
 
-
-def _qa_config(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moving_digits_qa.py")
-  spec = importlib.util.spec_from_file_location("moving_digits_qa_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from mmpg_jax import config_loader
 
 
 def get_config(arg: str = ""):
-  c = _qa_config(arg)
+  c = config_loader.load("moving_digits_qa.py", arg, os.path.dirname(os.path.abspath(__file__)))
   smoke = arg == "smoke"
   c.benchmark = "moving_digits_retrieval"
   c.task = "video_retrieval"

@@ -197,7 +197,7 @@ def test_a_task_defined_outside_the_package_runs_through_the_real_main_job(smoke
     ("task", "video_qq", tasks.UnknownTaskError,
      r"video_qq.*known tasks: .*video_qa.*video_retrieval"),
     ("data.name", "msrvtt", config_checks.ConfigError,       # task and data disagree
-     r"data.name='msrvtt'.*reads \('moving_digits',\)"),
+     r"data.name='msrvtt'.*reads \('moving_digits', 'msrvtt_qa', 'msvd_qa'\)"),
     ("method_families", ("baselines", "persnoa"), config_checks.ConfigError,
      r"persnoa.*mmpg_jax.adapt.persnoa"),
     ("data.cloud_caption_mix", (1.0, 0.0), config_checks.ConfigError,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpg_jax import kmeans as km
+from mmpg_jax.data import video_files as vf
 from mmpg_jax.data.video_files import VideoDataError
 
 ROLES = ("global", "meta", "validation", "test")
@@ -39,7 +40,8 @@ def clusters(store, video_ids, k: int, seed: int, iterations: int = 50) -> tuple
   if not 1 <= k <= len(video_ids):
     raise VideoDataError(f"{k} devices need 1 <= k <= the {len(video_ids)} videos with "
                          f"features; lower data.num_devices")
-  x = jnp.asarray(np.stack([mean_embedding(store.get(v)) for v in video_ids]))
+  x = jnp.asarray(np.stack([mean_embedding(store.get(v))
+                           for v in vf.logged(video_ids, "k-means: reading features")]))
   centres, labels = jax.jit(km.kmeans, static_argnums=(1, 2))(x, k, iterations,
                                                             jax.random.key(seed))
   labels = np.asarray(labels, np.int32)
@@ -49,6 +51,15 @@ def clusters(store, video_ids, k: int, seed: int, iterations: int = 50) -> tuple
                          f"video (sizes {sizes.tolist()}); lower data.num_devices or change "
                          f"data.seed")
   return labels, np.asarray(centres)
+
+
+def nearest_centre(store, video_ids, centres) -> np.ndarray:
+  """The device of each video: the nearest k-means centre to its mean embedding. k-means is
+  fit on the training split's videos only; held-out videos are assigned to its centres."""
+  x = np.stack([mean_embedding(store.get(v))
+                for v in vf.logged(video_ids, "devices: reading features")])
+  d2 = ((x[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1)
+  return d2.argmin(1).astype(np.int32)
 
 
 def assign_roles(num_devices: int, counts: dict, seed: int) -> dict:

@@ -5,6 +5,10 @@
     frame embeddings --temporal--> video vector [.., D]          (order-aware pooling)
     (video vector, question code) --fusion (FiLM)--> --answer_head--> logits [.., A]
 
+On real video datasets (`frame_encoder_kind='projection'`) the frame encoder is a linear
+projection of pre-extracted frame features, and a frame mask marks the frames of videos
+shorter than T (temporal pooling ignores the rest).
+
 The encoders are static by default and the rest dynamic (config `dynamic_leaves`). Because
 the expensive frame encoder is static, device-side adaptation can run on cached frame
 embeddings: `answer_from_features(frame_emb, q_code)` is the dynamic part alone.
@@ -38,6 +42,25 @@ class FrameEncoder(nn.Module):
     return x.reshape(lead + (self.embed_dim,))
 
 
+class FeatureProjection(nn.Module):
+  """The frame encoder of real video datasets: a linear projection of given (pre-extracted,
+  e.g. CLIP) frame features [..., T, F] -> [..., T, D] (config model.frame_encoder)."""
+  embed_dim: int = 64
+
+  @nn.compact
+  def __call__(self, features):
+    return nn.Dense(self.embed_dim, name="proj")(features.astype(jnp.float32))
+
+
+def frame_encoder(kind: str, channels, embed_dim: int) -> nn.Module:
+  if kind == "cnn":
+    return FrameEncoder(tuple(channels), embed_dim)
+  if kind == "projection":
+    return FeatureProjection(embed_dim)
+  raise ValueError(f"model.frame_encoder={kind!r}: use 'cnn' (pixels) or 'projection' "
+                   f"(pre-extracted frame features)")
+
+
 class QuestionEncoder(nn.Module):
   vocab_size: int
   dim: int = 32
@@ -57,13 +80,23 @@ class TemporalPool(nn.Module):
   dim: int = 64
 
   @nn.compact
-  def __call__(self, frame_emb):                   # [..., T, D]
+  def __call__(self, frame_emb, mask=None):        # [..., T, D]; mask [..., T] (1 = frame)
     h = nn.relu(nn.Dense(self.dim, name="frame")(frame_emb))
     t = h.shape[-2]
-    w = jnp.arange(t, dtype=h.dtype) - (t - 1) / 2.0
-    w = w / jnp.maximum(jnp.abs(w).sum(), 1.0)
-    slope = jnp.einsum("...td,t->...d", h, w)
-    pooled = jnp.concatenate([h.mean(-2), h.max(-2), slope], axis=-1)
+    if mask is None:
+      w = jnp.arange(t, dtype=h.dtype) - (t - 1) / 2.0
+      w = w / jnp.maximum(jnp.abs(w).sum(), 1.0)
+      slope = jnp.einsum("...td,t->...d", h, w)
+      pooled = jnp.concatenate([h.mean(-2), h.max(-2), slope], axis=-1)
+    else:
+      # padded frames (a video shorter than T) take no part: mean, max and slope over its
+      # own n frames, the slope centred on its own middle
+      m = mask.astype(h.dtype)[..., None]
+      n = jnp.maximum(m.sum(-2), 1.0)
+      w = (jnp.arange(t, dtype=h.dtype)[:, None] - (n[..., None, :] - 1) / 2.0) * m
+      w = w / jnp.maximum(jnp.abs(w).sum(-2, keepdims=True), 1.0)
+      pooled = jnp.concatenate([(h * m).sum(-2) / n, jnp.where(m > 0, h, -jnp.inf).max(-2),
+                                (h * w).sum(-2)], axis=-1)
     return nn.Dense(self.dim, name="out")(pooled)
 
 
@@ -107,9 +140,11 @@ class VideoLMM(nn.Module):
   embed_dim: int = 64
   question_dim: int = 32
   head_hidden: int = 128
+  frame_encoder_kind: str = "cnn"     # config model.frame_encoder: 'cnn' | 'projection'
 
   def setup(self):
-    self.frame_encoder = FrameEncoder(tuple(self.frame_channels), self.embed_dim)
+    self.frame_encoder = frame_encoder(self.frame_encoder_kind, self.frame_channels,
+                                       self.embed_dim)
     self.question_encoder = QuestionEncoder(self.vocab_size, self.question_dim)
     self.temporal = TemporalPool(self.embed_dim)
     self.fusion = FiLMFusion()
@@ -121,12 +156,12 @@ class VideoLMM(nn.Module):
   def encode_question(self, tokens):
     return self.question_encoder(tokens)
 
-  def answer_from_features(self, frame_emb, q_code):
-    return self.answer_head(self.fusion(self.temporal(frame_emb), q_code))
+  def answer_from_features(self, frame_emb, q_code, mask=None):
+    return self.answer_head(self.fusion(self.temporal(frame_emb, mask), q_code))
 
-  def answer_head_features(self, frame_emb, q_code):
+  def answer_head_features(self, frame_emb, q_code, mask=None):
     """The input of the answer head's last layer (logits = it @ out/kernel + out/bias)."""
-    return self.answer_head.features(self.fusion(self.temporal(frame_emb), q_code))
+    return self.answer_head.features(self.fusion(self.temporal(frame_emb, mask), q_code))
 
   def __call__(self, video, question):
     return self.answer_from_features(self.encode_frames(video), self.encode_question(question))
@@ -141,9 +176,11 @@ class VideoRetrieval(nn.Module):
   joint_dim: int = 64
   head_hidden: int = 128
   init_temperature: float = 0.07
+  frame_encoder_kind: str = "cnn"
 
   def setup(self):
-    self.frame_encoder = FrameEncoder(tuple(self.frame_channels), self.embed_dim)
+    self.frame_encoder = frame_encoder(self.frame_encoder_kind, self.frame_channels,
+                                       self.embed_dim)
     self.text_encoder = QuestionEncoder(self.vocab_size, self.text_dim)
     self.temporal = TemporalPool(self.embed_dim)
     self.video_head = MLPHead(self.joint_dim, self.head_hidden)
@@ -157,15 +194,15 @@ class VideoRetrieval(nn.Module):
   def encode_text(self, tokens):
     return self.text_encoder(tokens)
 
-  def video_embedding(self, frame_emb):          # [..., T, D] -> [..., J], unit norm
-    return _unit(self.video_head(self.temporal(frame_emb)))
+  def video_embedding(self, frame_emb, mask=None):   # [..., T, D] -> [..., J], unit norm
+    return _unit(self.video_head(self.temporal(frame_emb, mask)))
 
   def text_embedding(self, text_code):           # [..., Dt] -> [..., J], unit norm
     return _unit(self.text_head(text_code))
 
-  def similarity_from_features(self, frame_emb, text_code):
+  def similarity_from_features(self, frame_emb, text_code, mask=None):
     """Frame embeddings of n videos [n, T, D], codes of m texts [m, Dt] -> logits [m, n]."""
-    v, t = self.video_embedding(frame_emb), self.text_embedding(text_code)
+    v, t = self.video_embedding(frame_emb, mask), self.text_embedding(text_code)
     return jnp.exp(jnp.minimum(self.logit_scale, np.log(100.0))) * t @ v.T
 
   def __call__(self, video, caption):

@@ -7,6 +7,13 @@ pooling, FiLM fusion and answer head). A device's roles hold, per sample, the fr
 the device can ask each type of every video (forward passes only) for EM label-shift
 correction. Label groups are the question types' answer ranges of the shared 14-way answer
 vocabulary. Anchor elements: frame embeddings with their temporal differences.
+
+Real datasets (data.name msrvtt_qa / msvd_qa; data/real_video.py): the frame encoder is a
+linear projection of pre-extracted frame features (model.frame_encoder_kind='projection'),
+roles carry a `frame_mask` [T] (temporal pooling and anchors ignore padded frames), the answer
+vocabulary is the top data.num_answers training answers (one label group), questions are the
+data's own (no question types: label posteriors are those of the asked questions), and meta
+devices draw on the meta devices' labelled samples.
 """
 import jax
 import jax.numpy as jnp
@@ -16,6 +23,8 @@ import optax
 from mmpg_jax import models
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
+from mmpg_jax.data import real_video
+from mmpg_jax.data import tfds_real_video as trv
 from mmpg_jax.tasks import _video
 from mmpg_jax.tasks.base import Metric
 from mmpg_jax.tasks.base import Task as _Base
@@ -24,20 +33,38 @@ from mmpg_jax.tasks.base import encode_roles, stack
 
 class Task(_Base):
   name = "video_qa"
-  datasets = ("moving_digits",)
+  datasets = ("moving_digits",) + real_video.QA_DATASETS
   metrics = (Metric("accuracy"),)
-  label_groups = md.ANSWER_GROUPS
   label_bias_leaf = "answer_head/out/bias"
   classifier_layer = "answer_head/out"     # scores = classifier_features @ kernel + bias
   encoder_prefixes = ("frame_encoder/", "question_encoder/")
 
+  def __init__(self, config):
+    super().__init__(config)
+    self.features = _video.reads_features(config)   # real frame features, not pixels
+    self._bench = None
+
+  def source(self):
+    """The real dataset's files, read (cached): vocabularies, devices, build summary."""
+    return trv.source(self.config.data)
+
+  @property
+  def num_answers(self) -> int:
+    return len(self.source().answers) if self.features else md.NUM_ANSWERS
+
+  @property
+  def label_groups(self):
+    return ((0, self.num_answers),) if self.features else md.ANSWER_GROUPS
+
   def build_model(self):
-    return models.build(self.config.model, num_answers=md.NUM_ANSWERS, vocab_size=len(md.VOCAB))
+    vocab = len(self.source().words) if self.features else len(md.VOCAB)
+    return models.build(self.config.model, num_answers=self.num_answers, vocab_size=vocab)
 
   def example_inputs(self, n):
     d = self.config.data
-    return (jnp.zeros((n, d.frames, d.size, d.size), jnp.uint8),
-            jnp.ones((n, d.question_len), jnp.int32))
+    video = (jnp.zeros((n, d.frames, d.feature_dim), jnp.float32) if self.features
+             else jnp.zeros((n, d.frames, d.size, d.size), jnp.uint8))
+    return video, jnp.ones((n, d.question_len), jnp.int32)
 
   def encode(self, model, params, video, question):
     """Static encoders: video [n,T,H,W] uint8, question [n,L] -> {'frames', 'q'}."""
@@ -47,7 +74,10 @@ class Task(_Base):
 
   # ---- data ----------------------------------------------------------------------------------
   def prepare_data(self):
-    return pipeline.prepare(self.config.data)
+    if self._bench is None:
+      self._bench = (trv.prepare(self.config.data) if self.features
+                     else pipeline.prepare(self.config.data))
+    return self._bench
 
   def type_question_codes(self, model, params):
     """One canonical question per question type (its first template), encoded: [Q, Dq]."""
@@ -58,8 +88,8 @@ class Task(_Base):
   def encode_split(self, model, params, devices, chunk: int = 512):
     # Captions are never read: in this task a caption states the answer.
     enc = jax.jit(lambda p, v, q: self.encode(model, p, v, q))
-    out = encode_roles(enc, params, devices, ("video", "question"), ("qtype", "answer"),
-                              chunk)
+    out = encode_roles(enc, params, devices, ("video", "question"),
+                       ("qtype", "answer", "frame_mask"), chunk)
     for k, v in self.device_constants(model, params).items():
       out[k] = np.repeat(v[None], len(out["device_id"]), axis=0)
     return out
@@ -68,8 +98,10 @@ class Task(_Base):
     """Cross-entropy over every question type of every video (one frame encoding per video)."""
     frame_emb = model.apply({"params": params}, batch["video"], method=model.encode_frames)
     q_code = model.apply({"params": params}, batch["questions"], method=model.encode_question)
-    loss, acc = self.meta_loss(model, params, {"frames": frame_emb, "q": q_code,
-                                               "answers": batch["answers"]})
+    feats = {"frames": frame_emb, "q": q_code, "answers": batch["answers"]}
+    if "frame_mask" in batch:
+      feats["frame_mask"] = batch["frame_mask"]
+    loss, acc = self.meta_loss(model, params, feats)
     return loss, {"accuracy": acc}
 
   def source_prior(self, data, max_examples: int = 4096):
@@ -78,12 +110,12 @@ class Task(_Base):
     src = data.global_source()
     idx = np.linspace(0, len(src) - 1, min(len(src), max_examples)).astype(int)
     answers = np.concatenate([np.asarray(src[int(i)]["answers"]).ravel() for i in idx])
-    counts = np.bincount(answers, minlength=md.NUM_ANSWERS) + 1.0
+    counts = np.bincount(answers[answers >= 0], minlength=self.num_answers) + 1.0
     return (counts / counts.sum()).astype(np.float32)
 
   # ---- the device side -----------------------------------------------------------------------
   def scores(self, model, params, feats):
-    return model.apply({"params": params}, feats["frames"], feats["q"],
+    return model.apply({"params": params}, feats["frames"], feats["q"], feats.get("frame_mask"),
                        method=model.answer_from_features)
 
   def metric_values(self, scores, feats):
@@ -99,11 +131,14 @@ class Task(_Base):
 
   def classifier_features(self, model, params, feats):
     """[n, H]: the answer head's last-layer input on a role (T3A, LAME)."""
-    return model.apply({"params": params}, feats["frames"], feats["q"],
+    return model.apply({"params": params}, feats["frames"], feats["q"], feats.get("frame_mask"),
                        method=model.answer_head_features)
 
   def label_posteriors(self, model, params, dev):
-    """Every question type asked of each context video: [n, Q, A]. Forward passes only."""
+    """Every question type asked of each context video: [n, Q, A]. Forward passes only.
+    Real datasets have no question types: the asked questions' posteriors, [n, 1, A]."""
+    if "type_q" not in dev:
+      return self.asked_posteriors(model, params, dev)[:, None]
     frames, type_q = dev["context"]["frames"], dev["type_q"]
     n, nq = frames.shape[0], type_q.shape[0]
     f = jnp.broadcast_to(frames[:, None], (n, nq) + frames.shape[1:])
@@ -114,7 +149,7 @@ class Task(_Base):
     return jax.nn.softmax(self.scores(model, params, dev["context"]))
 
   def anchor_elements(self, context):
-    return {"video": _video.frame_elements(context["frames"])}
+    return {"video": _video.frame_elements(context["frames"], context.get("frame_mask"))}
 
   def anchor_info(self, cfg):
     d = cfg.data
@@ -122,7 +157,7 @@ class Task(_Base):
             "frame_elements": d.context_size * (d.frames - 1)}
 
   def query_label_prior(self, dev):
-    counts = jax.nn.one_hot(dev["query"]["answer"], md.NUM_ANSWERS).sum(0)
+    counts = jax.nn.one_hot(dev["query"]["answer"], self.num_answers).sum(0)   # OOV: none
     return jnp.concatenate([counts[lo:hi] / jnp.maximum(counts[lo:hi].sum(), 1.0)
                             for lo, hi in self.label_groups])
 
@@ -134,17 +169,25 @@ class Task(_Base):
   # ---- meta-training -------------------------------------------------------------------------
   def meta_devices(self, indices, query_size):
     roles = {"context": self.config.data.context_size, "query": query_size}
+    if self.features:
+      bench = self.prepare_data()
+      return stack([bench.meta_device(int(i), roles) for i in indices])
     sampler = pipeline.MetaDeviceSampler(self.config.data, roles=roles, labelled=True)
     return stack([sampler.device(int(i)) for i in indices])
 
   def encode_meta(self, model, params, raw):
     ctx, qry = raw["context"], raw["query"]
     enc = lambda x, m: model.apply({"params": params}, x, method=m)
-    return {"context": {"frames": enc(ctx["video"], model.encode_frames),
-                        "answers": ctx["answers"]},
-            "query": {"frames": enc(qry["video"], model.encode_frames),
-                      "q": enc(qry["questions"], model.encode_question),
-                      "answers": qry["answers"]}}
+    out = {"context": {"frames": enc(ctx["video"], model.encode_frames),
+                       "answers": ctx["answers"]},
+           "query": {"frames": enc(qry["video"], model.encode_frames),
+                     "q": enc(qry["questions"], model.encode_question),
+                     "answers": qry["answers"]}}
+    if self.features:    # no question types: a context's label posteriors are its asked ones
+      out["context"]["q"] = enc(ctx["questions"][:, 0], model.encode_question)
+      for role, raw_role in (("context", ctx), ("query", qry)):
+        out[role]["frame_mask"] = raw_role["frame_mask"]
+    return out
 
   def meta_loss(self, model, params, query):
     """Every question type of every query video: frames [n, T, D], q [n, Q, Dq], answers
@@ -152,15 +195,30 @@ class Task(_Base):
     nq = query["q"].shape[1]
     frames = jnp.broadcast_to(query["frames"][:, None], (query["frames"].shape[0], nq)
                               + query["frames"].shape[1:])
-    logits = self.scores(model, params, {"frames": frames, "q": query["q"]})
+    f = {"frames": frames, "q": query["q"]}
+    if "frame_mask" in query:
+      f["frame_mask"] = jnp.broadcast_to(query["frame_mask"][:, None],
+                                         frames.shape[:2] + query["frame_mask"].shape[1:])
+    logits = self.scores(model, params, f)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, query["answers"]).mean()
     return loss, (logits.argmax(-1) == query["answers"]).mean()
 
   def device_constants(self, model, params):
-    return {"type_q": self.type_question_codes(model, params)}
+    return {} if self.features else {"type_q": self.type_question_codes(model, params)}
 
   def validate_config(self, cfg):
-    pipeline.validate_data_config(cfg)
+    if self.features:
+      trv.validate_data_config(cfg)
+    else:
+      pipeline.validate_data_config(cfg)
 
   def check_meta_data(self, overrides):
+    if self.features:
+      return super().check_meta_data(overrides)    # no shift parameters to widen
     pipeline.check_meta_shift(self.config.data, overrides)
+
+  def report_notes(self, cfg):
+    if not self.features:
+      return []
+    return [self.source().describe() + " Accuracy counts every query question, those whose "
+            "answer is outside the vocabulary as wrong."]

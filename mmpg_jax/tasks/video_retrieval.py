@@ -17,6 +17,11 @@ templates (the cloud's captions are mostly two of them), and the OOD group with 
 used in training. The unlabelled context holds the device's videos and its users' query texts
 (not which video answers which), and both are anchor elements: video frame elements and
 caption codes.
+
+MSRVTT (data.name msrvtt_retrieval; data/real_video.py): the frame encoder projects
+pre-extracted frame features (model.frame_encoder_kind='projection'), roles carry a
+`frame_mask`, a caption's `content` is its video's number (a hit is the right video), and a
+device's gallery is its query videos from the 1k-A test pairs.
 """
 import jax
 import jax.numpy as jnp
@@ -24,6 +29,8 @@ import jax.numpy as jnp
 from mmpg_jax import models
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
+from mmpg_jax.data import real_video
+from mmpg_jax.data import tfds_real_video as trv
 from mmpg_jax.tasks import _video
 from mmpg_jax.tasks.base import Metric
 from mmpg_jax.tasks.base import Task as _Base
@@ -55,18 +62,28 @@ def retrieval_metrics(scores, query_content, gallery_content):
 
 class Task(_Base):
   name = "video_retrieval"
-  datasets = ("moving_digits",)
+  datasets = ("moving_digits",) + real_video.RETRIEVAL_DATASETS
   metrics = (Metric("r1"), Metric("r5"), Metric("r10"), Metric("median_rank", higher_is_better=False, percent=False))
   encoder_prefixes = ("frame_encoder/", "text_encoder/")
   anchor_modalities = ("video", "text")
 
+  def __init__(self, config):
+    super().__init__(config)
+    self.features = _video.reads_features(config)   # real frame features, not pixels
+    self._bench = None
+
+  def source(self):
+    return trv.source(self.config.data)
+
   def build_model(self):
-    return models.build(self.config.model, vocab_size=len(md.CAPTION_VOCAB))
+    vocab = len(self.source().words) if self.features else len(md.CAPTION_VOCAB)
+    return models.build(self.config.model, vocab_size=vocab)
 
   def example_inputs(self, n):
     d = self.config.data
-    return (jnp.zeros((n, d.frames, d.size, d.size), jnp.uint8),
-            jnp.ones((n, d.caption_len), jnp.int32))
+    video = (jnp.zeros((n, d.frames, d.feature_dim), jnp.float32) if self.features
+             else jnp.zeros((n, d.frames, d.size, d.size), jnp.uint8))
+    return video, jnp.ones((n, d.caption_len), jnp.int32)
 
   def example_labels(self, n):
     return {"content": jnp.arange(n, dtype=jnp.int32)}
@@ -79,15 +96,21 @@ class Task(_Base):
 
   # ---- data ----------------------------------------------------------------------------------
   def prepare_data(self):
-    return pipeline.prepare(self.config.data)
+    if self._bench is None:
+      self._bench = (trv.prepare(self.config.data) if self.features
+                     else pipeline.prepare(self.config.data))
+    return self._bench
 
   def encode_split(self, model, params, devices, chunk: int = 512):
     enc = jax.jit(lambda p, v, c: self.encode(model, p, v, c))
-    return encode_roles(enc, params, devices, ("video", "caption"), ("content",), chunk)
+    return encode_roles(enc, params, devices, ("video", "caption"), ("content", "frame_mask"),
+                        chunk)
 
   def global_loss(self, model, params, batch):
     """Symmetric InfoNCE over the batch's (video, caption) pairs, same content = positive."""
     feats = self.encode(model, params, batch["video"], batch["caption"])
+    if "frame_mask" in batch:
+      feats["frame_mask"] = batch["frame_mask"]
     scores = self.scores(model, params, feats)
     content = batch["content"]
     return info_nce(scores, content), {"r1": retrieval_metrics(scores, content, content)["r1"]}
@@ -95,7 +118,7 @@ class Task(_Base):
   # ---- the device side -----------------------------------------------------------------------
   def scores(self, model, params, feats):
     return model.apply({"params": params}, feats["frames"], feats["text"],
-                       method=model.similarity_from_features)
+                       feats.get("frame_mask"), method=model.similarity_from_features)
 
   def metric_values(self, scores, feats):
     return retrieval_metrics(scores, feats["content"], feats["content"])
@@ -111,11 +134,13 @@ class Task(_Base):
   def bank_scores(self, model, params, dev):
     """The device's own unlabelled query texts (context) against its gallery (query videos):
     the query bank of querybank normalisation, [n_bank, n_gallery]."""
-    return model.apply({"params": params}, dev[self.query_role]["frames"],
-                       dev[self.context_role]["text"], method=model.similarity_from_features)
+    gallery = dev[self.query_role]
+    return model.apply({"params": params}, gallery["frames"], dev[self.context_role]["text"],
+                       gallery.get("frame_mask"), method=model.similarity_from_features)
 
   def anchor_elements(self, context):
-    return {"video": _video.frame_elements(context["frames"]), "text": context["text"]}
+    return {"video": _video.frame_elements(context["frames"], context.get("frame_mask")),
+            "text": context["text"]}
 
   def anchor_info(self, cfg):
     d = cfg.data
@@ -125,6 +150,9 @@ class Task(_Base):
   # ---- meta-training -------------------------------------------------------------------------
   def meta_devices(self, indices, query_size):
     roles = {"context": self.config.data.context_size, "query": query_size}
+    if self.features:
+      bench = self.prepare_data()
+      return stack([bench.meta_device(int(i), roles) for i in indices])
     sampler = pipeline.MetaDeviceSampler(self.config.data, roles=roles, labelled=True)
     return stack([sampler.device(int(i)) for i in indices])
 
@@ -132,6 +160,8 @@ class Task(_Base):
     out = {}
     for role in ("context", "query"):
       out[role] = self.encode(model, params, raw[role]["video"], raw[role]["caption"])
+      if "frame_mask" in raw[role]:
+        out[role]["frame_mask"] = raw[role]["frame_mask"]
     out["query"]["content"] = raw["query"]["content"]
     return out
 
@@ -141,12 +171,22 @@ class Task(_Base):
             retrieval_metrics(scores, query["content"], query["content"])["r1"])
 
   def validate_config(self, cfg):
-    pipeline.validate_data_config(cfg)
+    if self.features:
+      trv.validate_data_config(cfg)
+    else:
+      pipeline.validate_data_config(cfg)
 
   def check_meta_data(self, overrides):
+    if self.features:
+      return super().check_meta_data(overrides)    # no shift parameters to widen
     pipeline.check_meta_shift(self.config.data, overrides)
 
   def report_notes(self, cfg):
+    if self.features:
+      return [self.source().describe() + " Retrieval inside each device's own gallery (its "
+              f"query videos from the 1k-A test pairs, {cfg.data.query_size} per device, one "
+              "caption each): a hit is the caption's own video. median_rank is the mean over "
+              "devices of each device's median rank (lower is better)."]
     return ["Text-to-video retrieval inside each device's own gallery (its query videos, "
             f"{cfg.data.query_size} per device): a retrieved video is a hit when its caption "
             "states the same content as the query's (the same digit and direction; the phrasing "
