@@ -128,7 +128,9 @@ def get_config(arg: str = ""):
       # group's, never inside them (rotation 50-65, blur 0.5-0.8, noise 0.35-0.45 are OOD's).
       wide_data=dict(shift=dict(rotation=((0.0, 45.0), (70.0, 85.0)),
                                 blur=((0.0, 0.4), (0.9, 1.2)),
-                                noise=((0.0, 0.3), (0.5, 0.6))))))
+                                noise=((0.0, 0.3), (0.5, 0.6)))),
+      # `wide_mix` (opt-in): this share of meta devices from wide_data, the rest as training's
+      wide_mix_fraction=0.5))
 
   # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order.
   c.method_families = ("baselines", "tta", "cdc_mmpg")

@@ -6,7 +6,7 @@ frame encoder (a linear projection of the features) and the sizes. Place the fil
 WORKSPACE.md ("Real video datasets") says, then:
   python -m mmpg_jax.main --config=configs/msrvtt_qa.py \
       --config.data.manual_dir=/data/msrvtt_qa --workdir=runs/msrvtt_qa
-Smoke, on fixture files in the upstream formats (about 1.5 min on 2 CPU cores):
+Smoke, on fixture files in the upstream formats (about 2 min on 2 CPU cores):
   python -m mmpg_jax.data.video_fixtures --out=/tmp/mmpg_jax_video_fixtures
   python -m mmpg_jax.main --config=configs/msrvtt_qa.py:smoke --workdir=/tmp/smoke_msrvtt_qa
 

@@ -7,7 +7,7 @@ starts from. A device's gallery is its own query videos (the 1k-A pairs of its c
 the 1,000-video one of the published protocol.
   python -m mmpg_jax.main --config=configs/msrvtt_retrieval.py \
       --config.data.manual_dir=/data/msrvtt --workdir=runs/msrvtt_retrieval
-Smoke, on fixture files in the upstream formats (about 1.5 min on 2 CPU cores):
+Smoke, on fixture files in the upstream formats (about 2 min on 2 CPU cores):
   python -m mmpg_jax.data.video_fixtures --out=/tmp/mmpg_jax_video_fixtures
   python -m mmpg_jax.main --config=configs/msrvtt_retrieval.py:smoke --workdir=/tmp/smoke_msrvtt_r
 

@@ -4,7 +4,7 @@ recorded in the build summary). Everything else as configs/msrvtt_qa.py, which t
 starts from.
   python -m mmpg_jax.main --config=configs/msvd_qa.py \
       --config.data.manual_dir=/data/msvd_qa --workdir=runs/msvd_qa
-Smoke, on fixture files in the upstream formats (features as one .npz; about 1.5 min):
+Smoke, on fixture files in the upstream formats (features as one .npz; about 2 min):
   python -m mmpg_jax.data.video_fixtures --out=/tmp/mmpg_jax_video_fixtures
   python -m mmpg_jax.main --config=configs/msvd_qa.py:smoke --workdir=/tmp/smoke_msvd_qa
 

@@ -188,6 +188,27 @@ def test_wide_meta_shifts_never_draw_the_ood_only_ranges(smoke_config, task):
       task.with_data(bad)
 
 
+def test_wide_mix_draws_a_share_of_meta_devices_from_the_wide_ranges(smoke_config, task):
+  from mmpg_jax.adapt import cdc_robust
+  c = with_value(smoke_config, "cdc_robust.variants", ("wide_mix",))
+  overrides = cdc_robust.wide_overrides(c)["wide_mix"]
+  cfg = lambda t: t.config.data.to_dict()
+  blur = lambda t, i: float(md.device_shift(cfg(t), "meta", i)["blur"])
+  rot = lambda t, i: float(md.device_shift(cfg(t), "meta", i)["rotation"])
+  ids = range(40)
+  none = task.with_data(dict(overrides, meta_wide=dict(overrides["meta_wide"], fraction=0.0)))
+  assert [rot(none, i) for i in ids] == [rot(task, i) for i in ids]  # fraction 0: training's
+  mixed = task.with_data(overrides)                                 # fraction 0.5
+  wide = [blur(mixed, i) > 0 for i in ids]
+  assert 10 <= sum(wide) <= 30                       # training devices have no blur at all
+  # a device drawn from training's ranges is exactly the training draw
+  assert all(rot(mixed, i) == rot(task, i) for i, w in zip(ids, wide) if not w)
+  for bad in ({"meta_wide": {"fraction": 0.5, "shift": {"rotation": (0.0, 60.0)}}},
+              {"meta_wide": {"fraction": 1.5, "shift": {}}}):
+    with pytest.raises(config_checks.ConfigError):
+      task.with_data(bad)
+
+
 def test_cma_es_search_finds_the_minimum_of_a_quadratic_with_forward_passes_only(no_backward):
   target = jnp.linspace(-0.5, 0.5, 6)
   x = jax.jit(lambda k: tta.cma_search(lambda x: jnp.sum(jnp.square(x - target)), 6, k,

@@ -192,12 +192,13 @@ def build(ctx):
   logging.info("FDA ready (%s)", fda_summary)
   ctx.extra["fda"] = {**fda_summary, "params": P.tree_size(fda_params)}
   other = {}
-  if "wide" in cfg.cdc_robust.variants:
-    # The same FDA meta-trained over a wider shift distribution (never the OOD-only ranges).
-    other["wide"], wide_summary = meta_train.train_fda(
-        task.with_data(cfg.cdc_robust.wide_data.to_dict()), model, fda, params, cfg, ctx.val,
-        ctx.workdir, ctx.metrics, summary, stage="fda_wide")
-    ctx.extra["fda_wide"] = wide_summary
+  for name, overrides in cdc_robust.wide_overrides(cfg).items():
+    # The same FDA meta-trained over a wider shift distribution (never the OOD-only ranges):
+    # `wide` draws every meta device from it, `wide_mix` a fraction (the rest as training's).
+    other[name], wide_summary = meta_train.train_fda(
+        task.with_data(overrides), model, fda, params, cfg, ctx.val,
+        ctx.workdir, ctx.metrics, summary, stage=f"fda_{name}")
+    ctx.extra[f"fda_{name}"] = wide_summary
   return make_methods(ctx, fda, fda_params, summary, other)
 
 

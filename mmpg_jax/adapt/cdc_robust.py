@@ -22,6 +22,9 @@ Variants
               `wide_data` (config.data overrides: unions of intervals beyond the training
               ranges), refused if it would draw a value only the OOD group shows
               (task.check_meta_data); the device side is plain cdc_mmpg's.
+  wide_mix    the same over a mixture (stage `fda_wide_mix`): a share `wide_mix_fraction` of
+              the meta devices draws from `wide_data`'s ranges, the rest from the training
+              ones, so meta-training still sees in-distribution devices as often as those.
 Controls (does the FDA condition on the device?)
   mean_edit     the mean of the reference meta devices' applied (clipped) edits, the same for
                 every device: no upload.
@@ -37,7 +40,18 @@ from mmpg_jax import params as P
 from mmpg_jax.adapt import cdc_mmpg, device
 from mmpg_jax.adapt.baselines import Method, grid
 
-VARIANTS = ("em2", "gate", "cloud_tent", "wide", "mean_edit", "nearest_edit")
+VARIANTS = ("em2", "gate", "cloud_tent", "wide", "wide_mix", "mean_edit", "nearest_edit")
+
+
+def wide_overrides(cfg) -> dict:
+  """{variant: config.data overrides} of the variants that meta-train their own FDA."""
+  rc, out = cfg.cdc_robust, {}
+  if "wide" in rc.variants:
+    out["wide"] = rc.wide_data.to_dict()
+  if "wide_mix" in rc.variants:
+    out["wide_mix"] = {"meta_wide": {"fraction": float(rc.wide_mix_fraction),
+                                     "shift": rc.wide_data.to_dict().get("shift", {})}}
+  return out
 
 
 def scale_edit(edit, g):
@@ -86,8 +100,8 @@ def validate_config(cfg, task) -> None:
     config_checks.positive(cfg, key)
   need(rc.cloud_samples <= cfg.data.context_size, "cdc_robust.cloud_samples",
        rc.cloud_samples, f"at most the {cfg.data.context_size} context samples a device has")
-  if "wide" in rc.variants:
-    task.check_meta_data(rc.wide_data.to_dict())
+  for overrides in wide_overrides(cfg).values():
+    task.check_meta_data(overrides)
   for key in ("gate_temperatures", "em2_scales"):
     need(all(x >= 0 for x in rc[key]), f"cdc_robust.{key}", rc[key], "values must be >= 0")
   need(all(isinstance(s, int) and s >= 0 for s in rc.cloud_steps), "cdc_robust.cloud_steps",
@@ -159,10 +173,10 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
         return c
       hps = grid(lr=tuple(rc.cloud_learning_rates), steps=tuple(rc.cloud_steps))
 
-    elif name == "wide":
+    elif name in ("wide", "wide_mix"):
       if name not in other_fda_params:    # its FDA was not trained (a caller that only wants
         continue                          # the plain FDA's methods: bench, tests)
-      def adapt(params, dev, hp, wide=other_fda_params["wide"]):
+      def adapt(params, dev, hp, wide=other_fda_params[name]):
         return plain(params, dev, wide)        # the same round trip with the wide FDA
       cost = base_cost
       hps = ({},)

@@ -81,6 +81,7 @@ SPLIT_POOL = {"global_train": "global", "meta": "meta", "validation": "eval", "t
               "test_ood": "eval"}
 ROLE_CODES = {"train": 1, "context": 2, "support": 3, "query": 4, "oracle": 5}
 CAPTION_STYLE_CODE = 6          # RNG stream of a device's caption mix
+META_MIX_CODE = 7               # RNG stream of a meta device's draw: training or wide shifts
 CAPTION_ROLE_OFFSET = 100       # + ROLE_CODES[role]: RNG stream of a role's caption phrasings
 
 
@@ -280,6 +281,11 @@ def _pool(cfg, split):
 def device_shift(cfg: Mapping, split: str, index: int) -> dict:
   images, by_class = _pool(cfg, split)
   ranges = cfg["ood_shift"] if split == "test_ood" else cfg["shift"]
+  mix = cfg.get("meta_wide")
+  # A mixture for meta-training (cdc_robust `wide_mix`): a fraction of the meta devices draw
+  # from wider ranges, the rest from the training ones (own RNG stream: nothing else moves).
+  if split == "meta" and mix and _rng(cfg, split, index, META_MIX_CODE).random() < mix["fraction"]:
+    ranges = {**ranges, **mix["shift"]}
   shift = sample_shift(_rng(cfg, split, index), ranges, int(cfg["size"]),
                        images[np.concatenate(by_class)])
   shift.update(caption_style(cfg, split, index))

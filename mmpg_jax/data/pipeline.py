@@ -170,16 +170,27 @@ class MetaDeviceSampler:
 
 
 def check_meta_shift(data_cfg, overrides) -> None:
-  """Meta-training may draw from a wider shift distribution (`overrides['shift']`) than the
-  evaluation devices, but never a value that only the OOD group shows: for each continuous
-  shift, no interval of the meta ranges may meet an OOD range outside the training ranges."""
+  """Meta-training may draw from a wider shift distribution than the evaluation devices —
+  `overrides['shift']` (every meta device) or `overrides['meta_wide']` = {'fraction', 'shift'}
+  (that fraction of them; the rest from the training ranges) — but never a value that only the
+  OOD group shows: for each continuous shift, no interval of the meta ranges may meet an OOD
+  range outside the training ranges."""
   from mmpg_jax.config_checks import need
-  unknown = set(overrides) - {"shift"}
+  unknown = set(overrides) - {"shift", "meta_wide"}
   need(not unknown, "cdc_robust.wide_data", dict(overrides),
-       f"only data.shift may change for meta-training (not {sorted(unknown)})")
-  shift = overrides.get("shift", {})
+       f"only data.shift (or meta_wide) may change for meta-training (not {sorted(unknown)})")
+  _check_ranges(data_cfg, overrides.get("shift", {}), "cdc_robust.wide_data.shift")
+  if "meta_wide" in overrides:
+    mix = overrides["meta_wide"]
+    need(0.0 <= mix["fraction"] <= 1.0, "cdc_robust.wide_mix_fraction", mix["fraction"],
+         "a share of meta devices, in [0, 1]")
+    _check_ranges(data_cfg, mix["shift"], "cdc_robust.wide_data.shift")
+
+
+def _check_ranges(data_cfg, shift, key_name) -> None:
+  from mmpg_jax.config_checks import need
   bad = set(shift) - set(data_cfg.shift)
-  need(not bad, "cdc_robust.wide_data.shift", sorted(bad), f"known: {sorted(data_cfg.shift)}")
+  need(not bad, key_name, sorted(bad), f"known: {sorted(data_cfg.shift)}")
   for key in md.CONTINUOUS_SHIFTS:
     if key not in shift:
       continue
@@ -190,6 +201,6 @@ def check_meta_shift(data_cfg, overrides) -> None:
         a, b = max(lo, mlo), min(hi, mhi)
         covered = any(tlo <= a and b <= thi for tlo, thi in train)
         need(a >= b or covered,
-             f"cdc_robust.wide_data.shift.{key}", shift[key],
+             f"{key_name}.{key}", shift[key],
              f"it draws {a:g}..{b:g}, inside the OOD group's range {lo:g}..{hi:g} that "
              f"training never draws; leave a gap around the OOD range")

@@ -185,7 +185,7 @@ class Task:
 
     def update(node, new):
       for k, v in new.items():
-        if hasattr(v, "items") and hasattr(node[k], "items"):
+        if k in node and hasattr(v, "items") and hasattr(node[k], "items"):
           update(node[k], v)
         else:
           node[k] = v

@@ -170,6 +170,10 @@ class Task(_Base):
       need(dr[key] >= 0.0, f"data.drift.{key}", dr[key], "a step size >= 0")
 
   def check_meta_data(self, overrides):
+    from mmpg_jax.config_checks import need
+    need("meta_wide" not in overrides, "cdc_robust.variants", "wide_mix",
+         "drifting digits draws meta streams from one shift distribution (no mixture); use "
+         "'wide'")
     pipeline.check_meta_shift(self.config.data, overrides)
 
 
