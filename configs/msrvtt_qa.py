@@ -40,7 +40,8 @@ def real_video_data(name: str, smoke: bool) -> mlc.ConfigDict:
       num_devices=20,                   # k-means clusters (MSVD only; MSRVTT has categories)
       num_global_devices=10, num_meta_devices=4, num_val_devices=2, num_test_devices=4,
       num_ood_devices=0,                # no OOD group on real data
-      context_size=32, support_size=10, query_size=256, oracle_size=512,
+      # per device; a category too small for them is refused before any work, by name
+      context_size=32, support_size=10, query_size=64, oracle_size=256,
       seed=0, data_dir=""))
   if smoke:
     d.update(dict(manual_dir=os.path.join(tempfile.gettempdir(), "mmpg_jax_video_fixtures",
@@ -68,6 +69,9 @@ def get_config(arg: str = ""):
   c.model.update(real_video_model(c.data, smoke))
   if not smoke:
     c.model.update(dict(question_dim=128, head_hidden=512))
+    # meta devices resample 4 categories: fewer than moving digits' fresh 6,144 (host memory
+    # of the encoded pool: 48 samples x 12 frames x 256 floats each)
+    c.fda.meta_devices = 2048
     c.train.update(dict(num_steps=6000, batch_size=256, learning_rate=1e-3, log_every=200,
                         checkpoint_every=500))
   # One label group (the answer vocabulary) and no question types: asked questions only.

@@ -91,6 +91,28 @@ def test_msrvtt_qa_builders_yield_the_fixture_questions(fixtures, data_root):
   assert meta["context"]["video"].shape == (3, n.frames, n.feature_dim)
   np.testing.assert_array_equal(meta["query"]["answers"],
                                 bench.meta_device(5, {"context": 3, "query": 4})["query"]["answers"])
+  # ... their context and query from different videos, as on an evaluation device
+  def video_set(role):
+    return {tuple(np.round(v.ravel()[:4], 5)) for v in role["video"]}
+  assert not video_set(meta["context"]) & video_set(meta["query"])
+  # the cloud's encoding of meta devices: one asked question per context sample
+  task = tasks.build(c)
+  model = task.build_model()
+  params = task.init_params(model, 0)
+  enc = task.encode_meta(model, params, task.meta_devices([0, 1], 4))
+  assert enc["context"]["q"].shape[:2] == enc["context"]["frames"].shape[:2] == (2, n.context_size)
+  assert enc["query"]["q"].shape[:3] == (2, 4, 1)
+
+
+def test_msrvtt_qa_categories_without_the_info_file_come_from_the_questions(fixtures, tmp_path):
+  import shutil
+  folder = tmp_path / "msrvtt_qa"
+  shutil.copytree(fixtures["msrvtt_qa"], folder)
+  os.remove(folder / "videodatainfo.json")
+  c = smoke("msrvtt_qa", fixtures, str(tmp_path / "tfds"))
+  with_info = trv.source(c.data).device_of
+  c.data.manual_dir = str(folder)
+  assert trv.source(c.data).device_of == with_info          # MSRVTT-QA's category_id
 
 
 def test_msvd_devices_are_kmeans_clusters_recorded_in_the_build(fixtures, data_root):
@@ -133,6 +155,9 @@ def test_msrvtt_retrieval_galleries_are_the_1k_a_videos_of_a_category(fixtures, 
      r"video0.npy has shape \(5, 7\); expected \[frames, 16\]"),
     ("msrvtt_retrieval", lambda d: os.remove(f"{d}/videodatainfo.json"),
      r"MSRVTT's video info is missing .*videodatainfo.json"),
+    ("msvd_qa", lambda d: np.savez(f"{d}/features.npz", **{"clip_a": np.zeros((3, 16))}),
+     r"none of the \d+ samples of .*train_qa.json has frame features .*pattern vid<id>.* "
+     r"\['clip_a'\]"),
 ])
 def test_bad_files_are_named_with_the_format_expected(fixtures, tmp_path, name, break_it, match):
   import shutil
@@ -150,7 +175,9 @@ def test_bad_real_video_configs_are_refused_before_any_work(fixtures, data_root,
   assert_refused_before_any_work(c, "data.manual_dir", "", "name the folder holding", tmp_path)
   assert_refused_before_any_work(c, "data.num_ood_devices", 2, "no out-of-distribution",
                                  tmp_path)
-  assert_refused_before_any_work(c, "fda.meta_query_size", 100, "the smallest has 36",
+  assert_refused_before_any_work(c, "fda.meta_query_size", 100, "come from different videos",
+                                 tmp_path)
+  assert_refused_before_any_work(c, "data.oracle_size", 40, "validation device .* lower them",
                                  tmp_path)
 
 

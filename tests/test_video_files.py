@@ -162,7 +162,7 @@ def test_msrvtt_devices_are_categories_and_roles_are_disjoint():
   assert len(every) == len(set(every.tolist())) == 20
   assert {r: len(v) for r, v in roles.items()} == counts
   assert vd.assign_roles(20, counts, seed=0)["test"].tolist() == roles["test"].tolist()
-  with pytest.raises(vf.VideoDataError, match="asks for 21 devices"):
+  with pytest.raises(vf.VideoDataError, match="ask for 21 devices"):
     vd.assign_roles(20, dict(counts, meta=7), seed=0)
   with pytest.raises(vf.VideoDataError, match=r"\['validation'\] have none"):
     vd.assign_roles(20, dict(counts, validation=0), seed=0)

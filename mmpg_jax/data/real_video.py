@@ -26,6 +26,7 @@ video has no features is counted per split in `summary()` (and report.md), never
 silently.
 """
 import collections
+import hashlib
 import os
 import re
 
@@ -39,7 +40,9 @@ QA_DATASETS = ("msrvtt_qa", "msvd_qa")
 RETRIEVAL_DATASETS = ("msrvtt_retrieval",)
 DATASETS = QA_DATASETS + RETRIEVAL_DATASETS
 VIDEO_KEY = {"msrvtt_qa": "video{}", "msvd_qa": "vid{}", "msrvtt_retrieval": "video{}"}
-INFO_FILES = ("videodatainfo.json", "MSRVTT_data.json")
+# MSRVTT's video info: one combined file, or the official release's two (merged)
+INFO_FILES = ("videodatainfo.json", "MSRVTT_data.json", "train_val_videodatainfo.json",
+              "test_videodatainfo.json")
 TRAIN_LISTS = ("MSRVTT_train.9k.csv", "train_list_jsfusion.txt")
 TEST_PAIRS = "MSRVTT_JSFUSION_test.csv"
 PAD, UNK = 0, 1
@@ -51,11 +54,13 @@ Place the files of one dataset in a folder and pass it as --config.data.manual_d
     one DIR/features.npz keyed by video id (data.features names either);
     video ids: MSRVTT video0..video9999, MSVD vid1..vid1970 (the QA files' integer ids);
   msrvtt_qa: DIR/train_qa.json, val_qa.json, test_qa.json (MSRVTT-QA as distributed: a JSON
-    list of {"question", "answer", "video_id"}; CSVs with those columns also read) and
-    DIR/videodatainfo.json (or MSRVTT_data.json: 'videos' with 'video_id' and 'category');
+    list of {"question", "answer", "video_id"}; CSVs with those columns also read); the 20
+    categories come from DIR/videodatainfo.json (or MSRVTT_data.json, or the release's
+    train_val_videodatainfo.json + test_videodatainfo.json, merged), else from the question
+    files' own category_id;
   msvd_qa: DIR/train_qa.json, val_qa.json, test_qa.json (MSVD-QA as distributed);
-  msrvtt_retrieval: DIR/videodatainfo.json (or MSRVTT_data.json: categories and the 20
-    captions per video), DIR/MSRVTT_train.9k.csv (or train_list_jsfusion.txt) and
+  msrvtt_retrieval: DIR/videodatainfo.json (or MSRVTT_data.json, or the two release files:
+    categories and the 20 captions per video), DIR/MSRVTT_train.9k.csv (or train_list_jsfusion.txt) and
     DIR/MSRVTT_JSFUSION_test.csv (the 1k-A test pairs).
 Nothing is downloaded."""
 
@@ -90,6 +95,32 @@ def _first_existing(folder: str, names, what: str) -> str:
                           + INSTRUCTIONS)
 
 
+def read_info(folder: str, required: bool = True) -> dict | None:
+  """MSRVTT's video info from every info file present (merged), or None if none is and
+  `required` is False."""
+  paths = [os.path.join(folder, n) for n in INFO_FILES if os.path.exists(os.path.join(folder, n))]
+  if not paths:
+    if not required:
+      return None
+    _first_existing(folder, INFO_FILES, "MSRVTT's video info")     # raises, saying what to place
+  info = {"category": {}, "split": {}, "captions": {}}
+  for p in paths:
+    part = vf.read_msrvtt_info(p)
+    for k in info:
+      info[k].update(part[k])
+  return info
+
+
+def _check_matched(rows, kept, store, path, key):
+  """No sample of a file finding features means the feature files are named otherwise."""
+  if rows and not kept:
+    raise vf.VideoDataError(
+        f"none of the {len(rows)} samples of {path} has frame features in {store.path}: the "
+        f"samples name videos like {sorted({r['video'] for r in rows})[:3]} (pattern "
+        f"{key.format('<id>')}), the features hold {store.ids[:3]}; name the feature files "
+        f"by the annotation files' video ids")
+
+
 def qa_file(folder: str, split: str) -> str:
   return _first_existing(folder, (f"{split}_qa.json", f"{split}_qa.csv"),
                          f"the {split} question file")
@@ -106,7 +137,13 @@ def input_files(cfg: dict) -> list:
   out = []
   for n in names.get(cfg.get("name"), []) + [cfg.get("features", "")]:
     p = os.path.abspath(os.path.join(d, n))
-    if n and os.path.exists(p):
+    if n and os.path.isdir(p):       # a features folder: every file's name, size and time
+      h = hashlib.sha256()
+      for e in sorted(os.scandir(p), key=lambda e: e.name):
+        st = e.stat()
+        h.update(f"{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+      out.append([p, h.hexdigest()[:16]])
+    elif n and os.path.exists(p):
       st = os.stat(p)
       out.append([p, st.st_size, st.st_mtime_ns])
   return out
@@ -143,17 +180,25 @@ class Source:
     key = VIDEO_KEY[self.name]
     self.samples = {}
     for split in ("train", "val", "test"):
-      rows = vf.read_qa(qa_file(self.folder, split), key)
+      path = qa_file(self.folder, split)
+      rows = vf.read_qa(path, key)
       self.samples[split], self.missing[split] = vf.with_features(rows, self.store)
+      _check_matched(rows, self.samples[split], self.store, path, key)
       for r in self.samples[split]:
         r["text"] = r.pop("question")
     if self.name == "msrvtt_qa":
-      self.info = vf.read_msrvtt_info(_first_existing(self.folder, INFO_FILES,
-                                                      "MSRVTT's video info"))
+      # categories from the video info file, or from MSRVTT-QA's own category_id fields
+      self.info = read_info(self.folder, required=False)
+      if self.info is None:
+        cats = {}
+        for split in ("train", "val", "test"):
+          cats.update(vf.qa_categories(qa_file(self.folder, split), key))
+        if not cats:
+          read_info(self.folder)           # neither: the error says which files to place
+        self.info = {"category": cats}
 
   def _read_retrieval(self):
-    self.info = vf.read_msrvtt_info(_first_existing(self.folder, INFO_FILES,
-                                                    "MSRVTT's video info"))
+    self.info = read_info(self.folder)
     train = vf.read_video_list(_first_existing(self.folder, TRAIN_LISTS, "the 9k training list"))
     test = vf.read_retrieval_test(os.path.join(self.folder, TEST_PAIRS))
     rows = []
@@ -168,6 +213,8 @@ class Source:
     self.samples = {}
     self.samples["train"], self.missing["train"] = vf.with_features(rows, self.store)
     self.samples["test"], self.missing["test"] = vf.with_features(test_rows, self.store)
+    _check_matched(rows, self.samples["train"], self.store, "the 9k training list", "video{}")
+    _check_matched(test_rows, self.samples["test"], self.store, TEST_PAIRS, "video{}")
 
   # ---- devices ---------------------------------------------------------------------------------
   def _split_devices(self):
@@ -275,6 +322,12 @@ class Source:
 
   def eval_device(self, split: str, d: int) -> dict:
     """Device d of a validation or test split: its roles, features and labels."""
+    rows = self.eval_rows(split, d)
+    return {"device_id": np.int32(d),
+            **{role: self.role_arrays(r, labelled=role != "context") for role, r in rows.items()}}
+
+  def eval_rows(self, split: str, d: int) -> dict:
+    """{role: samples} of device d (no features read: the config check runs it first)."""
     sizes = self.role_sizes()
     rng = np.random.default_rng([int(self.cfg["seed"]), 23, d])
     pool = self._pool(d)
@@ -295,10 +348,24 @@ class Source:
     query = [held[i] for i in np.sort(rng.permutation(len(held))[:sizes["query"]])]
     support = rest[:sizes["support"]]
     oracle = rest[sizes["support"]:sizes["support"] + sizes["oracle"]]
-    return {"device_id": np.int32(d),
-            **{role: self.role_arrays(rows, labelled=role != "context")
-               for role, rows in (("context", ctx), ("support", support), ("query", query),
-                                  ("oracle", oracle))}}
+    return {"context": ctx, "support": support, "query": query, "oracle": oracle}
+
+  def meta_shortfall(self, context: int, query: int) -> str | None:
+    """Why some meta device cannot give a context and a query from different videos
+    (`FeatureBenchmark.meta_device`), or None."""
+    for d in self.roles["meta"]:
+      rows = self.labelled(self.train_of[d])
+      per_video = collections.Counter(r["video"] for r in rows)
+      if self.qa:      # the context takes whole videos until it has enough questions
+        ok = len(rows) - max(per_video.values(), default=0) - context + 1 >= query
+      else:            # one caption per video in each role
+        ok = len(per_video) >= context + query
+      if not ok:
+        return (f"meta device {d} has {len(rows)} labelled samples over {len(per_video)} "
+                f"videos; a meta device's context and query come from different videos and "
+                f"need data.context_size ({context}) + fda.meta_query_size ({query}) "
+                f"{'samples' if self.qa else 'videos'}")
+    return None
 
   def role_arrays(self, rows, labelled: bool) -> dict:
     vids = [self.video(r["video"]) for r in rows]

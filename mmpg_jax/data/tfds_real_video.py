@@ -201,19 +201,35 @@ class FeatureBenchmark(pipeline.Benchmark):
     return self._meta
 
   def meta_device(self, index: int, sizes: dict) -> dict:
-    """Meta device `index`: a meta device's samples drawn without replacement (seeded by
-    the index) into roles of `sizes` ({role: n}), every sample labelled (the cloud's view)."""
+    """Meta device `index`: one meta device's labelled samples (seeded by the index) into
+    roles of `sizes` ({role: n}, the cloud's view), each role from videos of its own, as an
+    evaluation device's context and query are: a QA role takes whole videos (in a seeded
+    order) until it has enough questions and draws from them; a retrieval role takes one
+    caption of each of n videos."""
     pools = self._meta_rows()
     pool = pools[index % len(pools)]
-    total = sum(sizes.values())
-    if len(pool) < total:
-      raise ValueError(f"a meta device has {len(pool)} labelled samples; meta devices need "
-                       f"data.context_size + fda.meta_query_size = {total}: lower them")
     rng = np.random.default_rng([int(self.cfg["seed"]), 37, int(index)])
-    order, at, out = rng.permutation(len(pool)), 0, {"device_id": np.int32(index)}
+    by_video = {}
+    for r in pool:
+      by_video.setdefault(int(r["video_index"]), []).append(r)
+    videos = [list(by_video)[i] for i in rng.permutation(len(by_video))]
+    qa, at, out = "answers" in pool[0], 0, {"device_id": np.int32(index)}
     for role, n in sizes.items():
-      rows = [self._with_video(pool[i]) for i in order[at:at + n]]
-      at += n
+      if qa:
+        rows = []
+        while len(rows) < n and at < len(videos):
+          rows += by_video[videos[at]]
+          at += 1
+        if len(rows) >= n:
+          rows = [rows[i] for i in np.sort(rng.choice(len(rows), n, replace=False))]
+      else:
+        rows = [by_video[v][int(rng.integers(len(by_video[v])))] for v in videos[at:at + n]]
+        at += n
+      if len(rows) < n:
+        raise ValueError(f"meta device {index}: its {len(pool)} labelled samples over "
+                         f"{len(videos)} videos cannot fill the roles {dict(sizes)} from "
+                         f"different videos; lower data.context_size or fda.meta_query_size")
+      rows = [self._with_video(r) for r in rows]
       out[role] = {k: np.stack([r[k] for r in rows]) for k in rows[0]
                    if k not in ("video_index", "device_id")}
     return out
@@ -243,10 +259,14 @@ def validate_data_config(cfg) -> None:
   need(cfg.model.get("frame_encoder_kind") == "projection", "model.frame_encoder_kind",
        cfg.model.get("frame_encoder_kind"), "real video datasets give frame features: use "
        "'projection' (a linear projection of the features)")
+  # Every device's roles fit its data (no feature is read; MSVD's k-means reads them once).
+  src = source(d)
+  for split in DEVICE_SPLITS:
+    for dev in src.roles[split]:
+      try:
+        src.eval_rows(split, dev)
+      except rv.vf.VideoDataError as e:
+        need(False, "data", f"{split} device {dev}", str(e))
   if "fda" in cfg and "cdc_mmpg" in cfg.method_families:
-    src = source(d)                        # reads the annotation files, not the features
-    smallest = min(len(src.labelled(src.train_of[m])) for m in src.roles["meta"])
-    need(d.context_size + cfg.fda.meta_query_size <= smallest, "fda.meta_query_size",
-         cfg.fda.meta_query_size, f"a meta device draws data.context_size "
-         f"({d.context_size}) + fda.meta_query_size samples from one meta device's labelled "
-         f"training samples, and the smallest has {smallest}: lower them")
+    short = src.meta_shortfall(d.context_size, cfg.fda.meta_query_size)
+    need(short is None, "fda.meta_query_size", cfg.fda.meta_query_size, f"{short}: lower them")

@@ -68,12 +68,14 @@ def assign_roles(num_devices: int, counts: dict, seed: int) -> dict:
   bad = [r for r in ROLES if int(counts.get(r, 0)) < 1]
   if bad:
     raise VideoDataError(f"every device role needs at least one device; {bad} have none "
-                         f"(data.devices_per_role)")
+                         f"(data.num_global_devices, num_meta_devices, num_val_devices, "
+                         f"num_test_devices)")
   total = sum(int(counts[r]) for r in ROLES)
   if total > num_devices:
-    raise VideoDataError(f"data.devices_per_role asks for {total} devices "
+    raise VideoDataError(f"the device roles ask for {total} devices "
                          f"({dict((r, int(counts[r])) for r in ROLES)}) but the data gives "
-                         f"{num_devices}")
+                         f"{num_devices}; lower data.num_global_devices, num_meta_devices, "
+                         f"num_val_devices or num_test_devices")
   perm = np.random.default_rng([int(seed), 17]).permutation(num_devices)
   out, at = {}, 0
   for r in ROLES:

@@ -160,6 +160,21 @@ def _qa_row(q, video_key: str, where: str) -> dict:
           "video": video_key.format(vid) if vid.isdigit() else vid}
 
 
+def qa_categories(path: str, video_key: str) -> dict:
+  """{video: category} from a MSRVTT-QA JSON file's `category_id` fields ({} if it has none):
+  MSRVTT's categories without its video info file."""
+  if not path.endswith(".json"):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  out = {}
+  for q in data:
+    if isinstance(q, dict) and "category_id" in q and "video_id" in q:
+      vid = str(q["video_id"]).strip()
+      out[video_key.format(vid) if vid.isdigit() else vid] = int(q["category_id"])
+  return out
+
+
 def answer_vocab(train_rows: list, k: int) -> list:
   """The k most frequent training answers (ties: first appearance)."""
   counts = collections.Counter(r["answer"] for r in train_rows)

@@ -184,7 +184,7 @@ class Task(_Base):
                      "q": enc(qry["questions"], model.encode_question),
                      "answers": qry["answers"]}}
     if self.features:    # no question types: a context's label posteriors are its asked ones
-      out["context"]["q"] = enc(ctx["questions"][:, 0], model.encode_question)
+      out["context"]["q"] = enc(ctx["questions"][..., 0, :], model.encode_question)
       for role, raw_role in (("context", ctx), ("query", qry)):
         out[role]["frame_mask"] = raw_role["frame_mask"]
     return out
