@@ -1,7 +1,11 @@
-"""Pieces shared by the video tasks: frame elements, and which data a video task reads."""
+"""Pieces shared by the video tasks: frame elements, and the data side (`VideoTask`): the
+embedded moving-digits pixels or a real dataset's frame features, chosen by data.name."""
 import jax.numpy as jnp
 
+from mmpg_jax.data import pipeline
 from mmpg_jax.data import real_video
+from mmpg_jax.data import tfds_real_video as trv
+from mmpg_jax.tasks.base import Task, stack
 
 
 def frame_elements(frames, mask=None):
@@ -25,3 +29,51 @@ def reads_features(config) -> bool:
   """True when the task's data are pre-extracted frame features of a real video dataset (the
   frame encoder is then a projection), False for the embedded moving-digits pixels."""
   return config.data.name in real_video.DATASETS
+
+
+class VideoTask(Task):
+  """The data side both video tasks share: where videos come from (moving-digits pixels, or a
+  real dataset's frame features when data.name is one of real_video.DATASETS), meta devices,
+  and the data's config checks. A subclass sets `text_len_key` (its text field's length)."""
+
+  text_len_key = ""
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.features = reads_features(config)   # real frame features, not pixels
+    self._bench = None
+
+  def source(self):
+    """The real dataset's files, read (cached): vocabularies, devices, build summary."""
+    return trv.source(self.config.data)
+
+  def example_inputs(self, n):
+    d = self.config.data
+    video = (jnp.zeros((n, d.frames, d.feature_dim), jnp.float32) if self.features
+             else jnp.zeros((n, d.frames, d.size, d.size), jnp.uint8))
+    return video, jnp.ones((n, d[self.text_len_key]), jnp.int32)
+
+  def prepare_data(self):
+    if self._bench is None:
+      self._bench = (trv.prepare(self.config.data) if self.features
+                     else pipeline.prepare(self.config.data))
+    return self._bench
+
+  def meta_devices(self, indices, query_size):
+    roles = {"context": self.config.data.context_size, "query": query_size}
+    if self.features:
+      bench = self.prepare_data()
+      return stack([bench.meta_device(int(i), roles) for i in indices])
+    sampler = pipeline.MetaDeviceSampler(self.config.data, roles=roles, labelled=True)
+    return stack([sampler.device(int(i)) for i in indices])
+
+  def validate_config(self, cfg):
+    if self.features:
+      trv.validate_data_config(cfg)
+    else:
+      pipeline.validate_data_config(cfg)
+
+  def check_meta_data(self, overrides):
+    if self.features:
+      return super().check_meta_data(overrides)    # no shift parameters to widen
+    pipeline.check_meta_shift(self.config.data, overrides)

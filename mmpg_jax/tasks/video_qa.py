@@ -22,31 +22,20 @@ import optax
 
 from mmpg_jax import models
 from mmpg_jax.data import moving_digits as md
-from mmpg_jax.data import pipeline
 from mmpg_jax.data import real_video
-from mmpg_jax.data import tfds_real_video as trv
 from mmpg_jax.tasks import _video
 from mmpg_jax.tasks.base import Metric
-from mmpg_jax.tasks.base import Task as _Base
-from mmpg_jax.tasks.base import encode_roles, stack
+from mmpg_jax.tasks.base import encode_roles
 
 
-class Task(_Base):
+class Task(_video.VideoTask):
   name = "video_qa"
   datasets = ("moving_digits",) + real_video.QA_DATASETS
   metrics = (Metric("accuracy"),)
   label_bias_leaf = "answer_head/out/bias"
   classifier_layer = "answer_head/out"     # scores = classifier_features @ kernel + bias
+  text_len_key = "question_len"
   encoder_prefixes = ("frame_encoder/", "question_encoder/")
-
-  def __init__(self, config):
-    super().__init__(config)
-    self.features = _video.reads_features(config)   # real frame features, not pixels
-    self._bench = None
-
-  def source(self):
-    """The real dataset's files, read (cached): vocabularies, devices, build summary."""
-    return trv.source(self.config.data)
 
   @property
   def num_answers(self) -> int:
@@ -60,12 +49,6 @@ class Task(_Base):
     vocab = len(self.source().words) if self.features else len(md.VOCAB)
     return models.build(self.config.model, num_answers=self.num_answers, vocab_size=vocab)
 
-  def example_inputs(self, n):
-    d = self.config.data
-    video = (jnp.zeros((n, d.frames, d.feature_dim), jnp.float32) if self.features
-             else jnp.zeros((n, d.frames, d.size, d.size), jnp.uint8))
-    return video, jnp.ones((n, d.question_len), jnp.int32)
-
   def encode(self, model, params, video, question):
     """Static encoders: video [n,T,H,W] uint8, question [n,L] -> {'frames', 'q'}."""
     frames = model.apply({"params": params}, video, method=model.encode_frames)
@@ -73,12 +56,6 @@ class Task(_Base):
     return {"frames": frames, "q": q}
 
   # ---- data ----------------------------------------------------------------------------------
-  def prepare_data(self):
-    if self._bench is None:
-      self._bench = (trv.prepare(self.config.data) if self.features
-                     else pipeline.prepare(self.config.data))
-    return self._bench
-
   def type_question_codes(self, model, params):
     """One canonical question per question type (its first template), encoded: [Q, Dq]."""
     tokens = np.stack([md.tokenize(md.QUESTION_TEMPLATES[t][0], self.config.data.question_len)
@@ -167,14 +144,6 @@ class Task(_Base):
     return jnp.repeat(dev["context"]["answers"], t_el, axis=0)
 
   # ---- meta-training -------------------------------------------------------------------------
-  def meta_devices(self, indices, query_size):
-    roles = {"context": self.config.data.context_size, "query": query_size}
-    if self.features:
-      bench = self.prepare_data()
-      return stack([bench.meta_device(int(i), roles) for i in indices])
-    sampler = pipeline.MetaDeviceSampler(self.config.data, roles=roles, labelled=True)
-    return stack([sampler.device(int(i)) for i in indices])
-
   def encode_meta(self, model, params, raw):
     ctx, qry = raw["context"], raw["query"]
     enc = lambda x, m: model.apply({"params": params}, x, method=m)
@@ -205,17 +174,6 @@ class Task(_Base):
 
   def device_constants(self, model, params):
     return {} if self.features else {"type_q": self.type_question_codes(model, params)}
-
-  def validate_config(self, cfg):
-    if self.features:
-      trv.validate_data_config(cfg)
-    else:
-      pipeline.validate_data_config(cfg)
-
-  def check_meta_data(self, overrides):
-    if self.features:
-      return super().check_meta_data(overrides)    # no shift parameters to widen
-    pipeline.check_meta_shift(self.config.data, overrides)
 
   def report_notes(self, cfg):
     if not self.features:

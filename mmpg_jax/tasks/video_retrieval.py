@@ -28,13 +28,10 @@ import jax.numpy as jnp
 
 from mmpg_jax import models
 from mmpg_jax.data import moving_digits as md
-from mmpg_jax.data import pipeline
 from mmpg_jax.data import real_video
-from mmpg_jax.data import tfds_real_video as trv
 from mmpg_jax.tasks import _video
 from mmpg_jax.tasks.base import Metric
-from mmpg_jax.tasks.base import Task as _Base
-from mmpg_jax.tasks.base import encode_roles, stack
+from mmpg_jax.tasks.base import encode_roles
 
 
 def info_nce(logits, content):
@@ -60,30 +57,17 @@ def retrieval_metrics(scores, query_content, gallery_content):
           "median_rank": jnp.median(rank + 1.0)}
 
 
-class Task(_Base):
+class Task(_video.VideoTask):
   name = "video_retrieval"
   datasets = ("moving_digits",) + real_video.RETRIEVAL_DATASETS
   metrics = (Metric("r1"), Metric("r5"), Metric("r10"), Metric("median_rank", higher_is_better=False, percent=False))
+  text_len_key = "caption_len"
   encoder_prefixes = ("frame_encoder/", "text_encoder/")
   anchor_modalities = ("video", "text")
-
-  def __init__(self, config):
-    super().__init__(config)
-    self.features = _video.reads_features(config)   # real frame features, not pixels
-    self._bench = None
-
-  def source(self):
-    return trv.source(self.config.data)
 
   def build_model(self):
     vocab = len(self.source().words) if self.features else len(md.CAPTION_VOCAB)
     return models.build(self.config.model, vocab_size=vocab)
-
-  def example_inputs(self, n):
-    d = self.config.data
-    video = (jnp.zeros((n, d.frames, d.feature_dim), jnp.float32) if self.features
-             else jnp.zeros((n, d.frames, d.size, d.size), jnp.uint8))
-    return video, jnp.ones((n, d.caption_len), jnp.int32)
 
   def example_labels(self, n):
     return {"content": jnp.arange(n, dtype=jnp.int32)}
@@ -95,12 +79,6 @@ class Task(_Base):
     return {"frames": frames, "text": text}
 
   # ---- data ----------------------------------------------------------------------------------
-  def prepare_data(self):
-    if self._bench is None:
-      self._bench = (trv.prepare(self.config.data) if self.features
-                     else pipeline.prepare(self.config.data))
-    return self._bench
-
   def encode_split(self, model, params, devices, chunk: int = 512):
     enc = jax.jit(lambda p, v, c: self.encode(model, p, v, c))
     return encode_roles(enc, params, devices, ("video", "caption"), ("content", "frame_mask"),
@@ -148,14 +126,6 @@ class Task(_Base):
             "frame_elements": d.context_size * (d.frames - 1), "texts_in_context": d.context_size}
 
   # ---- meta-training -------------------------------------------------------------------------
-  def meta_devices(self, indices, query_size):
-    roles = {"context": self.config.data.context_size, "query": query_size}
-    if self.features:
-      bench = self.prepare_data()
-      return stack([bench.meta_device(int(i), roles) for i in indices])
-    sampler = pipeline.MetaDeviceSampler(self.config.data, roles=roles, labelled=True)
-    return stack([sampler.device(int(i)) for i in indices])
-
   def encode_meta(self, model, params, raw):
     out = {}
     for role in ("context", "query"):
@@ -169,17 +139,6 @@ class Task(_Base):
     scores = self.scores(model, params, query)
     return (info_nce(scores, query["content"]),
             retrieval_metrics(scores, query["content"], query["content"])["r1"])
-
-  def validate_config(self, cfg):
-    if self.features:
-      trv.validate_data_config(cfg)
-    else:
-      pipeline.validate_data_config(cfg)
-
-  def check_meta_data(self, overrides):
-    if self.features:
-      return super().check_meta_data(overrides)    # no shift parameters to widen
-    pipeline.check_meta_shift(self.config.data, overrides)
 
   def report_notes(self, cfg):
     if self.features:
