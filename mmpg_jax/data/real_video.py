@@ -251,6 +251,7 @@ class Source:
         self.heldout_of[d] = held_rows[d]
     cloud = set(self.roles["global"]) | set(self.roles["meta"])
     self.cloud_videos = sorted({r["video"] for d in cloud for r in self.train_of[d]})
+    self.cloud_index = {v: i for i, v in enumerate(self.cloud_videos)}
     self.video_number = {v: i for i, v in enumerate(videos)}
 
   def _vocabularies(self):
@@ -290,15 +291,13 @@ class Source:
       out.update(caption=tokens, content=np.int32(self.video_number[r["video"]]))
     return out
 
-  @property
-  def cloud_index(self) -> dict:
-    if not hasattr(self, "_cloud_index"):
-      self._cloud_index = {v: i for i, v in enumerate(self.cloud_videos)}
-    return self._cloud_index
+  def cloud_samples(self, role: str) -> list:
+    """The labelled training samples of the global (role 'global') or meta devices."""
+    return [r for d in self.roles[role] for r in self.labelled(self.train_of[d])]
 
   def cloud_rows(self, role: str) -> list:
-    """The labelled training samples of the global (role 'global') or meta devices."""
-    return [self.row(r) for d in self.roles[role] for r in self.labelled(self.train_of[d])]
+    """`cloud_samples(role)` as cloud rows (tokenized)."""
+    return [self.row(r) for r in self.cloud_samples(role)]
 
   def video(self, video_id: str) -> tuple:
     return vf.fix_length(self.store.get(video_id), int(self.cfg["frames"]))

@@ -94,8 +94,8 @@ class RealVideoCloud(_RealVideoBase):
 
   def expected_sizes(self):
     src = source(self.builder_config.data)
-    return {"videos": len(src.cloud_videos), "global_train": len(src.cloud_rows("global")),
-            "meta_train": len(src.cloud_rows("meta"))}
+    return {"videos": len(src.cloud_videos), "global_train": len(src.cloud_samples("global")),
+            "meta_train": len(src.cloud_samples("meta"))}     # counted, not tokenized
 
   def _blank(self):
     cfg = self.builder_config.data

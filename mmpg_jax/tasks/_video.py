@@ -42,10 +42,14 @@ class VideoTask(Task):
     super().__init__(config)
     self.features = reads_features(config)   # real frame features, not pixels
     self._bench = None
+    self._source = None
 
   def source(self):
-    """The real dataset's files, read (cached): vocabularies, devices, build summary."""
-    return trv.source(self.config.data)
+    """The real dataset's files, read once per task (label_groups and the vocabularies ask
+    often; trv.source would fingerprint every feature file on each call)."""
+    if self._source is None:
+      self._source = trv.source(self.config.data)
+    return self._source
 
   def example_inputs(self, n):
     d = self.config.data
