@@ -118,7 +118,7 @@ def get_config(arg: str = ""):
   # CDC-MMPG beyond its training shifts (adapt/cdc_robust.py): variants and controls as rows
   # cdc_mmpg_<name>; each grid holds the plain method (0 = off) and is chosen on validation.
   c.cdc_robust = mlc.ConfigDict(dict(
-      variants=("em2", "gate", "cloud_tent", "wide", "mean_edit", "nearest_edit"),
+      variants=("em2", "gate", "cloud_tent", "wide", "routed", "mean_edit", "nearest_edit"),
       reference_devices=512,            # meta devices behind the controls and the diagnosis
       em2_scales=(0.0, 0.25, 0.5, 1.0),  # second-round EM correction on the edited model
       gate_temperatures=(0.0, 0.25, 0.5, 1.0, 2.0),   # 0 = no gate
@@ -129,8 +129,14 @@ def get_config(arg: str = ""):
       wide_data=dict(shift=dict(rotation=((0.0, 45.0), (70.0, 85.0)),
                                 blur=((0.0, 0.4), (0.9, 1.2)),
                                 noise=((0.0, 0.3), (0.5, 0.6)))),
-      # `wide_mix` (opt-in): this share of meta devices from wide_data, the rest as training's
-      wide_mix_fraction=0.5))
+      # `wide_mix` (opt-in) and the router's data: this share of meta devices from wide_data,
+      # the rest as training's
+      wide_mix_fraction=0.5,
+      # `routed`: a router over the plain and wide FDAs (adapt/router.py), meta-trained on the
+      # mixture; the rest of its stage's settings are config.fda's
+      router=dict(hidden=64, meta_devices=2048, num_steps=1000, learning_rate=1e-3,
+                  warmup_steps=50, eval_every=100, log_every=100, checkpoint_every=250),
+      router_sharpness=(1.0, 2.0, 4.0)))   # x the router's logits at evaluation (1 = trained)
 
   # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order.
   c.method_families = ("baselines", "tta", "cdc_mmpg")
@@ -152,7 +158,9 @@ def get_config(arg: str = ""):
     c.tta.lame.update(dict(knn=(3,), bound_lambda=(1.0,), iterations=5))
     c.tta.foa.update(dict(population=4, iterations=2, std_init=(0.1,), stat_weight=(1.0,)))
     c.adr.update(dict(k=2, k_sweep=(2,), ablations=("random", "all")))
-    c.cdc_robust.update(dict(reference_devices=8, em2_scales=(0.0, 1.0),
+    c.cdc_robust.router.update(dict(hidden=8, meta_devices=8, num_steps=4, warmup_steps=1,
+                                    eval_every=2, log_every=2, checkpoint_every=2))
+    c.cdc_robust.update(dict(reference_devices=8, em2_scales=(0.0, 1.0), router_sharpness=(1.0, 4.0),
                              gate_temperatures=(0.0, 1.0), cloud_samples=4,
                              cloud_learning_rates=(1e-2,), cloud_steps=(0, 2)))
     c.fda.update(dict(hidden=16, code_dim=16, layer_dim=8, meta_devices=8, meta_query_size=4,

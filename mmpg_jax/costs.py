@@ -93,7 +93,8 @@ class CostModel:
 
   def merge(self, edit_shape) -> float:
     """Materialising and merging an edit into the device model's parameters."""
-    key = ("merge", str(jax.tree.structure(edit_shape)))
+    key = ("merge", str(jax.tree.structure(edit_shape)),      # shapes too: the rank differs
+           tuple(tuple(s.shape) for s in jax.tree.leaves(edit_shape)))
     if key not in self._cache:
       edit = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), edit_shape)
       self._cache[key] = flops(lambda p, e: P.apply_edit(p, e, 1.0), self.params, edit)

@@ -67,7 +67,8 @@ def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
   return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
-def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int = 64) -> dict:
+def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int = 64,
+                     what: str = "fda meta devices") -> dict:
   """Encodes `fc.meta_devices` fresh meta devices (ids 0..meta_devices-1).
 
   What depends only on the frozen device model is computed here once per device, not in
@@ -87,7 +88,7 @@ def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int =
     return more
 
   return encode_devices(task, model, params, range(fc.meta_devices), fc.meta_query_size, extra,
-                        what="fda meta devices", chunk_devices=chunk_devices)
+                        what=what, chunk_devices=chunk_devices)
 
 
 def episode_upload(task, dev, k):

@@ -11,7 +11,8 @@ from mmpg_jax import workdir as wd
 
 SUFFIX = {"test": "", "test_ood": "_ood"}   # metric key suffix of each evaluation group
 # Per-device diagnoses kept device by device in results.json (cdc_mmpg.diagnostics).
-DIAGNOSIS = ("edit_norm", "code_distance", "fda_prior_tv", "device_prior_tv", "shift_tv")
+DIAGNOSIS = ("edit_norm", "code_distance", "fda_prior_tv", "device_prior_tv", "shift_tv",
+             "route_wide")
 
 
 def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
@@ -309,6 +310,11 @@ def robustness_lines(results, task) -> list:
         f"{r['labels_used_per_device']} | {r['device_backward_passes']} | "
         f"{_fmt_flops(r['device_flops'])} | {_fmt_flops(r.get('cloud_flops', 0))} | "
         f"{r['uplink_bytes']:.0f} | {r['downlink_bytes']:.0f} |")
+  routed = m.get("cdc_mmpg_routed", {}).get("metrics", {})
+  if "route_wide" in routed:
+    lines += ["", "cdc_mmpg_routed: the router's mean weight on the wide FDA's edit (sharpness 1, "
+              f"as trained) is {routed['route_wide']:.2f} on test devices and "
+              f"{routed.get('route_wide_ood', float('nan')):.2f} on OOD devices."]
   return lines + [""]
 
 

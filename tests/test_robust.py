@@ -9,7 +9,7 @@ import pytest
 
 from mmpg_jax import config_checks
 from mmpg_jax import params as P
-from mmpg_jax.adapt import cdc_mmpg, cdc_robust, tta
+from mmpg_jax.adapt import cdc_mmpg, cdc_robust, router, tta
 from mmpg_jax.data import moving_digits as md
 
 from conftest import BackwardPassRan
@@ -19,7 +19,9 @@ from test_cdc import _ctx, _device, fda_setup  # noqa: F401  (fda_setup is a fix
 VARIANT_HP = {"cdc_mmpg_em2": {"scale": 1.0, "smoothing": 2.0},
               "cdc_mmpg_gate": {"temperature": 0.5},
               "cdc_mmpg_cloud_tent": {"lr": 1e-2, "steps": 0},
-              "cdc_mmpg_wide": {}, "cdc_mmpg_mean_edit": {}, "cdc_mmpg_nearest_edit": {},
+              "cdc_mmpg_wide": {}, "cdc_mmpg_routed": {"sharpness": 2.0},
+              "cdc_mmpg_routed_em2": {"sharpness": 2.0, "scale": 1.0, "smoothing": 2.0},
+              "cdc_mmpg_mean_edit": {}, "cdc_mmpg_nearest_edit": {},
               "t3a": {"filter_k": 2}, "lame": {"knn": 3, "bound_lambda": 1.0},
               "foa": {"std_init": 0.1, "stat_weight": 1.0}}
 
@@ -32,8 +34,13 @@ def methods(smoke_config, task, fda_setup):  # noqa: F811
   ctx = _ctx(task, model, params, smoke_config, np.asarray(fda.source_prior))
   ctx.val = jax.tree.map(lambda *x: jnp.stack(x), *[   # FOA's source statistics read these
       _device(task, model, params, smoke_config, with_labels=None, seed=s) for s in (1, 2)])
-  # (`wide` is the same FDA trained on other data: here the same parameters)
-  return {label: {m.name: m for m in cdc_mmpg.make_methods(ctx, fda, fp, summary, {"wide": fp})
+  # (`wide` is the same FDA trained on other data: here the same parameters; the router's
+  # output bias is set so that it does not weigh the two experts equally)
+  def other(fp):
+    r = router.from_config(smoke_config, 2)
+    rp = router.init(r, fda, (fp, fp), jax.random.key(0))
+    return {"wide": fp, "routed": (r, dict(rp, out=dict(rp["out"], bias=jnp.array([0.3, -0.3]))))}
+  return {label: {m.name: m for m in cdc_mmpg.make_methods(ctx, fda, fp, summary, other(fp))
                   + tta.build(ctx)}
           for label, fp in (("fresh", fresh), ("trained", trained))}
 
@@ -66,7 +73,8 @@ def test_a_zero_edit_reproduces_the_global_model_in_every_variant(smoke_config, 
                                                                   fda_setup, methods):  # noqa: F811
   model, params, *_ = fda_setup
   dev = _device(task, model, params, smoke_config, with_labels=None)
-  off = dict(VARIANT_HP, cdc_mmpg_em2={"scale": 0.0, "smoothing": 2.0})
+  off = dict(VARIANT_HP, cdc_mmpg_em2={"scale": 0.0, "smoothing": 2.0},
+             cdc_mmpg_routed_em2={"sharpness": 2.0, "scale": 0.0, "smoothing": 2.0})
   for name in [n for n in off if n.startswith("cdc_mmpg_")]:
     adapted = methods["fresh"][name].adapt(params, dev, off[name])
     for path, leaf in P.flatten(params).items():
@@ -91,6 +99,48 @@ def test_cloud_refinement_with_zero_steps_is_the_plain_fda_edit(smoke_config, ta
   base = ms["cdc_mmpg"].cost({})
   assert c0.cloud_flops == 0 and c3.cloud_flops > 0 and c0.downlink_bytes == base.downlink_bytes
   assert c3.downlink_bytes > base.downlink_bytes and c0.uplink_bytes > base.uplink_bytes
+
+
+def test_routed_edit_is_the_router_weighted_sum_of_the_experts_edits(smoke_config, task,
+                                                                     fda_setup, methods):  # noqa: F811
+  model, params, fda, _, trained, _ = fda_setup
+  dev = _device(task, model, params, smoke_config, with_labels=None)
+  leaves, tdef = jax.tree.flatten(trained)        # a second expert, unlike the first
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  experts = (trained, jax.tree.unflatten(tdef, [x + 0.05 * jax.random.normal(k, x.shape)
+                                                 for x, k in zip(leaves, keys)]))
+  r = router.from_config(smoke_config, 2)
+  rp = router.init(r, fda, experts, jax.random.key(0))
+  up = router.upload_of(task, params, dev, smoke_config, None)
+  assert np.allclose(router.generate(fda, experts, r, rp, up)[1]["weights"], 0.5)  # fresh: equal
+  rp = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(3), x.shape), rp)
+  edit, aux = router.generate(fda, experts, r, rp, up)
+  w = np.asarray(aux["weights"])
+  assert abs(w.sum() - 1.0) < 1e-6 and abs(w[0] - w[1]) > 1e-3
+  parts = [P.edit_leaves(fda.apply({"params": p}, up)[0]) for p in experts]
+  shapes = {p: leaf.shape for p, leaf in P.flatten(params).items()}
+  for path, d in P.edit_leaves(edit).items():
+    want = sum(wi * P.materialize(e[path], shapes[path]) for wi, e in zip(w, parts))
+    np.testing.assert_allclose(P.materialize(d, shapes[path]), want, rtol=1e-5, atol=1e-7)
+  # Sharpness scales the router's logits: 0 weighs the experts equally, a large one picks
+  # the expert the router prefers.
+  w0 = router.generate(fda, experts, r, rp, up, 0.0)[1]["weights"]
+  w_sharp = router.generate(fda, experts, r, rp, up, 1e4)[1]["weights"]
+  assert np.allclose(w0, 0.5) and np.allclose(w_sharp, np.eye(2)[int(np.argmax(w))], atol=1e-6)
+  # A router certain of the first expert reproduces plain cdc_mmpg's adapted model.
+  sure = dict(rp, out=dict(rp["out"], kernel=0 * rp["out"]["kernel"],
+                           bias=jnp.array([60.0, -60.0])))
+  routed = P.apply_edit(params, router.generate(fda, experts, r, sure, up)[0],
+                        smoke_config.fda.clip)
+  plain = P.apply_edit(params, fda.apply({"params": experts[0]}, up)[0], smoke_config.fda.clip)
+  for a, b in zip(jax.tree.leaves(routed), jax.tree.leaves(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Costs: the downlink carries both experts' factors; the cloud runs both FDAs and the router.
+  ms = methods["trained"]
+  c, base = ms["cdc_mmpg_routed"].cost({"sharpness": 1.0}), ms["cdc_mmpg"].cost({})
+  # (both experts' low-rank factors, one set of full deltas: more than one edit, under two)
+  assert base.downlink_bytes < c.downlink_bytes < 2 * base.downlink_bytes and c.cloud_flops > 0
+  assert c.uplink_bytes == base.uplink_bytes and c.device_backward_passes == 0
 
 
 def test_controls_mean_edit_and_nearest_reference_device():
@@ -161,6 +211,10 @@ def test_lame_knn_affinity_and_its_fixed_point():
     ("cdc_robust.cloud_samples", 10_000, "context samples"),
     ("cdc_robust.em2_scales", (-1.0,), ">= 0"),
     ("cdc_robust.cloud_steps", (1.5,), "integers"),
+    ("cdc_robust.variants", ("routed",), "add 'wide'"),
+    ("cdc_robust.variants", ("wide", "routed_em2"), "add 'routed'"),
+    ("cdc_robust.router_sharpness", (0.0,), "router_sharpness"),
+    ("cdc_robust.router.num_steps", 0, "router.num_steps"),
     ("tta.lame.knn", (10_000,), "fewer than"),
     ("tta.t3a.filter_k", (-1,), "integers >= 0"),
 ])

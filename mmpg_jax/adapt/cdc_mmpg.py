@@ -18,7 +18,7 @@ from absl import logging
 
 from mmpg_jax import config_checks, costs, meta_train
 from mmpg_jax import params as P
-from mmpg_jax.adapt import adr, cdc_robust, device
+from mmpg_jax.adapt import adr, cdc_robust, device, router
 from mmpg_jax.adapt import fda as fda_lib
 from mmpg_jax.adapt.baselines import Method
 
@@ -199,13 +199,21 @@ def build(ctx):
         task.with_data(overrides), model, fda, params, cfg, ctx.val,
         ctx.workdir, ctx.metrics, summary, stage=f"fda_{name}")
     ctx.extra[f"fda_{name}"] = wide_summary
+  if "routed" in cfg.cdc_robust.variants:
+    # A router over the frozen plain and wide FDAs, meta-trained on the mixture.
+    r, rp, router_summary = router.train(
+        task.with_data(cdc_robust.mix_overrides(cfg)), model, fda, (fda_params, other["wide"]),
+        params, cfg, ctx.val, ctx.workdir, ctx.metrics, summary)
+    other["routed"] = (r, rp)
+    ctx.extra["router"] = router_summary
   return make_methods(ctx, fda, fda_params, summary, other)
 
 
 def make_methods(ctx, fda, fda_params, summary=None, other_fda_params=None):
   """cdc_mmpg (selector cfg.adr.selector, K = cfg.adr.k), the ablations in cfg.adr and the
   variants and controls of cfg.cdc_robust (cdc_robust.py), for a given FDA and its
-  parameters (`other_fda_params`: {variant: params} of the same FDA trained otherwise)."""
+  parameters (`other_fda_params`: {variant: params} of the same FDA trained otherwise, and
+  'routed': (router, its params))."""
   task, model, params, cfg, cm = ctx.task, ctx.model, ctx.params, ctx.config, ctx.cost_model
   ac = cfg.adr
   anchor_dims = task.anchor_dims(model, params)

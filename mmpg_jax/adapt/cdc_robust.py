@@ -25,6 +25,13 @@ Variants
   wide_mix    the same over a mixture (stage `fda_wide_mix`): a share `wide_mix_fraction` of
               the meta devices draws from `wide_data`'s ranges, the rest from the training
               ones, so meta-training still sees in-distribution devices as often as those.
+  routed      a mixture of experts (router.py): the plain and the `wide` FDA, frozen, and a
+              small router in the cloud (stage `router`, meta-trained on the `wide_mix`
+              mixture) that weighs their edits from their domain codes of the upload; the
+              device side is plain cdc_mmpg's, with the experts' low-rank factors side by side
+              in the downlink. Needs `wide`. Grid: `router_sharpness`, a factor on the
+              router's logits (1 = as trained; larger = closer to top-1 routing).
+  routed_em2  em2's second round on the device after routed's edit.
 Controls (does the FDA condition on the device?)
   mean_edit     the mean of the reference meta devices' applied (clipped) edits, the same for
                 every device: no upload.
@@ -38,9 +45,20 @@ import numpy as np
 from mmpg_jax import config_checks, costs
 from mmpg_jax import params as P
 from mmpg_jax.adapt import cdc_mmpg, device
+from mmpg_jax.adapt import fda as fda_lib
+from mmpg_jax.adapt import router as router_lib
 from mmpg_jax.adapt.baselines import Method, grid
 
-VARIANTS = ("em2", "gate", "cloud_tent", "wide", "wide_mix", "mean_edit", "nearest_edit")
+VARIANTS = ("em2", "gate", "cloud_tent", "wide", "wide_mix", "routed", "routed_em2",
+            "mean_edit", "nearest_edit")
+
+
+def mix_overrides(cfg) -> dict:
+  """config.data overrides of the mixture: a share `wide_mix_fraction` of the meta devices
+  drawn from `wide_data`'s shift ranges, the rest from training's (`wide_mix`, the router)."""
+  rc = cfg.cdc_robust
+  return {"meta_wide": {"fraction": float(rc.wide_mix_fraction),
+                        "shift": rc.wide_data.to_dict().get("shift", {})}}
 
 
 def wide_overrides(cfg) -> dict:
@@ -49,8 +67,7 @@ def wide_overrides(cfg) -> dict:
   if "wide" in rc.variants:
     out["wide"] = rc.wide_data.to_dict()
   if "wide_mix" in rc.variants:
-    out["wide_mix"] = {"meta_wide": {"fraction": float(rc.wide_mix_fraction),
-                                     "shift": rc.wide_data.to_dict().get("shift", {})}}
+    out["wide_mix"] = mix_overrides(cfg)
   return out
 
 
@@ -102,6 +119,17 @@ def validate_config(cfg, task) -> None:
        rc.cloud_samples, f"at most the {cfg.data.context_size} context samples a device has")
   for overrides in wide_overrides(cfg).values():
     task.check_meta_data(overrides)
+  if "routed_em2" in rc.variants:
+    need("routed" in rc.variants, "cdc_robust.variants", rc.variants,
+         "'routed_em2' is the second round on 'routed''s edit: add 'routed' too")
+  if "routed" in rc.variants:
+    need("wide" in rc.variants, "cdc_robust.variants", rc.variants,
+         "'routed' mixes the plain and the 'wide' FDA's edits: add 'wide' too")
+    config_checks.positive(cfg, "cdc_robust.router_sharpness")
+    task.check_meta_data(mix_overrides(cfg))
+    for key in ("hidden", "meta_devices", "num_steps", "learning_rate", "eval_every",
+                "checkpoint_every", "log_every"):
+      config_checks.positive(cfg, f"cdc_robust.router.{key}")
   for key in ("gate_temperatures", "em2_scales"):
     need(all(x >= 0 for x in rc[key]), f"cdc_robust.{key}", rc[key], "values must be >= 0")
   need(all(isinstance(s, int) and s >= 0 for s in rc.cloud_steps), "cdc_robust.cloud_steps",
@@ -110,7 +138,8 @@ def validate_config(cfg, task) -> None:
 
 def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params):
   """The configured variants and controls. `base_cost(hp)` is plain cdc_mmpg's DeviceCost;
-  `reference` is cdc_mmpg.reference_set(...); `other_fda_params` {'wide': params}."""
+  `reference` is cdc_mmpg.reference_set(...); `other_fda_params` {'wide': params, ...,
+  'routed': (router, router params)}."""
   task, model, params, cfg, cm = ctx.task, ctx.model, ctx.params, ctx.config, ctx.cost_model
   rc, clip = cfg.cdc_robust, cfg.fda.clip
   dbytes = costs.dtype_bytes(cfg.comm_dtype)
@@ -122,26 +151,65 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
   def plain(params, dev, fda_params=fda_params):
     return P.apply_edit(params, upload_and_generate(params, dev, fda_params)[0], clip)
 
+  def with_em2(first, first_cost, first_grid):
+    """(adapt, cost, grid) of a second forward round on the device after `first`: every
+    label group of its context asked once more of the edited model, and EM's remaining label
+    shift applied as scale x log-ratio on the label bias."""
+    ec = cfg.baselines.prior_em
+    source = jnp.asarray(ctx.source_prior)
+
+    def adapt(params, dev, hp):
+      return device.label_shift_correction(task, model, first(params, dev, hp), dev, source,
+                                           iterations=ec.iterations,
+                                           smoothing=hp["smoothing"], scale=hp["scale"])
+
+    def cost(hp):
+      c = first_cost(hp)
+      c.device_flops += cm.forward(n_ctx * len(task.label_groups)) + cm.em(n_ctx, ec.iterations)
+      return c
+    second = grid(scale=tuple(rc.em2_scales), smoothing=tuple(ec.smoothing))
+    return adapt, cost, tuple(dict(a, **b) for a in first_grid for b in second)
+
+  has_routed = "routed" in other_fda_params and "wide" in other_fda_params
+  if has_routed:
+    r, rp = other_fda_params["routed"]
+    experts = (fda_params, other_fda_params["wide"])
+
+    def routed(params, dev, sharpness=1.0):
+      up = router_lib.upload_of(task, params, dev, cfg, summary)
+      return router_lib.generate(fda, experts, r, rp, up, sharpness)
+
+    def routed_adapt(params, dev, hp):
+      return P.apply_edit(params, routed(params, dev, hp["sharpness"])[0], clip)
+
+    up = fda_lib.example_upload(fda)
+    routed_edit = jax.eval_shape(lambda: router_lib.generate(fda, experts, r, rp, up)[0])
+    routed_down = fda_lib.edit_bytes(routed_edit, dbytes)
+    # The cloud runs every expert and the router where plain cdc_mmpg runs one FDA
+    # (arguments, not closed-over constants, which XLA would fold away at compile time).
+    routed_cloud = (
+        costs.flops(lambda e, p, u: router_lib.generate(fda, e, r, p, u), experts, rp, up)
+        - costs.flops(lambda p, u: fda.apply({"params": p}, u), fda_params, up))
+    routed_merge = cm.merge(routed_edit) - cm.merge(fda_lib.edit_shape(fda, fda_params))
+
+    def routed_cost(hp):
+      c = base_cost(hp)
+      c.downlink_bytes, c.cloud_flops = float(routed_down), c.cloud_flops + routed_cloud
+      c.device_flops += routed_merge
+      return c
+    routed_grid = grid(sharpness=tuple(rc.router_sharpness))
+
   methods = []
   for name in rc.variants:
-    row = f"cdc_mmpg_{name}"
-    if name == "em2":
-      if not task.label_groups:
+    row, diags = f"cdc_mmpg_{name}", {}
+    if name in ("em2", "routed_em2"):
+      if not task.label_groups or (name == "routed_em2" and not has_routed):
         continue
-      ec = cfg.baselines.prior_em
-      source = jnp.asarray(ctx.source_prior)
-
-      def adapt(params, dev, hp):
-        return device.label_shift_correction(task, model, plain(params, dev), dev, source,
-                                             iterations=ec.iterations,
-                                             smoothing=hp["smoothing"], scale=hp["scale"])
-
-      def cost(hp):
-        c = base_cost(hp)
-        c.device_flops += (cm.forward(n_ctx * len(task.label_groups))
-                           + cm.em(n_ctx, ec.iterations))
-        return c
-      hps = grid(scale=tuple(rc.em2_scales), smoothing=tuple(ec.smoothing))
+      if name == "em2":
+        adapt, cost, hps = with_em2(lambda params, dev, hp: plain(params, dev), base_cost,
+                                    ({},))
+      else:
+        adapt, cost, hps = with_em2(routed_adapt, routed_cost, routed_grid)
 
     elif name == "gate":
       def adapt(params, dev, hp):
@@ -181,6 +249,13 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
       cost = base_cost
       hps = ({},)
 
+    elif name == "routed":
+      if not has_routed:                  # its FDAs were not trained (bench, tests)
+        continue
+      adapt, cost, hps = routed_adapt, routed_cost, routed_grid
+      # The wide expert's weight per device: does the router send unseen shifts to it?
+      diags = {"route_wide": lambda dev: routed(params, dev)[1]["weights"][1]}
+
     elif name == "mean_edit":
       mean = mean_applied_edit(reference["edits"], params, clip)
       down = P.tree_size(mean) * dbytes
@@ -202,6 +277,7 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
 
     uses = () if name == "mean_edit" else (task.context_role,)
     methods.append(Method(row, hps, adapt, cost, uses=uses,
+                          diagnostics=diags,
                           info={"variant": name, "reference_devices":
                                 int(reference["codes"].shape[0])}))
   return methods
