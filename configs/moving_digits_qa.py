@@ -1,17 +1,19 @@
 r"""Moving-digits video QA under device shift: global model, baselines and CDC-MMPG.
 
-Default (the README's main job), ~13 min on 2 CPU cores (789 s with the data prepared: global
-model 119 s, the cdc_mmpg family 521 s — two meta-device pools and two FDAs, plain and `wide` —
-evaluation of 27 methods 113 s):
+Default (the README's main job), about 26 min on this 2-core CPU VM (seed 1, 2026-11-30,
+data prepared: 1,535 s — global model 210 s, the cdc_mmpg family 1,100 s: three meta-device
+pools, two FDAs, plain and `wide`, and the `routed` variant's router, ~150 s — evaluation of 28
+methods 176 s; earlier VMs ran about 2x faster):
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py --workdir=runs/default
-Smoke (same code path, tiny), about 1.5 min:
+Smoke (same code path, tiny), about 3.5 min here:
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py:smoke --workdir=/tmp/smoke
 
-Expected result of the default run (seed 0, 30 test devices; WORKSPACE.md has the latest table,
-with 3 seeds): global 0.807, oracle 0.899 (margin 9.2 points), fta_k5 0.836, prior_em 0.830,
-cdc_mmpg ~0.846 with 0 labels and 0 device backward passes; on the 20 OOD devices global 0.611,
-fta_k5 0.692, cdc_mmpg 0.685, cdc_mmpg_wide 0.712, oracle 0.826. The smoke run only checks that
-every stage runs end to end; its numbers mean nothing.
+Expected result of the default run (seed 0 on this VM, 30 test devices; WORKSPACE.md has the
+latest table, with 3 seeds): global 0.797, oracle 0.899 (margin 10.2 points), fta_k5 0.831,
+prior_em 0.823, cdc_mmpg 0.862 with 0 labels and 0 device backward passes; on the 20 OOD
+devices global 0.626, fta_k5 0.687, cdc_mmpg 0.683, cdc_mmpg_wide 0.721, cdc_mmpg_routed 0.717
+(0.860 on test), oracle 0.822. The smoke run only checks that every stage runs end to end;
+its numbers mean nothing.
 
 Override anything from the command line, e.g. --config.train.num_steps=500.
 """

@@ -310,12 +310,30 @@ def robustness_lines(results, task) -> list:
         f"{r['labels_used_per_device']} | {r['device_backward_passes']} | "
         f"{_fmt_flops(r['device_flops'])} | {_fmt_flops(r.get('cloud_flops', 0))} | "
         f"{r['uplink_bytes']:.0f} | {r['downlink_bytes']:.0f} |")
-  routed = m.get("cdc_mmpg_routed", {}).get("metrics", {})
-  if "route_wide" in routed:
-    lines += ["", "cdc_mmpg_routed: the router's mean weight on the wide FDA's edit (sharpness 1, "
-              f"as trained) is {routed['route_wide']:.2f} on test devices and "
-              f"{routed.get('route_wide_ood', float('nan')):.2f} on OOD devices."]
-  return lines + [""]
+  return lines + [""] + routing_lines(results, task)
+
+
+def routing_lines(results, task) -> list:
+  """cdc_mmpg_routed: how much weight the router gives the wide FDA per group, and whether the
+  devices it leans wide on are those where the wide FDA beats the plain one."""
+  m = results["methods"]
+  pd = m.get("cdc_mmpg_routed", {}).get("per_device", {})
+  if "route_wide" not in pd:
+    return []
+  sel = task.selection_metric.name
+  out = []
+  for grp, sfx in SUFFIX.items():
+    if "route_wide" + sfx not in pd:
+      continue
+    w = np.asarray(pd["route_wide" + sfx])
+    diff = (_gains(results, "cdc_mmpg_wide", sel, sfx) - _gains(results, "cdc_mmpg", sel, sfx)
+            if "cdc_mmpg_wide" in m else None)
+    corr = (float(np.corrcoef(w, diff)[0, 1]) if diff is not None and len(w) > 2
+            and w.std() > 0 and diff.std() > 0 else float("nan"))
+    out.append(f"{grp}: mean weight {w.mean():.2f}, {np.mean(w > 0.5):.0%} of devices above "
+               f"0.5, corr(weight, wide − plain {sel}) {corr:.2f}")
+  return ["cdc_mmpg_routed, the router's weight on the wide FDA's edit per device (sharpness 1, "
+          "as trained): " + "; ".join(out) + ".", ""]
 
 
 def write_plots(workdir: str, results: dict, task) -> list:
