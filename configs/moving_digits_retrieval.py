@@ -4,7 +4,9 @@ The same benchmark's videos, with captions phrased per device (the OOD group wit
 never used in training); the same main job, methods and protocol as the QA config, which this
 one starts from (data, training and CDC-MMPG settings are shared; only what differs is set).
 
-Default, ~13 min on 2 CPU cores (797 s measured, including the ~35 s data build):
+Default: 797 s measured on an earlier 2-core VM with one FDA, including the ~35 s data build;
+it now also meta-trains `cdc_mmpg_wide`'s FDA and `cdc_mmpg_routed`'s router (inherited from the
+QA config), not re-timed from scratch (expect ~25 min on today's slower VM):
   python -m mmpg_jax.main --config=configs/moving_digits_retrieval.py --workdir=runs/retrieval
 Smoke (same code path, tiny), under 1.5 min:
   python -m mmpg_jax.main --config=configs/moving_digits_retrieval.py:smoke --workdir=/tmp/smoke_r

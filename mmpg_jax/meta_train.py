@@ -68,8 +68,9 @@ def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
 
 
 def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int = 64,
-                     what: str = "fda meta devices") -> dict:
-  """Encodes `fc.meta_devices` fresh meta devices (ids 0..meta_devices-1).
+                     what: str = "fda meta devices", first_id: int = 0) -> dict:
+  """Encodes `fc.meta_devices` fresh meta devices (ids first_id..first_id+meta_devices-1; a
+  stage that must not see another's devices starts past them).
 
   What depends only on the frozen device model is computed here once per device, not in
   every step: the herding order of each modality's context elements (greedy herding is
@@ -87,8 +88,8 @@ def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int =
       more["summary"] = jax.vmap(lambda c: summary(p, {task.context_role: c, **consts}))(ctx)
     return more
 
-  return encode_devices(task, model, params, range(fc.meta_devices), fc.meta_query_size, extra,
-                        what=what, chunk_devices=chunk_devices)
+  return encode_devices(task, model, params, range(first_id, first_id + fc.meta_devices),
+                        fc.meta_query_size, extra, what=what, chunk_devices=chunk_devices)
 
 
 def episode_upload(task, dev, k):

@@ -326,8 +326,8 @@ def routing_lines(results, task) -> list:
     if "route_wide" + sfx not in pd:
       continue
     w = np.asarray(pd["route_wide" + sfx])
-    diff = (_gains(results, "cdc_mmpg_wide", sel, sfx) - _gains(results, "cdc_mmpg", sel, sfx)
-            if "cdc_mmpg_wide" in m else None)
+    wide, plain = (_gains(results, n, sel, sfx) for n in ("cdc_mmpg_wide", "cdc_mmpg"))
+    diff = wide - plain if wide is not None and plain is not None else None
     corr = (float(np.corrcoef(w, diff)[0, 1]) if diff is not None and len(w) > 2
             and w.std() > 0 and diff.std() > 0 else float("nan"))
     out.append(f"{grp}: mean weight {w.mean():.2f}, {np.mean(w > 0.5):.0%} of devices above "

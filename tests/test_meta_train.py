@@ -60,3 +60,31 @@ def test_meta_training_changes_the_fda_and_keeps_the_zero_edit_candidate(smoke_c
   assert logged and all(r["grad_norm"] > 0 and np.isfinite(r["task_loss"]) for r in logged)
   fresh = fda_lib.init(fda, jax.random.key(cfg.seed + 1))
   assert jax.tree.structure(fresh) == jax.tree.structure(best)
+
+
+def test_the_router_trains_on_meta_devices_neither_expert_saw(smoke_config, setup, tmp_path,
+                                                               monkeypatch):
+  from mmpg_jax.adapt import cdc_robust, router
+  task, model, params, fda, val, summary = setup
+  cfg = smoke_config.copy_and_resolve_references()
+  cfg.cdc_robust.router.learning_rate = 1e-1
+  leaves, tdef = jax.tree.flatten(fda_lib.init(fda, jax.random.key(0)))
+  experts = tuple(jax.tree.unflatten(tdef, [x + 0.05 * jax.random.normal(k, x.shape)
+                                            for x, k in zip(leaves, jax.random.split(
+                                                jax.random.key(s), len(leaves)))])
+                  for s in (1, 2))
+  seen = []
+  real = meta_train.encode_devices
+  monkeypatch.setattr(meta_train, "encode_devices",
+                      lambda t, m, p, ids, *a, **k: seen.append(list(ids)) or real(
+                          t, m, p, ids, *a, **k))
+  r, rp, out = router.train(task.with_data(cdc_robust.mix_overrides(cfg)), model, fda, experts,
+                            params, cfg, val, str(tmp_path), MetricsWriter(str(tmp_path)),
+                            summary)
+  assert seen == [list(range(cfg.fda.meta_devices,
+                             cfg.fda.meta_devices + cfg.cdc_robust.router.meta_devices))]
+  assert out["steps"] == cfg.cdc_robust.router.num_steps and 0 <= out["best_step"] <= 4
+  import json
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+          if '"router"' in l and '"grad_norm"' in l]
+  assert rows and all(x["grad_norm"] > 0 and np.isfinite(x["task_loss"]) for x in rows)

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import config_checks
+from mmpg_jax import config_checks, costs
 from mmpg_jax import params as P
 from mmpg_jax.adapt import cdc_mmpg, cdc_robust, router, tta
+from mmpg_jax.adapt import fda as fda_lib
 from mmpg_jax.data import moving_digits as md
 
 from conftest import BackwardPassRan
@@ -31,7 +32,9 @@ def methods(smoke_config, task, fda_setup):  # noqa: F811
   """{'fresh' | 'trained': {name: Method}} for a zero-initialised and a perturbed FDA."""
   model, params, fda, fresh, trained, _ = fda_setup
   summary = cdc_mmpg.device_summary(task, model, smoke_config, fda.source_prior)
-  ctx = _ctx(task, model, params, smoke_config, np.asarray(fda.source_prior))
+  cfg = with_value(smoke_config, "cdc_robust.variants",         # and the opt-in routed_em2
+                   smoke_config.cdc_robust.variants + ("routed_em2",))
+  ctx = _ctx(task, model, params, cfg, np.asarray(fda.source_prior))
   ctx.val = jax.tree.map(lambda *x: jnp.stack(x), *[   # FOA's source statistics read these
       _device(task, model, params, smoke_config, with_labels=None, seed=s) for s in (1, 2)])
   # (`wide` is the same FDA trained on other data: here the same parameters; the router's
@@ -141,6 +144,10 @@ def test_routed_edit_is_the_router_weighted_sum_of_the_experts_edits(smoke_confi
   # (both experts' low-rank factors, one set of full deltas: more than one edit, under two)
   assert base.downlink_bytes < c.downlink_bytes < 2 * base.downlink_bytes and c.cloud_flops > 0
   assert c.uplink_bytes == base.uplink_bytes and c.device_backward_passes == 0
+  # The cloud's extra work is about one more FDA forward pass on a device's K anchors.
+  one = costs.flops(lambda p, u: fda.apply({"params": p}, u), experts[1],
+                    fda_lib.example_upload(fda, smoke_config.adr.k))
+  assert one <= c.cloud_flops <= 1.5 * one, (c.cloud_flops, one)
 
 
 def test_controls_mean_edit_and_nearest_reference_device():
@@ -214,6 +221,7 @@ def test_lame_knn_affinity_and_its_fixed_point():
     ("cdc_robust.variants", ("routed",), "add 'wide'"),
     ("cdc_robust.variants", ("wide", "routed_em2"), "add 'routed'"),
     ("cdc_robust.router_sharpness", (0.0,), "router_sharpness"),
+    ("cdc_robust.router.meta_devices", 2, "the router's batch"),
     ("cdc_robust.router.num_steps", 0, "router.num_steps"),
     ("tta.lame.knn", (10_000,), "fewer than"),
     ("tta.t3a.filter_k", (-1,), "integers >= 0"),

@@ -156,6 +156,9 @@ def validate_config(cfg, task, model, abstract_params) -> None:
               "fda.rank", "fda.clip", "fda.checkpoint_every", "fda.eval_every",
               "fda.log_every"):
     config_checks.positive(cfg, key)
+  config_checks.need(cfg.fda.meta_devices >= cfg.fda.devices_per_step, "fda.meta_devices",
+                     cfg.fda.meta_devices, f"at least fda.devices_per_step "
+                     f"({cfg.fda.devices_per_step}) meta devices, one step's batch")
   num_elements = task.num_elements(model, abstract_params, cfg.data.context_size)
   n_el = min(num_elements.values())
   where = ", ".join(f"{m}: {n}" for m, n in num_elements.items())

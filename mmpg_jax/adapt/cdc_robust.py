@@ -130,6 +130,11 @@ def validate_config(cfg, task) -> None:
     for key in ("hidden", "meta_devices", "num_steps", "learning_rate", "eval_every",
                 "checkpoint_every", "log_every"):
       config_checks.positive(cfg, f"cdc_robust.router.{key}")
+    need(isinstance(rc.router.hidden, int), "cdc_robust.router.hidden", rc.router.hidden,
+         "an integer width")
+    need(rc.router.meta_devices >= cfg.fda.devices_per_step, "cdc_robust.router.meta_devices",
+         rc.router.meta_devices, f"at least fda.devices_per_step ({cfg.fda.devices_per_step}) "
+         "meta devices, the router's batch")
   for key in ("gate_temperatures", "em2_scales"):
     need(all(x >= 0 for x in rc[key]), f"cdc_robust.{key}", rc[key], "values must be >= 0")
   need(all(isinstance(s, int) and s >= 0 for s in rc.cloud_steps), "cdc_robust.cloud_steps",
@@ -182,7 +187,7 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
     def routed_adapt(params, dev, hp):
       return P.apply_edit(params, routed(params, dev, hp["sharpness"])[0], clip)
 
-    up = fda_lib.example_upload(fda)
+    up = fda_lib.example_upload(fda, cfg.adr.k)        # a device's upload: K anchors
     routed_edit = jax.eval_shape(lambda: router_lib.generate(fda, experts, r, rp, up)[0])
     routed_down = fda_lib.edit_bytes(routed_edit, dbytes)
     # The cloud runs every expert and the router where plain cdc_mmpg runs one FDA

@@ -14,7 +14,8 @@ domain codes, and the device's summary) and weighs their edits:
 
 The router alone is meta-trained (stage `router`), on meta devices of a mixture: a share
 `cdc_robust.wide_mix_fraction` drawn from `wide_data`'s ranges, the rest from training's, so
-that it learns which expert serves which kind of device. The device side is plain cdc_mmpg's:
+that it learns which expert serves which kind of device. Its meta devices are fresh: neither
+expert was meta-trained on them (as stacking fits its combiner out of fold). The device side is plain cdc_mmpg's:
 the same upload, one merged edit down (with twice the low-rank factors), forward passes only.
 """
 import flax.linen as nn
@@ -110,8 +111,11 @@ def train(task, model, fda, experts, base_params, cfg, val_feats, workdir, metri
                          f"query_{task.selection_metric.name}": metric.mean()}
 
   def make_batches():
+    # Meta devices neither expert was meta-trained on (their ids start past the FDAs' pools):
+    # on its own training devices an expert looks better than it generalises.
     pool = meta_train.encode_meta_pool(task, model, base_params, sc, summary=summary,
-                                       what=f"{stage} meta devices")
+                                       what=f"{stage} meta devices",
+                                       first_id=cfg.fda.meta_devices)
     return lambda step: meta_train.episode_batch(pool, sc, cfg.seed, step)
 
   validate = meta_train.validator(task, model, val_feats, lambda rp, dev: P.apply_edit(
