@@ -120,7 +120,8 @@ def get_config(arg: str = ""):
   # CDC-MMPG beyond its training shifts (adapt/cdc_robust.py): variants and controls as rows
   # cdc_mmpg_<name>; each grid holds the plain method (0 = off) and is chosen on validation.
   c.cdc_robust = mlc.ConfigDict(dict(
-      variants=("em2", "gate", "cloud_tent", "wide", "routed", "mean_edit", "nearest_edit"),
+      variants=("em2", "gate", "cloud_tent", "wide", "routed", "ensemble", "mean_edit",
+                "nearest_edit"),
       reference_devices=512,            # meta devices behind the controls and the diagnosis
       em2_scales=(0.0, 0.25, 0.5, 1.0),  # second-round EM correction on the edited model
       gate_temperatures=(0.0, 0.25, 0.5, 1.0, 2.0),   # 0 = no gate

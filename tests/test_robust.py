@@ -22,6 +22,7 @@ VARIANT_HP = {"cdc_mmpg_em2": {"scale": 1.0, "smoothing": 2.0},
               "cdc_mmpg_cloud_tent": {"lr": 1e-2, "steps": 0},
               "cdc_mmpg_wide": {}, "cdc_mmpg_routed": {"sharpness": 2.0},
               "cdc_mmpg_routed_em2": {"sharpness": 2.0, "scale": 1.0, "smoothing": 2.0},
+              "cdc_mmpg_ensemble": {},
               "cdc_mmpg_mean_edit": {}, "cdc_mmpg_nearest_edit": {},
               "t3a": {"filter_k": 2}, "lame": {"knn": 3, "bound_lambda": 1.0},
               "foa": {"std_init": 0.1, "stat_weight": 1.0}}
@@ -138,6 +139,12 @@ def test_routed_edit_is_the_router_weighted_sum_of_the_experts_edits(smoke_confi
   plain = P.apply_edit(params, fda.apply({"params": experts[0]}, up)[0], smoke_config.fda.clip)
   for a, b in zip(jax.tree.leaves(routed), jax.tree.leaves(plain)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The ensemble control is the router at sharpness 0: equal weights.
+  ms = methods["trained"]
+  a = ms["cdc_mmpg_ensemble"].adapt(params, dev, {})
+  b = ms["cdc_mmpg_routed"].adapt(params, dev, {"sharpness": 0.0})
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   # Costs: the downlink carries both experts' factors; the cloud runs both FDAs and the router.
   ms = methods["trained"]
   c, base = ms["cdc_mmpg_routed"].cost({"sharpness": 1.0}), ms["cdc_mmpg"].cost({})
@@ -220,6 +227,7 @@ def test_lame_knn_affinity_and_its_fixed_point():
     ("cdc_robust.cloud_steps", (1.5,), "integers"),
     ("cdc_robust.variants", ("routed",), "add 'wide'"),
     ("cdc_robust.variants", ("wide", "routed_em2"), "add 'routed'"),
+    ("cdc_robust.variants", ("wide", "ensemble"), "add 'routed'"),
     ("cdc_robust.router_sharpness", (0.0,), "router_sharpness"),
     ("cdc_robust.router.meta_devices", 2, "the router's batch"),
     ("cdc_robust.router.num_steps", 0, "router.num_steps"),

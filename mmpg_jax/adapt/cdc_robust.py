@@ -32,6 +32,9 @@ Variants
               in the downlink. Needs `wide`. Grid: `router_sharpness`, a factor on the
               router's logits (1 = as trained; larger = closer to top-1 routing).
   routed_em2  em2's second round on the device after routed's edit.
+  ensemble    routed's two experts with equal weights, no router (the router's initial
+              state): is it the routing or the averaging of two edits that helps? Needs
+              `routed`.
 Controls (does the FDA condition on the device?)
   mean_edit     the mean of the reference meta devices' applied (clipped) edits, the same for
                 every device: no upload.
@@ -50,7 +53,7 @@ from mmpg_jax.adapt import router as router_lib
 from mmpg_jax.adapt.baselines import Method, grid
 
 VARIANTS = ("em2", "gate", "cloud_tent", "wide", "wide_mix", "routed", "routed_em2",
-            "mean_edit", "nearest_edit")
+            "ensemble", "mean_edit", "nearest_edit")
 
 
 def mix_overrides(cfg) -> dict:
@@ -119,9 +122,9 @@ def validate_config(cfg, task) -> None:
        rc.cloud_samples, f"at most the {cfg.data.context_size} context samples a device has")
   for overrides in wide_overrides(cfg).values():
     task.check_meta_data(overrides)
-  if "routed_em2" in rc.variants:
-    need("routed" in rc.variants, "cdc_robust.variants", rc.variants,
-         "'routed_em2' is the second round on 'routed''s edit: add 'routed' too")
+  for v in ("routed_em2", "ensemble"):
+    need(v not in rc.variants or "routed" in rc.variants, "cdc_robust.variants", rc.variants,
+         f"'{v}' builds on 'routed''s experts: add 'routed' too")
   if "routed" in rc.variants:
     need("wide" in rc.variants, "cdc_robust.variants", rc.variants,
          "'routed' mixes the plain and the 'wide' FDA's edits: add 'wide' too")
@@ -183,6 +186,11 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
     def routed(params, dev, sharpness=1.0):
       up = router_lib.upload_of(task, params, dev, cfg, summary)
       return router_lib.generate(fda, experts, r, rp, up, sharpness)
+
+    def ensemble_adapt(params, dev, hp):   # the same experts, equal weights: no router
+      up = router_lib.upload_of(task, params, dev, cfg, summary)
+      edits = [fda.apply({"params": p}, up)[0] for p in experts]
+      return P.apply_edit(params, router_lib.mix_edits(edits, (0.5, 0.5)), clip)
 
     def routed_adapt(params, dev, hp):
       return P.apply_edit(params, routed(params, dev, hp["sharpness"])[0], clip)
@@ -260,6 +268,11 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
       adapt, cost, hps = routed_adapt, routed_cost, routed_grid
       # The wide expert's weight per device: does the router send unseen shifts to it?
       diags = {"route_wide": lambda dev: routed(params, dev)[1]["weights"][1]}
+
+    elif name == "ensemble":
+      if not has_routed:
+        continue
+      adapt, cost, hps = ensemble_adapt, routed_cost, ({},)   # (+ the router's few FLOPs)
 
     elif name == "mean_edit":
       mean = mean_applied_edit(reference["edits"], params, clip)
