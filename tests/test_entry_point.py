@@ -18,7 +18,7 @@ from conftest import checkpoint_steps as _steps
 METHODS = {"global", "fta_k5", "tent", "prior_em", "prior_em_asked", "oracle", "cdc_mmpg",
            "cdc_mmpg_random", "cdc_mmpg_all_frames", "t3a", "lame", "foa",
            "cdc_mmpg_em2", "cdc_mmpg_gate", "cdc_mmpg_cloud_tent", "cdc_mmpg_wide",
-           "cdc_mmpg_mean_edit", "cdc_mmpg_nearest_edit"}
+           "cdc_mmpg_routed", "cdc_mmpg_ensemble", "cdc_mmpg_mean_edit", "cdc_mmpg_nearest_edit"}
 
 
 def _cmd(workdir, *extra):
@@ -109,7 +109,7 @@ def test_sigterm_and_repeated_sigkill_end_exactly_like_an_uninterrupted_run(
       assert _steps(ckpt)[-1] < 60, "training finished before the kill"
   assert _steps(killed / "checkpoints" / "fda")[-1] < 24, "meta-training ended before the kill"
   r = subprocess.run(_cmd(killed), cwd=ROOT, env=subprocess_env(data_dir), capture_output=True, text=True,
-                     timeout=300)
+                     timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resuming from checkpoint step" in r.stderr
 
