@@ -73,11 +73,15 @@ def anchor_mmd(dev, task, selector, k, seed, modality):
   return adr.mmd2(a, w, el[modality])
 
 
+def default_upload(task, params, dev, cfg, summary):
+  """The default cdc_mmpg upload of a device (selector and K of cfg.adr)."""
+  return device_upload(task, params, dev, selector=cfg.adr.selector, k=cfg.adr.k,
+                       key=device_key(cfg.seed, dev), summary=summary)
+
+
 def _generated(task, params, fda, fda_params, cfg, summary, dev):
-  """(edit, aux) of the default cdc_mmpg upload of a device (selector and K of cfg.adr)."""
-  up = device_upload(task, params, dev, selector=cfg.adr.selector, k=cfg.adr.k,
-                     key=device_key(cfg.seed, dev), summary=summary)
-  return fda.apply({"params": fda_params}, up)
+  """(edit, aux) of the default cdc_mmpg upload of a device."""
+  return fda.apply({"params": fda_params}, default_upload(task, params, dev, cfg, summary))
 
 
 def reference_set(task, model, params, fda, fda_params, cfg, summary):

@@ -184,13 +184,8 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
     experts = (fda_params, other_fda_params["wide"])
 
     def routed(params, dev, sharpness=1.0):
-      up = router_lib.upload_of(task, params, dev, cfg, summary)
+      up = cdc_mmpg.default_upload(task, params, dev, cfg, summary)
       return router_lib.generate(fda, experts, r, rp, up, sharpness)
-
-    def ensemble_adapt(params, dev, hp):   # the same experts, equal weights: no router
-      up = router_lib.upload_of(task, params, dev, cfg, summary)
-      edits = [fda.apply({"params": p}, up)[0] for p in experts]
-      return P.apply_edit(params, router_lib.mix_edits(edits, (0.5, 0.5)), clip)
 
     def routed_adapt(params, dev, hp):
       return P.apply_edit(params, routed(params, dev, hp["sharpness"])[0], clip)
@@ -272,7 +267,9 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
     elif name == "ensemble":
       if not has_routed:
         continue
-      adapt, cost, hps = ensemble_adapt, routed_cost, ({},)   # (+ the router's few FLOPs)
+      # Sharpness 0: equal weights whatever the router says (+ its few FLOPs in the cost).
+      adapt = lambda params, dev, hp: routed_adapt(params, dev, {"sharpness": 0.0})
+      cost, hps = routed_cost, ({},)
 
     elif name == "mean_edit":
       mean = mean_applied_edit(reference["edits"], params, clip)

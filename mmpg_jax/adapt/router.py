@@ -15,8 +15,9 @@ domain codes, and the device's summary) and weighs their edits:
 The router alone is meta-trained (stage `router`), on meta devices of a mixture: a share
 `cdc_robust.wide_mix_fraction` drawn from `wide_data`'s ranges, the rest from training's, so
 that it learns which expert serves which kind of device. Its meta devices are fresh: neither
-expert was meta-trained on them (as stacking fits its combiner out of fold). The device side is plain cdc_mmpg's:
-the same upload, one merged edit down (with twice the low-rank factors), forward passes only.
+expert was meta-trained on them (as stacking fits its combiner out of fold). The device side
+is plain cdc_mmpg's: the same upload, one merged edit down (with twice the low-rank factors),
+forward passes only.
 """
 import flax.linen as nn
 import jax
@@ -87,11 +88,6 @@ def stage_config(cfg) -> mlc.ConfigDict:
   return sc
 
 
-def upload_of(task, params, dev, cfg, summary):
-  """The default cdc_mmpg upload of an evaluated device (selector and K of cfg.adr)."""
-  return cdc_mmpg.device_upload(task, params, dev, selector=cfg.adr.selector, k=cfg.adr.k,
-                                key=cdc_mmpg.device_key(cfg.seed, dev), summary=summary)
-
 
 def train(task, model, fda, experts, base_params, cfg, val_feats, workdir, metrics,
           summary=None, stage: str = STAGE):
@@ -119,8 +115,8 @@ def train(task, model, fda, experts, base_params, cfg, val_feats, workdir, metri
     return lambda step: meta_train.episode_batch(pool, sc, cfg.seed, step)
 
   validate = meta_train.validator(task, model, val_feats, lambda rp, dev: P.apply_edit(
-      base_params, generate(fda, experts, router, rp, upload_of(task, base_params, dev, cfg,
-                                                                 summary))[0], sc.clip))
+      base_params, generate(fda, experts, router, rp, cdc_mmpg.default_upload(
+          task, base_params, dev, cfg, summary))[0], sc.clip))
   params, out = meta_train.train_selected(
       stage, init(router, fda, experts, jax.random.key(cfg.seed + 3)), sc, loss_fn=loss_fn,
       validate=validate, make_batches=make_batches, cfg=cfg, workdir=workdir, metrics=metrics,
