@@ -245,6 +245,10 @@ def diagnosis_lines(results, task) -> list:
     return []
   sel = task.selection_metric
   has_prior = "fda_prior_tv" in m["per_device"]
+  header = ("| group | edit norm | code distance | "
+            + ("FDA prior TV | device prior TV | true shift TV | " if has_prior else "")
+            + "cdc_mmpg gain | fta_k5 gain | corr(cdc gain, distance) | "
+              "corr(cdc gain − fta_k5 gain, distance) |")
   lines = ["## Diagnosis: cdc_mmpg on devices near and far from meta-training", "",
            "Per device: the Frobenius norm of the change the edit makes (after the clip); the "
            f"distance of its FDA code to the nearest of {m.get('info', {}).get('reference_devices', 'the')} "
@@ -255,11 +259,7 @@ def diagnosis_lines(results, task) -> list:
               "(source prior vs truth)" if has_prior else "")
            + f". corr: Pearson correlation over devices of the gain in {sel.name} over global "
              "with the code distance.", "",
-           "| group | edit norm | code distance | "
-           + ("FDA prior TV | device prior TV | true shift TV | " if has_prior else "")
-           + "cdc_mmpg gain | fta_k5 gain | corr(cdc gain, distance) | "
-             "corr(cdc gain − fta_k5 gain, distance) |",
-           "|" + "---|" * (9 if has_prior else 6)]
+           header, "|" + "---|" * (header.count("|") - 1)]
   for grp, sfx in SUFFIX.items():
     pd = m["per_device"]
     if "code_distance" + sfx not in pd:

@@ -299,3 +299,25 @@ def test_diagnosis_of_the_edit_code_distance_and_label_prior(smoke_config, task,
     assert np.isfinite(diag["code_distance"]) and diag["code_distance"] >= 0
     for k in ("fda_prior_tv", "device_prior_tv", "shift_tv"):
       assert 0.0 <= diag[k] <= 1.0, (k, diag[k])
+
+
+@pytest.mark.parametrize("has_prior", [True, False])
+def test_diagnosis_table_has_as_many_columns_in_every_row(task, has_prior):
+  """The report's diagnosis table, with the label-prior columns (QA) and without them
+  (retrieval): its separator and every row have the header's number of columns, or markdown
+  renders it as text."""
+  from mmpg_jax import report
+  rng = np.random.default_rng(0)
+  sel = task.selection_metric.name
+  per = lambda n: {k + s: list(rng.uniform(size=n)) for k in (sel,) for s in ("", "_ood")}
+  cdc = per(5)
+  for s in ("", "_ood"):
+    for k in ("edit_norm", "code_distance") + (("fda_prior_tv", "device_prior_tv", "shift_tv")
+                                               if has_prior else ()):
+      cdc[k + s] = list(rng.uniform(size=5))
+  results = {"methods": {"global": {"per_device": per(5)}, "fta_k5": {"per_device": per(5)},
+                         "cdc_mmpg": {"per_device": cdc, "info": {"reference_devices": 8}}}}
+  table = [l for l in report.diagnosis_lines(results, task) if l.startswith("|")]
+  assert len(table) == 4                                  # header, separator, test, test_ood
+  assert len({l.count("|") for l in table}) == 1, table
+  assert ("FDA prior TV" in table[0]) == has_prior
