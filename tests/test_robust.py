@@ -20,7 +20,8 @@ from test_cdc import _ctx, _device, fda_setup  # noqa: F401  (fda_setup is a fix
 VARIANT_HP = {"cdc_mmpg_em2": {"scale": 1.0, "smoothing": 2.0},
               "cdc_mmpg_gate": {"temperature": 0.5},
               "cdc_mmpg_cloud_tent": {"lr": 1e-2, "steps": 0},
-              "cdc_mmpg_wide": {}, "cdc_mmpg_routed": {"sharpness": 2.0},
+              "cdc_mmpg_wide": {}, "cdc_mmpg_wide_text": {},
+              "cdc_mmpg_routed": {"sharpness": 2.0},
               "cdc_mmpg_routed_em2": {"sharpness": 2.0, "scale": 1.0, "smoothing": 2.0},
               "cdc_mmpg_ensemble": {},
               "cdc_mmpg_mean_edit": {}, "cdc_mmpg_nearest_edit": {},
@@ -33,8 +34,8 @@ def methods(smoke_config, task, fda_setup):  # noqa: F811
   """{'fresh' | 'trained': {name: Method}} for a zero-initialised and a perturbed FDA."""
   model, params, fda, fresh, trained, _ = fda_setup
   summary = cdc_mmpg.device_summary(task, model, smoke_config, fda.source_prior)
-  cfg = with_value(smoke_config, "cdc_robust.variants",         # and the opt-in routed_em2
-                   smoke_config.cdc_robust.variants + ("routed_em2",))
+  cfg = with_value(smoke_config, "cdc_robust.variants",   # and the opt-in routed_em2, wide_text
+                   smoke_config.cdc_robust.variants + ("routed_em2", "wide_text"))
   ctx = _ctx(task, model, params, cfg, np.asarray(fda.source_prior))
   ctx.val = jax.tree.map(lambda *x: jnp.stack(x), *[   # FOA's source statistics read these
       _device(task, model, params, smoke_config, with_labels=None, seed=s) for s in (1, 2)])
@@ -43,7 +44,7 @@ def methods(smoke_config, task, fda_setup):  # noqa: F811
   def other(fp):
     r = router.from_config(smoke_config, 2)
     rp = router.init(r, fda, (fp, fp), jax.random.key(0))
-    return {"wide": fp, "routed": (r, dict(rp, out=dict(rp["out"], bias=jnp.array([0.3, -0.3]))))}
+    return {"wide": fp, "wide_text": fp, "routed": (r, dict(rp, out=dict(rp["out"], bias=jnp.array([0.3, -0.3]))))}
   return {label: {m.name: m for m in cdc_mmpg.make_methods(ctx, fda, fp, summary, other(fp))
                   + tta.build(ctx)}
           for label, fp in (("fresh", fresh), ("trained", trained))}
@@ -277,6 +278,45 @@ def test_wide_mix_draws_a_share_of_meta_devices_from_the_wide_ranges(smoke_confi
   for bad in ({"meta_wide": {"fraction": 0.5, "shift": {"rotation": (0.0, 60.0)}}},
               {"meta_wide": {"fraction": 1.5, "shift": {}}}):
     with pytest.raises(config_checks.ConfigError):
+      task.with_data(bad)
+
+
+def test_wide_text_meta_devices_change_only_their_captions_never_to_ood_words(smoke_config,
+                                                                               task):
+  from mmpg_jax.adapt import cdc_robust
+  c = with_value(smoke_config, "cdc_robust.variants", ("wide", "wide_text"))
+  over = cdc_robust.wide_overrides(c)
+  wide, text = (task.with_data(over[v]).config.data.to_dict() for v in ("wide", "wide_text"))
+  roles = md.device_roles(wide, "meta")
+  ood_only = {md._CAPTION_ID[w] for t in md.OOD_CAPTION_TEMPLATES for w in t.split()
+              if not w.startswith("{")} - {md._CAPTION_ID[w] for t in md.CAPTION_TEMPLATES
+                                          for w in t.split() if not w.startswith("{")}
+  assert ood_only                                   # e.g. 'watch', 'travel', 'clip'
+  unk, changed = md._CAPTION_ID[md.UNK], 0
+  for i in range(6):
+    a, b = md.make_cloud_device(wide, "meta", i, roles), md.make_cloud_device(text, "meta", i,
+                                                                             roles)
+    assert "caption_unk" not in md.device_shift(wide, "meta", i)   # wide's data is unchanged
+    for role in roles:
+      for k in ("video", "questions", "answers", "content"):
+        np.testing.assert_array_equal(a[role][k], b[role][k])
+      ca, cb = a[role]["caption"], b[role]["caption"]
+      assert not set(np.unique(cb)) & ood_only
+      # each caption keeps its length; its words are its own (in some order) or UNK
+      np.testing.assert_array_equal((ca != 0).sum(1), (cb != 0).sum(1))
+      for x, y in zip(ca, cb):
+        assert set(y[y != 0]) - {unk} <= set(x[x != 0])
+      changed += int(np.any(ca != cb))
+  assert changed > 0
+  # probability 1 of a shuffle and 0 of UNK: every caption is a permutation of its words
+  rng = np.random.default_rng(0)
+  caps = md.make_cloud_device(wide, "meta", 0, roles)["context"]["caption"]
+  out = md.perturb_captions(rng, caps, unk=0.0, shuffle=1.0)
+  assert [sorted(x) for x in out] == [sorted(x) for x in caps] and np.any(out != caps)
+  assert np.all(md.perturb_captions(rng, caps, unk=1.0, shuffle=0.0)[caps != 0] == unk)
+  for bad in ({"caption_noise": {"unk": (0.0, 1.5), "shuffle": (0.0, 1.0)}},
+              {"caption_noise": {"unk": (0.0, 0.5)}}):
+    with pytest.raises(config_checks.ConfigError, match="caption_noise"):
       task.with_data(bad)
 
 

@@ -25,6 +25,10 @@ Variants
   wide_mix    the same over a mixture (stage `fda_wide_mix`): a share `wide_mix_fraction` of
               the meta devices draws from `wide_data`'s ranges, the rest from the training
               ones, so meta-training still sees in-distribution devices as often as those.
+  wide_text   `wide`'s data plus text-side domain randomisation (stage `fda_wide_text`;
+              retrieval: the QA model reads no caption): each meta device draws a share of
+              caption words replaced by UNK and of captions in shuffled word order from
+              `caption_noise`'s ranges. Never an OOD phrasing: its words are never drawn.
   routed      a mixture of experts (router.py): the plain and the `wide` FDA, frozen, and a
               small router in the cloud (stage `router`, meta-trained on the `wide_mix`
               mixture) that weighs their edits from their domain codes of the upload; the
@@ -52,7 +56,7 @@ from mmpg_jax.adapt import fda as fda_lib
 from mmpg_jax.adapt import router as router_lib
 from mmpg_jax.adapt.baselines import Method, grid
 
-VARIANTS = ("em2", "gate", "cloud_tent", "wide", "wide_mix", "routed", "routed_em2",
+VARIANTS = ("em2", "gate", "cloud_tent", "wide", "wide_mix", "wide_text", "routed", "routed_em2",
             "ensemble", "mean_edit", "nearest_edit")
 
 
@@ -71,6 +75,8 @@ def wide_overrides(cfg) -> dict:
     out["wide"] = rc.wide_data.to_dict()
   if "wide_mix" in rc.variants:
     out["wide_mix"] = mix_overrides(cfg)
+  if "wide_text" in rc.variants:
+    out["wide_text"] = {**rc.wide_data.to_dict(), "caption_noise": rc.caption_noise.to_dict()}
   return out
 
 
@@ -249,7 +255,7 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
         return c
       hps = grid(lr=tuple(rc.cloud_learning_rates), steps=tuple(rc.cloud_steps))
 
-    elif name in ("wide", "wide_mix"):
+    elif name in ("wide", "wide_mix", "wide_text"):
       if name not in other_fda_params:    # its FDA was not trained (a caller that only wants
         continue                          # the plain FDA's methods: bench, tests)
       def adapt(params, dev, hp, wide=other_fda_params[name]):

@@ -83,6 +83,7 @@ ROLE_CODES = {"train": 1, "context": 2, "support": 3, "query": 4, "oracle": 5}
 CAPTION_STYLE_CODE = 6          # RNG stream of a device's caption mix
 META_MIX_CODE = 7               # RNG stream of a meta device's draw: training or wide shifts
 CAPTION_ROLE_OFFSET = 100       # + ROLE_CODES[role]: RNG stream of a role's caption phrasings
+CAPTION_NOISE_CODE = 8          # RNG stream of a meta device's caption noise (cdc_robust wide_text)
 
 
 def tokenize(text: str, length: int, vocab=None) -> np.ndarray:
@@ -248,10 +249,28 @@ def render(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.n
                                    m=DIRECTION_FORMS[fm][m]), clen, _CAPTION_ID)
       for w, d, m, fd, fm in zip(which, digit, direction, dform, mform)
   ]) if n else np.zeros((0, clen), np.int32)
+  if "caption_unk" in shift:            # meta devices of `wide_text` only (see device_shift)
+    captions = perturb_captions(caption_rng, captions, float(shift["caption_unk"]),
+                                float(shift["caption_shuffle"]))
   answers = np.stack([digit, 10 + direction], axis=1).astype(np.int32)
   return {"video": video, "questions": questions, "answers": answers,
           "qtype": qtype.astype(np.int32), "caption": captions,
           "content": (digit * len(DIRECTIONS) + direction).astype(np.int32)}
+
+
+def perturb_captions(rng: np.random.Generator, captions: np.ndarray, unk: float,
+                     shuffle: float) -> np.ndarray:
+  """Each caption's words in a random order with probability `shuffle`, then each word
+  replaced by UNK (whose embedding no training caption ever reaches) with probability `unk`;
+  padding stays at the end."""
+  out = np.zeros_like(captions)
+  for i, ids in enumerate(captions):
+    words = ids[ids != 0]
+    if rng.random() < shuffle:
+      words = rng.permutation(words)
+    words = np.where(rng.random(len(words)) < unk, _CAPTION_ID[UNK], words)
+    out[i, :len(words)] = words
+  return out
 
 
 def _asked(full: dict, labelled: bool) -> dict:
@@ -289,6 +308,13 @@ def device_shift(cfg: Mapping, split: str, index: int) -> dict:
   shift = sample_shift(_rng(cfg, split, index), ranges, int(cfg["size"]),
                        images[np.concatenate(by_class)])
   shift.update(caption_style(cfg, split, index))
+  noise = cfg.get("caption_noise")
+  if split == "meta" and noise:
+    # Text-side domain randomisation for meta-training (cdc_robust `wide_text`): words the
+    # model never learned (UNK) and unfamiliar word orders, never the OOD group's phrasings.
+    rng = _rng(cfg, split, index, CAPTION_NOISE_CODE)
+    shift["caption_unk"] = np.float32(uniform(rng, noise["unk"]))
+    shift["caption_shuffle"] = np.float32(uniform(rng, noise["shuffle"]))
   return shift
 
 

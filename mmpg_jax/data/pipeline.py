@@ -176,10 +176,19 @@ def check_meta_shift(data_cfg, overrides) -> None:
   OOD group shows: for each continuous shift, no interval of the meta ranges may meet an OOD
   range outside the training ranges."""
   from mmpg_jax.config_checks import need
-  unknown = set(overrides) - {"shift", "meta_wide"}
+  unknown = set(overrides) - {"shift", "meta_wide", "caption_noise"}
   need(not unknown, "cdc_robust.wide_data", dict(overrides),
-       f"only data.shift (or meta_wide) may change for meta-training (not {sorted(unknown)})")
+       "only data.shift (or meta_wide, caption_noise) may change for meta-training (not "
+       f"{sorted(unknown)})")
   _check_ranges(data_cfg, overrides.get("shift", {}), "cdc_robust.wide_data.shift")
+  if "caption_noise" in overrides:
+    # UNK and the caption's own words in another order: never an OOD phrasing's words.
+    noise = overrides["caption_noise"]
+    need(set(noise) == {"unk", "shuffle"}, "cdc_robust.caption_noise", noise,
+         "ranges 'unk' and 'shuffle' (probabilities per word and per caption)")
+    for k, r in noise.items():
+      need(all(0.0 <= lo <= hi <= 1.0 for lo, hi in md.intervals(r)),
+           f"cdc_robust.caption_noise.{k}", r, "a range (lo, hi) of probabilities in [0, 1]")
   if "meta_wide" in overrides:
     mix = overrides["meta_wide"]
     need(0.0 <= mix["fraction"] <= 1.0, "cdc_robust.wide_mix_fraction", mix["fraction"],
