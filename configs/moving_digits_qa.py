@@ -132,9 +132,10 @@ def get_config(arg: str = ""):
       wide_data=dict(shift=dict(rotation=((0.0, 45.0), (70.0, 85.0)),
                                 blur=((0.0, 0.4), (0.9, 1.2)),
                                 noise=((0.0, 0.3), (0.5, 0.6)))),
-      # `wide_text` (opt-in; retrieval): wide_data plus, per meta device, a share of caption
-      # words replaced by UNK and a share of captions in shuffled word order, drawn from these
-      caption_noise=dict(unk=(0.1, 0.5), shuffle=(0.0, 1.0)),
+      # `wide_text` (opt-in; retrieval): wide_data plus, per meta device, a share of phrasing
+      # words (never the content) replaced by UNK and a share of captions in shuffled word
+      # order, drawn from these ranges
+      caption_noise=dict(unk=(0.25, 1.0), shuffle=(0.0, 1.0)),
       # `wide_mix` (opt-in) and the router's data: this share of meta devices from wide_data,
       # the rest as training's
       wide_mix_fraction=0.5,

@@ -27,8 +27,9 @@ Variants
               ones, so meta-training still sees in-distribution devices as often as those.
   wide_text   `wide`'s data plus text-side domain randomisation (stage `fda_wide_text`;
               retrieval: the QA model reads no caption): each meta device draws a share of
-              caption words replaced by UNK and of captions in shuffled word order from
-              `caption_noise`'s ranges. Never an OOD phrasing: its words are never drawn.
+              captions in shuffled word order and of phrasing words (never the content)
+              replaced by UNK from `caption_noise`'s ranges. Never an OOD phrasing: its words
+              are never drawn.
   routed      a mixture of experts (router.py): the plain and the `wide` FDA, frozen, and a
               small router in the cloud (stage `router`, meta-trained on the `wide_mix`
               mixture) that weighs their edits from their domain codes of the upload; the

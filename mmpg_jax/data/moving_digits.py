@@ -244,33 +244,32 @@ def render(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.n
   which = draw("caption_mix", len(phrasings))
   dform, mform = draw("digit_forms", len(DIGIT_FORMS)), draw("direction_forms",
                                                               len(DIRECTION_FORMS))
-  captions = np.stack([
-      tokenize(phrasings[w].format(t=thick_word, d=DIGIT_FORMS[fd][d],
-                                   m=DIRECTION_FORMS[fm][m]), clen, _CAPTION_ID)
-      for w, d, m, fd, fm in zip(which, digit, direction, dform, mform)
-  ]) if n else np.zeros((0, clen), np.int32)
+  templates = [phrasings[w] for w in which]
   if "caption_unk" in shift:            # meta devices of `wide_text` only (see device_shift)
-    captions = perturb_captions(caption_rng, captions, float(shift["caption_unk"]),
-                                float(shift["caption_shuffle"]))
+    templates = [perturb_phrasing(caption_rng, t, float(shift["caption_unk"]),
+                                  float(shift["caption_shuffle"])) for t in templates]
+  captions = np.stack([
+      tokenize(t.format(t=thick_word, d=DIGIT_FORMS[fd][d], m=DIRECTION_FORMS[fm][m]), clen,
+               _CAPTION_ID)
+      for t, d, m, fd, fm in zip(templates, digit, direction, dform, mform)
+  ]) if n else np.zeros((0, clen), np.int32)
   answers = np.stack([digit, 10 + direction], axis=1).astype(np.int32)
   return {"video": video, "questions": questions, "answers": answers,
           "qtype": qtype.astype(np.int32), "caption": captions,
           "content": (digit * len(DIRECTIONS) + direction).astype(np.int32)}
 
 
-def perturb_captions(rng: np.random.Generator, captions: np.ndarray, unk: float,
-                     shuffle: float) -> np.ndarray:
-  """Each caption's words in a random order with probability `shuffle`, then each word
-  replaced by UNK (whose embedding no training caption ever reaches) with probability `unk`;
-  padding stays at the end."""
-  out = np.zeros_like(captions)
-  for i, ids in enumerate(captions):
-    words = ids[ids != 0]
-    if rng.random() < shuffle:
-      words = rng.permutation(words)
-    words = np.where(rng.random(len(words)) < unk, _CAPTION_ID[UNK], words)
-    out[i, :len(words)] = words
-  return out
+def perturb_phrasing(rng: np.random.Generator, template: str, unk: float,
+                     shuffle: float) -> str:
+  """A phrasing no training caption uses, from a training one: with probability `shuffle` its
+  words in a random order, then each of its own words (not the content slots {t} {d} {m})
+  replaced by UNK, whose embedding no training caption reaches, with probability `unk`. What
+  a caption says is kept; only how it says it changes, as in the OOD group's phrasings."""
+  words = template.split()
+  if rng.random() < shuffle:
+    words = [words[i] for i in rng.permutation(len(words))]
+  drop = rng.random(len(words)) < unk
+  return " ".join(UNK if x and not w.startswith("{") else w for w, x in zip(words, drop))
 
 
 def _asked(full: dict, labelled: bool) -> dict:
