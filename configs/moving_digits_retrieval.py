@@ -4,17 +4,21 @@ The same benchmark's videos, with captions phrased per device (the OOD group wit
 never used in training); the same main job, methods and protocol as the QA config, which this
 one starts from (data, training and CDC-MMPG settings are shared; only what differs is set).
 
-Default: 797 s measured on an earlier 2-core VM with one FDA, including the ~35 s data build;
-it now also meta-trains `cdc_mmpg_wide`'s FDA and `cdc_mmpg_routed`'s router (inherited from the
-QA config), not re-timed from scratch (expect ~25 min on today's slower VM):
+Default: 1,781 s on this 2-core VM (seed 0, 2026-11-30: global model 217 s, the cdc_mmpg
+family 1,255 s — three meta-device pools, the plain and `wide` FDAs and `cdc_mmpg_routed`'s
+router — evaluation of 24 methods 247 s):
   python -m mmpg_jax.main --config=configs/moving_digits_retrieval.py --workdir=runs/retrieval
-Smoke (same code path, tiny), under 1.5 min:
+Smoke (same code path, tiny), under 1.5 min alone:
   python -m mmpg_jax.main --config=configs/moving_digits_retrieval.py:smoke --workdir=/tmp/smoke_r
+Opt-in `cdc_mmpg_wide_text` (text-side domain randomisation; one more FDA, ~10 min):
+  --config.cdc_robust.variants='("em2","gate","cloud_tent","wide","wide_text","routed",
+                                 "ensemble","mean_edit","nearest_edit")'
 
-Expected result of the default run (seed 0, 30 test devices; WORKSPACE.md has the latest
-table): test R@1 global 0.815, qb_norm 0.825, fta_k5 0.818, oracle 0.893 (margin 7.8 points),
-cdc_mmpg 0.913 with 0 labels and 0 device backward passes; OOD R@1 global 0.545, cdc_mmpg 0.593,
-oracle 0.817. The smoke run only checks that every stage runs end to end.
+Expected result of the default run (seed 0, this VM, 30 test devices; WORKSPACE.md has the
+3-seed table): test R@1 global 0.815, qb_norm 0.826, fta_k5 0.817, oracle 0.860, cdc_mmpg 0.920
+with 0 labels and 0 device backward passes; OOD R@1 global 0.533, cdc_mmpg 0.591,
+cdc_mmpg_wide 0.638, cdc_mmpg_routed 0.621, oracle 0.840. The smoke run only checks that every
+stage runs end to end.
 """
 import os
 

@@ -42,7 +42,7 @@ def _share(xs) -> str:
 
 
 def table(runs) -> str:
-  names = list(runs[0]["methods"])
+  names = list(dict.fromkeys(n for r in runs for n in r["methods"]))   # every run's, in order
   metric = selection_metric(runs[0])
   sel = metric.name
   margins = [r["oracle_global_margin"].get("test") for r in runs]
@@ -60,7 +60,9 @@ def table(runs) -> str:
     closed_ood = [r["metrics"].get("margin_closed_ood", np.nan) for r in rs]
     m = rs[0]
     flops = lambda x: "0" if not x else f"{x:.3g}"
-    lines.append(f"| {n} | {_pm(metric, acc)} | {_share(closed)} | {_pm(metric, ood)} | "
+    # a row some runs lack (an opt-in variant) says over how many runs its ± is
+    label = n if len(rs) == len(runs) else f"{n} ({len(rs)} of {len(runs)} runs)"
+    lines.append(f"| {label} | {_pm(metric, acc)} | {_share(closed)} | {_pm(metric, ood)} | "
                  f"{_share(closed_ood)} | "
                  f"{m['labels_used_per_device']} | {m['device_backward_passes']} | "
                  f"{flops(m.get('device_flops', 0))} | {flops(m.get('cloud_flops', 0))} | "

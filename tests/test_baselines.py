@@ -94,9 +94,12 @@ def test_aggregate_over_seeds(tmp_path):
     d.mkdir()
     m = {"metrics": {"accuracy": acc, "margin_closed": 0.5}, "labels_used_per_device": 0,
          "device_backward_passes": 0, "uplink_bytes": 10.0, "downlink_bytes": 20.0}
+    methods = {"cdc_mmpg": m, **({"cdc_mmpg_opt_in": m} if seed else {})}
     (d / "results.json").write_text(json.dumps(
-        {"oracle_global_margin": {"test": 0.1}, "methods": {"cdc_mmpg": m}}))
+        {"oracle_global_margin": {"test": 0.1}, "methods": methods}))
   t = aggregate.table(aggregate.load([str(tmp_path / "s0"), str(tmp_path / "s1")]))
   assert "| cdc_mmpg | 85.00 ± 5.00 | 50% ± 0 |" in t
+  # a row only the second run has is kept, and says over how many runs its ± is
+  assert "| cdc_mmpg_opt_in (1 of 2 runs) | 90.00 ± 0.00 |" in t
   with pytest.raises(FileNotFoundError, match="finished runs"):
     aggregate.load([str(tmp_path / "nope")])
