@@ -44,7 +44,8 @@ def methods(smoke_config, task, fda_setup):  # noqa: F811
   def other(fp):
     r = router.from_config(smoke_config, 2)
     rp = router.init(r, fda, (fp, fp), jax.random.key(0))
-    return {"wide": fp, "wide_text": fp, "routed": (r, dict(rp, out=dict(rp["out"], bias=jnp.array([0.3, -0.3]))))}
+    biased = dict(rp, out=dict(rp["out"], bias=jnp.array([0.3, -0.3])))
+    return {"wide": fp, "wide_text": fp, "routed": (r, biased)}
   return {label: {m.name: m for m in cdc_mmpg.make_methods(ctx, fda, fp, summary, other(fp))
                   + tta.build(ctx)}
           for label, fp in (("fresh", fresh), ("trained", trained))}
