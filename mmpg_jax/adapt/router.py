@@ -88,7 +88,6 @@ def stage_config(cfg) -> mlc.ConfigDict:
   return sc
 
 
-
 def train(task, model, fda, experts, base_params, cfg, val_feats, workdir, metrics,
           summary=None, stage: str = STAGE):
   """Meta-trains (or resumes, or reloads) the router over the frozen experts on meta devices
