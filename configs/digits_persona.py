@@ -96,7 +96,7 @@ def get_config(arg: str = ""):
   # duet_frozen_heads (the released code's untrained heads).
   c.persona.ablations = mlc.ConfigDict(dict(prototypes=(1, 2, 5, 10), epsilons=(0.25, 4.0),
                                             frozen_heads=True))
-  c.method_families = ("baselines", "tta", "cdc_mmpg", "persona")
+  c.method_families = ("baselines", "tta", "cdc_mmpg", "cdc_robust", "persona")
 
   if smoke:
     c.data.update(dict(num_global_devices=6, global_images_per_device=32, num_val_devices=3,

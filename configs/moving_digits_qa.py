@@ -95,6 +95,7 @@ def get_config(arg: str = ""):
 
   # Forward-only test-time rivals (adapt/tta.py), chosen on validation devices.
   c.tta = mlc.ConfigDict(dict(
+      include=("t3a", "lame", "foa"),
       t3a=dict(filter_k=(1, 5, 20, 0)),             # supports kept per class; 0 = all
       lame=dict(knn=(3, 5, 10), bound_lambda=(0.5, 1.0), iterations=100),
       foa=dict(leaves=("answer_head/out/bias", "fusion/norm/bias"),   # 14 + 64 offsets
@@ -115,14 +116,14 @@ def get_config(arg: str = ""):
       train_ks=(1, 2, 4, 8, 16, 0),                   # anchor budget per episode; 0 = all
       num_steps=3000, learning_rate=1e-3, warmup_steps=100, weight_decay=1e-4, grad_clip=1.0,
       aux_weight=1.0, edit_penalty=1e-3,
-      eval_every=100, log_every=100, checkpoint_every=250))
+      eval_every=100, log_every=100, checkpoint_every=250,
+      reference_devices=512))           # meta devices behind the diagnosis and the controls
 
   # CDC-MMPG beyond its training shifts (adapt/cdc_robust.py): variants and controls as rows
   # cdc_mmpg_<name>; each grid holds the plain method (0 = off) and is chosen on validation.
   c.cdc_robust = mlc.ConfigDict(dict(
       variants=("em2", "gate", "cloud_tent", "wide", "routed", "ensemble", "mean_edit",
                 "nearest_edit"),
-      reference_devices=512,            # meta devices behind the controls and the diagnosis
       em2_scales=(0.0, 0.25, 0.5, 1.0),  # second-round EM correction on the edited model
       gate_temperatures=(0.0, 0.25, 0.5, 1.0, 2.0),   # 0 = no gate
       cloud_samples=8, cloud_learning_rates=(1e-3, 1e-2), cloud_steps=(0, 5, 20),
@@ -146,7 +147,7 @@ def get_config(arg: str = ""):
       router_sharpness=(1.0, 2.0, 4.0)))   # x the router's logits at evaluation (1 = trained)
 
   # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order.
-  c.method_families = ("baselines", "tta", "cdc_mmpg")
+  c.method_families = ("baselines", "tta", "cdc_mmpg", "cdc_robust")
   c.eval = mlc.ConfigDict(dict(device_chunk=32))
   c.comm_dtype = "float32"              # dtype of what crosses the network
 
@@ -167,10 +168,11 @@ def get_config(arg: str = ""):
     c.adr.update(dict(k=2, k_sweep=(2,), ablations=("random", "all")))
     c.cdc_robust.router.update(dict(hidden=8, meta_devices=8, num_steps=4, warmup_steps=1,
                                     eval_every=2, log_every=2, checkpoint_every=2))
-    c.cdc_robust.update(dict(reference_devices=8, em2_scales=(0.0, 1.0), router_sharpness=(1.0, 4.0),
+    c.cdc_robust.update(dict(em2_scales=(0.0, 1.0), router_sharpness=(1.0, 4.0),
                              gate_temperatures=(0.0, 1.0), cloud_samples=4,
                              cloud_learning_rates=(1e-2,), cloud_steps=(0, 2)))
     c.fda.update(dict(hidden=16, code_dim=16, layer_dim=8, meta_devices=8, meta_query_size=4,
+                      reference_devices=8,
                       devices_per_step=4, train_ks=(1, 2, 0), num_steps=4, warmup_steps=1,
                       eval_every=2, log_every=2, checkpoint_every=2))
   return c

@@ -24,7 +24,7 @@ from mmpg_jax import config_loader
 def get_config(arg: str = ""):
   smoke = arg == "smoke"
   here = os.path.dirname(os.path.abspath(__file__))
-  c = config_loader.load("moving_digits_retrieval.py", arg, here)
+  c = config_loader.load("moving_digits_retrieval.py", arg or "study", here)
   qa = config_loader.load("msrvtt_qa.py", arg, here)
   c.benchmark = "msrvtt_retrieval"
   c.data = qa.data
@@ -44,5 +44,6 @@ def get_config(arg: str = ""):
   else:
     c.baselines.fta.ks = (2,)
   c.cdc_robust.variants = ("gate", "cloud_tent", "mean_edit", "nearest_edit")
-  c.method_families = ("baselines", "cdc_mmpg")   # T3A, LAME, FOA need classes: none here
+  # T3A, LAME, FOA need classes: none here
+  c.method_families = ("baselines", "cdc_mmpg", "cdc_robust")
   return c

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+from mmpg_jax import tasks
+
 
 def load(paths):
   out = []
@@ -22,7 +24,6 @@ def load(paths):
 
 def selection_metric(run):
   """The task's selection metric (its first), from the task registry."""
-  from mmpg_jax import tasks
   try:
     return tasks.get(run["task"]).metrics[0]
   except (KeyError, ValueError):

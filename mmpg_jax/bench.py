@@ -38,10 +38,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmpg_jax import costs, generate, tasks, workdir
+from mmpg_jax import adr, costs, generate, runs, tasks, workdir
 from mmpg_jax import params as P
-from mmpg_jax.adapt import adr, baselines, cdc_mmpg
-from mmpg_jax.adapt import fda as fda_lib
+from mmpg_jax.adapt import baselines, cdc_mmpg
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import round_trip
+from mmpg_jax.methods import MethodContext
+from mmpg_jax.upload import Upload
 
 BENCHMARKS = ("generate", "stream", "device_adaptation", "main_job", "adr")
 DEFAULT_CONFIG = "configs/moving_digits_qa.py"
@@ -98,13 +101,12 @@ def _random_fda(cfg):
 
 def _uploads(fda, n, k, seed):
   keys = iter(jax.random.split(jax.random.key(seed), 8))
-  up = {"anchors": {m: np.asarray(jax.random.normal(next(keys), (n, k, d)), np.float32)
-                    for m, d in fda.modalities},
-        "weights": {m: np.full((n, k), 1.0 / k, np.float32) for m, _ in fda.modalities}}
-  if fda.summary_dim:
-    up["summary"] = np.asarray(0.1 * jax.random.normal(next(keys), (n, fda.summary_dim)),
-                               np.float32)
-  return up
+  anchors = {m: np.asarray(jax.random.normal(next(keys), (n, k, d)), np.float32)
+             for m, d in fda.modalities}
+  weights = {m: np.full((n, k), 1.0 / k, np.float32) for m, _ in fda.modalities}
+  summary = (np.asarray(0.1 * jax.random.normal(next(keys), (n, fda.summary_dim)), np.float32)
+             if fda.summary_dim else None)
+  return Upload(anchors, weights, summary)
 
 
 def _stream_chunks(gen, banks, n):
@@ -200,14 +202,14 @@ def _trained_or_random(cfg):
   data = task.prepare_data()
   prior = task.source_prior(data)
   if _RUN_DIR.value:
-    task, model, params, fda, fp, summary = generate.restore_run(cfg, _RUN_DIR.value)
+    task, model, params, fda, fp, summary = runs.restore_run(cfg, _RUN_DIR.value)
     with open(os.path.join(_RUN_DIR.value, "results.json")) as f:
       hps = {n: m["selected_hparams"] for n, m in json.load(f)["methods"].items()}
   else:
     params = task.init_params(model, cfg.seed)
     fda = fda_lib.from_config(cfg, task, params, prior, task.anchor_dims(model, params))
     fp = fda_lib.init(fda, jax.random.key(0))
-    summary, hps = cdc_mmpg.device_summary(task, model, cfg, prior), {}
+    summary, hps = round_trip.device_summary(task, model, cfg, prior), {}
   return task, model, params, fda, fp, summary, prior, data, hps
 
 
@@ -216,8 +218,8 @@ def bench_device_adaptation(cfg):
   val = task.encode_split(model, params, data.devices("validation"))
   n_dev = len(val["device_id"])
   cm = costs.CostModel(task, model, params)
-  ctx = baselines.MethodContext(task=task, model=model, params=params, cost_model=cm, config=cfg,
-                                source_prior=prior, val=val, workdir=None, metrics=None)
+  ctx = MethodContext(task=task, model=model, params=params, cost_model=cm, config=cfg,
+                      source_prior=prior, val=val, workdir=None, metrics=None)
   fta = next(m for m in baselines.build(ctx) if m.name == "fta_k5")
   hp = hps.get("fta_k5", fta.grid[0])
   ctx_sub = {k: v for k, v in val.items() if k in fta.uses or k not in task.roles}
@@ -232,12 +234,10 @@ def bench_device_adaptation(cfg):
   rows = []
   ac = cfg.adr
   for m in cdc_mmpg.make_methods(ctx, fda, fp, summary):
-    if "selector" not in m.info:     # the variants and controls: main job rows, not timed here
-      continue
     sel, k = m.info["selector"], m.info["k"]
     sub = {kk: v for kk, v in val.items() if kk in m.uses or kk not in task.roles}
-    upload = jax.jit(jax.vmap(lambda d, sel=sel, k=k: cdc_mmpg.device_upload(
-        task, params, d, selector=sel, k=k, key=cdc_mmpg.device_key(cfg.seed, d),
+    upload = jax.jit(jax.vmap(lambda d, sel=sel, k=k: round_trip.device_upload(
+        task, params, d, selector=sel, k=k, key=round_trip.device_key(cfg.seed, d),
         summary=summary)))
     edits = jax.jit(jax.vmap(lambda u: fda_lib.generate(fda, fp, u)))(upload(sub))   # cloud
     merge = jax.jit(jax.vmap(lambda e: P.apply_edit(params, e, cfg.fda.clip)))

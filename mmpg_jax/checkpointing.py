@@ -28,6 +28,10 @@ class CheckpointCorruptError(RuntimeError):
   """No checkpoint of the stage could be restored intact."""
 
 
+class StageNotFinishedError(RuntimeError):
+  """A stage that a reader needs finished has not reached its last step."""
+
+
 def state_checksum(state) -> str:
   """SHA-256 over every leaf's dtype, shape and bytes, in tree order."""
   h = hashlib.sha256()
@@ -179,3 +183,18 @@ class StageCheckpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def restore_finished(workdir: str, stage: str, target, num_steps: int):
+  """The state of a stage that has reached `num_steps` (its last checkpoint), restored into
+  `target`; StageNotFinishedError says what to run when it has not."""
+  directory = os.path.join(workdir, "checkpoints", stage)
+  steps = steps_on_disk(directory)
+  if not steps or steps[-1] < num_steps:
+    raise StageNotFinishedError(
+        f"the run in {workdir} has not finished its '{stage}' stage (checkpoint steps "
+        f"{steps or 'none'} of {num_steps}); finish it first with `python -m mmpg_jax.main` and "
+        f"the same --config and --workdir (it resumes).")
+  with StageCheckpointer(workdir, stage) as ck:
+    state, _ = ck.restore(target, step=steps[-1])
+  return state

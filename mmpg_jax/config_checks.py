@@ -3,35 +3,13 @@
 (Unknown keys are refused earlier, by `lock_config=True` on the --config flag.)
 """
 import importlib
-import math
 
 import jax
 
 from mmpg_jax import params as P
 from mmpg_jax import tasks
-from mmpg_jax.adapt import device
-
-
-
-class ConfigError(ValueError):
-  """A config value is invalid."""
-
-
-def need(ok, key, value, why):
-  """Raises ConfigError naming config.<key>=value unless ok."""
-  if not ok:
-    raise ConfigError(f"config.{key}={value!r} is invalid: {why}")
-
-
-def positive(cfg, key):
-  """Raises ConfigError unless every entry of config.<key> is a positive finite number."""
-  node = cfg
-  for part in key.split("."):
-    node = node[part]
-  values = node if isinstance(node, (tuple, list)) else (node,)
-  for v in values:
-    need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, key, node,
-          "must be a positive number (every entry, for a grid)")
+from mmpg_jax import device
+from mmpg_jax.config_errors import ConfigError, need, positive
 
 
 def validate(cfg, task=None) -> None:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpg_jax import params as P
-from mmpg_jax.adapt import adr, device
+from mmpg_jax import adr, device
 
 
 def flops(fn, *args) -> float:

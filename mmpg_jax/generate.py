@@ -7,7 +7,7 @@ restores the hypernetwork (FDA) and the device model of a finished run (`RUN`, w
 `python -m mmpg_jax.main` with the same config; another config is refused), then streams N
 simulated devices (`simulate.py`) through one jitted function per chunk of `device_batch`
 devices: on the accelerator each device makes its upload with the device-side code the
-evaluation runs (`cdc_mmpg.device_upload`: ADR anchors + its forward-only summary), and the FDA
+evaluation runs (`fda.round_trip.device_upload`: ADR anchors + its forward-only summary), and the FDA
 turns it into the edit. The chunk's device axis is sharded with NamedSharding over a Mesh of
 every local accelerator; the next chunk is dispatched before the previous one is fetched, and
 shards are written by a background thread, so host and accelerator work overlap. Edits go to
@@ -17,11 +17,10 @@ shards already written (a killed run resumes by chunk and ends with the same byt
 `--distributed` (multi-host TPU), `jax.distributed.initialize()` connects the hosts and host p
 of P takes shards p, p+P, ...
 
-Uploads that arrive from real devices are checked at the boundary (`validate_upload`): a bad
-upload is refused with a message, never turned into a silently wrong edit. An upload is what
-`cdc_mmpg.device_upload` makes: `{'anchors': {modality: [K, E]}, 'weights': {modality: [K]},
-'summary'?: [S]}`. `EditGenerator` maps such uploads (a leading device axis) to edits, in
-fixed-size sharded chunks.
+Uploads that arrive from real devices are checked at the boundary (`upload.validate_upload`):
+a bad upload is refused with a message, never turned into a silently wrong edit. An upload is
+what `fda.round_trip.device_upload` makes (an `upload.Upload`). `EditGenerator` maps uploads
+(a leading device axis) to edits, in fixed-size sharded chunks.
 """
 import collections
 import concurrent.futures
@@ -40,85 +39,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
-from mmpg_jax import checkpointing, config_checks, edit_shards, meta_train, preemption, simulate
-from mmpg_jax import train
+from mmpg_jax import checkpointing, edit_shards, preemption, runs, simulate
 from mmpg_jax import params as P
 from mmpg_jax import workdir as workdir_lib
-from mmpg_jax.adapt import cdc_mmpg
-from mmpg_jax.adapt import fda as fda_lib
-
-
-class UploadError(ValueError):
-  """A device's upload (anchors, weights, summary) is malformed."""
-
-
-def validate_anchors(anchors, weights, anchor_dim: int, max_anchors: int | None = None,
-                     modality: str = "video"):
-  """Checks one modality's anchor set; returns (anchors float32 [K, E], weights summing to 1)."""
-  a = np.asarray(anchors)
-  if a.dtype.kind not in "f":
-    raise UploadError(f"{modality} anchors have dtype {a.dtype}; expected floating-point "
-                      f"embeddings (float32 or float16). Send the ADR's output unchanged.")
-  if a.ndim != 2 or a.shape[1] != anchor_dim:
-    raise UploadError(f"{modality} anchors have shape {a.shape}; expected [K, {anchor_dim}] (K "
-                      f"anchors of the {anchor_dim}-dimensional {modality} elements).")
-  k = a.shape[0]
-  if k == 0:
-    raise UploadError(f"empty anchor set: the device sent 0 {modality} anchors; ADR must send "
-                      f"at least 1.")
-  if max_anchors is not None and k > max_anchors:
-    raise UploadError(f"{k} {modality} anchors uploaded but at most {max_anchors} are accepted; "
-                      f"run ADR with K <= {max_anchors}.")
-  bad = ~np.isfinite(a)
-  if bad.any():
-    rows = np.unique(np.nonzero(bad)[0])
-    raise UploadError(f"{modality} anchors contain {int(bad.sum())} NaN/Inf values (anchor rows "
-                      f"{rows[:8].tolist()}); the device's encoder produced non-finite "
-                      f"embeddings. Nothing was generated.")
-  w = np.full(k, 1.0 / k, np.float32) if weights is None else np.asarray(weights)
-  if w.dtype.kind not in "fiu" or w.shape != (k,):
-    raise UploadError(f"{modality} weights have shape {w.shape} and dtype {w.dtype}; expected "
-                      f"[{k}] non-negative numbers, one per anchor.")
-  if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-    raise UploadError(f"{modality} weights must be finite, non-negative and not all zero.")
-  return a.astype(np.float32), (w / w.sum()).astype(np.float32)
-
-
-def validate_upload(upload, spec: dict, max_anchors: int | None = None) -> dict:
-  """Checks one device's upload against the FDA's `upload_spec()`; returns it normalised."""
-  if not isinstance(upload, dict) or not isinstance(upload.get("anchors"), dict):
-    raise UploadError("an upload is {'anchors': {modality: [K, E]}, 'weights': {modality: [K]}"
-                      "(, 'summary': [S])} as cdc_mmpg.device_upload makes it; got "
-                      f"{type(upload).__name__}")
-  want = spec["anchors"]
-  missing = [m for m in want if m not in upload["anchors"]]
-  if missing:
-    raise UploadError(f"the upload has no {missing} anchors; this FDA was meta-trained with "
-                      f"anchors of {tuple(want)} and needs every one of them (the device sends "
-                      f"what ADR selects from each modality of its context).")
-  extra = [m for m in upload["anchors"] if m not in want]
-  if extra:
-    raise UploadError(f"the upload has anchors of {extra}, which this FDA was not trained with "
-                      f"(it takes {tuple(want)}).")
-  weights = upload.get("weights") or {}
-  out = {"anchors": {}, "weights": {}}
-  for m, dim in want.items():
-    out["anchors"][m], out["weights"][m] = validate_anchors(
-        upload["anchors"][m], weights.get(m), dim, max_anchors, m)
-  if spec["summary"]:
-    s = upload.get("summary")
-    if s is None:
-      raise UploadError(f"the upload has no 'summary'; this FDA was meta-trained with the "
-                        f"device's {spec['summary']}-float summary (its forward-only label-shift "
-                        f"estimate) beside the anchors.")
-    s = np.asarray(s)
-    if s.shape != (spec["summary"],) or s.dtype.kind != "f" or not np.isfinite(s).all():
-      raise UploadError(f"the summary has shape {s.shape} and dtype {s.dtype}; expected "
-                        f"[{spec['summary']}] finite floats.")
-    out["summary"] = s.astype(np.float32)
-  elif upload.get("summary") is not None:
-    raise UploadError("the upload carries a summary, which this FDA was not trained with.")
-  return out
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import round_trip
+from mmpg_jax.upload import UploadError, validate_upload
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -155,7 +81,7 @@ class EditGenerator:
     checked = [validate_upload(jax.tree.map(lambda x: x[i], uploads), spec, self.max_anchors)
                for i in range(n)]
     for m in spec["anchors"]:
-      ks = {c["anchors"][m].shape[0] for c in checked}
+      ks = {c.anchors[m].shape[0] for c in checked}
       if len(ks) != 1:
         raise UploadError(f"a batch must share one anchor budget K per modality; got {m} K in "
                           f"{sorted(ks)}. Group uploads by K.")
@@ -181,77 +107,6 @@ class EditGenerator:
                         *[e for _, e in self.chunks(uploads, validate)])
 
 
-# ---------- a finished run's hypernetwork ------------------------------------------------------
-
-class RunMismatchError(ValueError):
-  """The workdir was written by another config (or is not a run's workdir)."""
-
-
-class RunNotFinishedError(RuntimeError):
-  """The workdir's run has not finished the stage generation needs."""
-
-
-def _flat_config(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat_config(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def check_run_config(config, workdir: str) -> None:
-  """The workdir's config.json must be this config, key for key."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise RunMismatchError(f"{workdir} has no config.json, so it is not the workdir of a run of "
-                           f"`python -m mmpg_jax.main`; pass --workdir=<a finished run's "
-                           f"workdir>.")
-  with open(path) as f:
-    have = _flat_config(json.load(f))
-  want = _flat_config(json.loads(config.to_json_best_effort()))
-  diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-  if diff:
-    shown = "; ".join(f"{k}: run {have.get(k, 'missing')!r} vs now {want.get(k, 'missing')!r}"
-                      for k in diff[:6])
-    raise RunMismatchError(
-        f"{workdir} was written by a different config ({len(diff)} keys differ: {shown}). Its "
-        f"hypernetwork belongs to that config: pass the config and overrides the run was made "
-        f"with (its config.json), or another --workdir.")
-
-
-def _restore_finished(workdir, stage, target, num_steps):
-  directory = os.path.join(workdir, "checkpoints", stage)
-  steps = checkpointing.steps_on_disk(directory)
-  if not steps or steps[-1] < num_steps:
-    raise RunNotFinishedError(
-        f"the run in {workdir} has not finished its '{stage}' stage (checkpoint steps "
-        f"{steps or 'none'} of {num_steps}); finish it first with `python -m mmpg_jax.main` and "
-        f"the same --config and --workdir (it resumes).")
-  with checkpointing.StageCheckpointer(workdir, stage) as ck:
-    state, _ = ck.restore(target, step=steps[-1])
-  return state
-
-
-def restore_run(config, workdir: str):
-  """(task, model, base params, fda, fda params, summary fn) of a finished run."""
-  workdir = os.path.abspath(workdir)
-  check_run_config(config, workdir)
-  task, model, _ = config_checks.check(config)
-  if "cdc_mmpg" not in config.method_families:
-    raise RunNotFinishedError(f"config.method_families={tuple(config.method_families)} has no "
-                              f"cdc_mmpg, so its runs train no FDA to generate edits with.")
-  prior = task.source_prior(task.prepare_data())
-  _, target = train.initial_state(task, model, config)
-  params = _restore_finished(workdir, train.STAGE, target, config.train.num_steps)["params"]
-  fda = fda_lib.from_config(config, task, params, prior, task.anchor_dims(model, params))
-  _, target = meta_train.initial_state(fda, config)
-  fda_params = _restore_finished(workdir, meta_train.STAGE, target,
-                                 config.fda.num_steps)["best_params"]
-  return task, model, params, fda, fda_params, cdc_mmpg.device_summary(task, model, config, prior)
-
-
 # ---------- streaming many simulated devices ---------------------------------------------------
 
 class Streamer:
@@ -272,9 +127,9 @@ class Streamer:
 
     def one(base, fp, pool, n):
       dev = simulate.device(task, pool, n, config.seed, constants)
-      upload = cdc_mmpg.device_upload(task, base, dev, selector=ac.selector, k=ac.k,
-                                      key=cdc_mmpg.device_key(config.seed, dev),
-                                      summary=summary)
+      upload = round_trip.device_upload(task, base, dev, selector=ac.selector, k=ac.k,
+                                        key=round_trip.device_key(config.seed, dev),
+                                        summary=summary)
       edit = fda_lib.generate(fda, fp, upload)
       if not evaluate:
         return edit_shards.flatten(edit, self.dtype)
@@ -410,7 +265,7 @@ def finalize(out, num_devices: int, index: dict, evaluate: bool) -> dict:
   kind = "metrics" if evaluate else "edits"
   missing = [k for k in range(total) if not edit_shards.shard_path(out, kind, k, total).exists()]
   if missing:
-    raise RunNotFinishedError(f"{len(missing)} of {total} shards are missing in {out} (e.g. "
+    raise runs.RunNotFinishedError(f"{len(missing)} of {total} shards are missing in {out} (e.g. "
                               f"{missing[:5]}); rerun the same command to write them.")
   done = {"num_devices": num_devices, "num_shards": total, "mode": kind}
   if evaluate:
@@ -434,7 +289,7 @@ def run(config, workdir, num_devices, out=None, device_batch=1024, pool_devices=
   if pool_devices <= 0:
     raise ValueError(f"--pool_devices={pool_devices} must be positive.")
   t_start = time.time()
-  task, model, params, fda, fda_params, summary = restore_run(config, workdir)
+  task, model, params, fda, fda_params, summary = runs.restore_run(config, workdir)
   out = out or os.path.join(os.path.abspath(workdir), "generated",
                             f"{'metrics' if evaluate else 'edits'}_n{num_devices}")
   mesh = make_mesh()

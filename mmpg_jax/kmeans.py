@@ -1,4 +1,4 @@
-"""k-means in JAX (pure, jittable): Persona's prototypes (adapt/persona.py) and the devices a
+"""k-means in JAX (pure, jittable): Persona's prototypes (adapt/persona/) and the devices a
 real video dataset without categories is split into (data/video_devices.py)."""
 import jax
 import jax.numpy as jnp

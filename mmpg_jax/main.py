@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from mmpg_jax import config_checks, costs, evaluate, preemption, report, train
 from mmpg_jax import params as P
 from mmpg_jax import workdir as wd
-from mmpg_jax.adapt import baselines
+from mmpg_jax.methods import MethodContext
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
@@ -54,9 +54,9 @@ def run(config, workdir: str) -> dict:
   logging.info("encoded evaluation devices in %.1fs", seconds["encode_eval_devices"])
 
   cm = costs.CostModel(task, model, params)
-  ctx = baselines.MethodContext(task=task, model=model, params=params, cost_model=cm,
-                                config=config, source_prior=task.source_prior(data), val=val,
-                                workdir=workdir, metrics=metrics)
+  ctx = MethodContext(task=task, model=model, params=params, cost_model=cm,
+                      config=config, source_prior=task.source_prior(data), val=val,
+                      workdir=workdir, metrics=metrics)
   methods = []
   for family in families:
     t = time.time()
@@ -74,8 +74,10 @@ def run(config, workdir: str) -> dict:
   # Nothing time- or host-dependent goes into results.json: the same seed gives the same bytes.
   extra = {"device_model_bytes": P.tree_bytes(params), **ctx.extra,
            "device_inference_flops_per_sample": costs.inference_flops_per_sample(cm)}
-  results = report.build_results(config, task, evals, method_costs, extra, method_info)
-  report.write_report(workdir, results, config, task)
+  results = report.build_results(
+      config, task, evals, method_costs, extra, method_info,
+      {m.name: m.per_device_diagnostics for m in methods})
+  report.write_report(workdir, results, config, task, families)
   wall = time.time() - t_start
   metrics.write("done", 0, wall_seconds=wall, **{f"{k}_seconds": v for k, v in seconds.items()})
   logging.info("wrote %s/results.json and report.md in %.0fs", workdir, wall)

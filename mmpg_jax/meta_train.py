@@ -1,33 +1,26 @@
-"""Stage 2: episodic meta-training of the FDA in the cloud (DESIGN §3.1), for any task.
+"""What every cloud meta-training stage shares, for any task and any hypernetwork.
 
-An episode is one simulated meta device, never seen by the global model (the task's meta
-devices are disjoint from its cloud training data): its unlabelled context -> the task's anchor
-elements -> ADR anchors (herding, K drawn per episode from `fda.train_ks`, 0 = all elements)
--> FDA edit -> the task's loss on that device's labelled query (`task.meta_loss`), plus, for
-tasks with label groups, the FDA's auxiliary per-anchor label loss (the cloud knows the
-simulated context's labels; a real device never sends them) and an edit-norm penalty. The
-device model's base parameters stay frozen.
-
-The meta devices are a pool of `fda.meta_devices` fresh devices encoded once by the (frozen)
-static encoders; steps walk through the pool in a per-epoch permutation, so every device is
-used once before any repeats. Model selection: the FDA is scored on validation devices every
-`fda.eval_every` steps, and the best-scoring parameters (step 0, the zero edit, included) are
-kept. The stage loop (`train.run_stage`) resumes, checkpoints and guards as in stage 1.
+A stage meta-trains a cloud network (the FDA, DUET's generator, Persona's editors, the router)
+on simulated meta devices, never seen by the global model (the task's meta devices are
+disjoint from its cloud training data), and keeps the parameters that score best on the
+validation devices. This module gives such a stage its parts:
+  encode_devices   render and encode meta devices once, in fixed-size chunks (one compile),
+                   with progress, rate and ETA, honouring SIGTERM;
+  pool_batch       a step's devices of an encoded pool: a per-epoch permutation, so every
+                   device is used once before any repeats (a function of seed and step only);
+  validator        the mean selection metric on validation devices of any `params_of(net,
+                   device)`, signed so that higher is better;
+  train_selected   the loop: AdamW, validation at step 0 and every `eval_every` steps, the
+                   best parameters kept, resumed and checkpointed by `train.run_stage`.
 """
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
-from mmpg_jax import params as P
 from mmpg_jax import preemption, train
-from mmpg_jax.adapt import adr, cdc_mmpg
-from mmpg_jax.adapt import fda as fda_lib
-
-STAGE = "fda"
 
 
 def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
@@ -67,81 +60,6 @@ def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
   return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
-def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int = 64,
-                     what: str = "fda meta devices", first_id: int = 0) -> dict:
-  """Encodes `fc.meta_devices` fresh meta devices (ids first_id..first_id+meta_devices-1; a
-  stage that must not see another's devices starts past them).
-
-  What depends only on the frozen device model is computed here once per device, not in
-  every step: the herding order of each modality's context elements (greedy herding is
-  prefix-consistent, so the first k of a K_max selection are the k-anchor selection) and the
-  device's summary."""
-  k_max = max(max(fc.train_ks), 1)
-  consts = task.device_constants(model, params)
-
-  def extra(p, out):
-    ctx = out["context"]
-    elements = jax.vmap(task.anchor_elements)(ctx)
-    more = {"herd_idx": {m: jax.vmap(lambda e: adr.herding(e, k_max)[0])(el)
-                         for m, el in elements.items()}}
-    if summary is not None:
-      more["summary"] = jax.vmap(lambda c: summary(p, {task.context_role: c, **consts}))(ctx)
-    return more
-
-  return encode_devices(task, model, params, range(first_id, first_id + fc.meta_devices),
-                        fc.meta_query_size, extra, what=what, chunk_devices=chunk_devices)
-
-
-def episode_upload(task, dev, k):
-  """The anchors of one meta episode: per modality the first k of the device's herding order
-  (k = 0: every element), weighted by Voronoi mass."""
-  anchors, weights = {}, {}
-  elements = task.anchor_elements(dev[task.context_role])
-  for mod in task.anchor_modalities:
-    el = elements[mod]
-    n_el = el.shape[0]
-    idx = dev["herd_idx"][mod]
-    w = adr.voronoi_mass(el, idx, jnp.arange(idx.shape[0]) < k)
-    anchors[mod] = el
-    weights[mod] = jnp.where(k == 0, jnp.full(n_el, 1.0 / n_el), jnp.zeros(n_el).at[idx].add(w))
-  upload = {"anchors": anchors, "weights": weights}
-  if "summary" in dev:
-    upload["summary"] = dev["summary"]
-  return upload
-
-
-def episode_losses(task, model, fda, base_params, fda_params, dev, k, *, clip):
-  """One meta device: (task loss, aux loss, edit penalty, selection metric)."""
-  edit, aux = fda.apply({"params": fda_params}, episode_upload(task, dev, k))
-  params = P.apply_edit(base_params, edit, clip)
-  task_loss, metric = task.meta_loss(model, params, dev[task.query_role])
-  aux_loss = 0.0
-  labels = task.element_labels(dev) if fda.label_groups else None
-  if labels is not None:
-    for g, (lo, hi) in enumerate(fda.label_groups):
-      aux_loss += optax.softmax_cross_entropy_with_integer_labels(
-          aux["aux_logits"][:, lo:hi], labels[:, g] - lo).mean()
-  deltas = [P.materialize(d, d.a.shape[:1] + d.b.shape[1:]) if isinstance(d, P.LowRankDelta)
-            else d for d in P.edit_leaves(edit).values()]
-  penalty = sum(jnp.mean(d * d) for d in deltas)
-  return task_loss, aux_loss, penalty, metric
-
-
-def meta_loss_fn(task, model, fda, base_params, fc):
-  """(fda_params, batch) -> (loss, metrics): the mean over a batch of episodes."""
-
-  def loss_fn(fda_params, batch):
-    task_loss, aux, pen, metric = jax.vmap(
-        lambda d, k: episode_losses(task, model, fda, base_params, fda_params, d, k,
-                                    clip=fc.clip))(batch["dev"], batch["k"])
-    loss = task_loss.mean() + fc.aux_weight * aux.mean() + fc.edit_penalty * pen.mean()
-    return loss, {"task_loss": task_loss.mean(), "aux_loss": aux.mean(),
-                  "edit_penalty": pen.mean(),
-                  f"query_{task.selection_metric.name}": metric.mean()}
-
-  return loss_fn
-
-
 def pool_batch(pool, n_per_step: int, seed: int, step: int, salt: int = 7) -> dict:
   """The `n_per_step` pool devices of a step: a per-epoch permutation (every device once before
   any repeats), a function of (seed, salt, step) only; `salt` gives a stage its own order."""
@@ -151,13 +69,6 @@ def pool_batch(pool, n_per_step: int, seed: int, step: int, salt: int = 7) -> di
   ids = np.random.default_rng([seed, salt, epoch]).permutation(n)[
       pos * n_per_step:(pos + 1) * n_per_step]
   return jax.tree.map(lambda v: v[ids], pool)
-
-
-def episode_batch(pool, fc, seed, step):
-  """Devices and anchor budgets of a step: a function of (seed, step) only."""
-  b = fc.devices_per_step
-  ks = np.random.default_rng([seed, 11, step]).choice(np.asarray(fc.train_ks), b)
-  return {"dev": pool_batch(pool, b, seed, step), "k": ks.astype(np.int32)}
 
 
 def validator(task, model, val_feats, params_of):
@@ -177,15 +88,6 @@ def validator(task, model, val_feats, params_of):
   return lambda net: batched(net, sub)
 
 
-def make_validator(task, model, fda, base_params, val_feats, cfg, summary=None):
-  """Mean selection metric of cdc_mmpg (default selector and K) on validation devices,
-  signed so that higher is better."""
-  ac = cfg.adr
-  return validator(task, model, val_feats, lambda fda_params, dev: cdc_mmpg.adapt_device(
-      task, base_params, fda, fda_params, dev, selector=ac.selector, k=ac.k, clip=cfg.fda.clip,
-      key=cdc_mmpg.device_key(cfg.seed, dev), summary=summary))
-
-
 def selected_state(params0, sc, key: str = "fda_params", what: str = "fda"):
   """(optimiser, the state before step 1) of a validation-selected meta-training stage: the
   trained parameters under `key`, their optimiser state, and the best-scoring parameters so
@@ -194,11 +96,6 @@ def selected_state(params0, sc, key: str = "fda_params", what: str = "fda"):
   return tx, {key: params0, "opt_state": tx.init(params0), "step": jnp.int32(0),
               "best_params": params0, "best_score": jnp.float32(-np.inf),
               "best_step": jnp.int32(0)}
-
-
-def initial_state(fda, cfg):
-  """(optimiser, the FDA stage's state before step 1): also its checkpoints' restore target."""
-  return selected_state(fda_lib.init(fda, jax.random.key(cfg.seed + 1)), cfg.fda)
 
 
 def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, workdir,
@@ -238,25 +135,3 @@ def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, 
   return state["best_params"], {"best_step": int(state["best_step"]),
                                 f"best_val_{metric}": float(state["best_score"]),
                                 "steps": int(state["step"])}
-
-
-def train_fda(task, model, fda, base_params, cfg, val_feats, workdir, metrics, summary=None,
-              stage: str = STAGE):
-  """Meta-trains (or resumes, or reloads) the FDA; returns the validation-selected params.
-  `task` supplies the meta devices (a `task.with_data(...)` task meta-trains over other data);
-  `stage` names the checkpoints and metrics rows (one per FDA a run trains)."""
-  fc = cfg.fda
-
-  def make_batches():
-    t = time.time()
-    pool = encode_meta_pool(task, model, base_params, fc, summary=summary)
-    logging.info("%s: encoded %d fresh meta devices in %.1fs", stage, fc.meta_devices,
-                 time.time() - t)
-    return lambda step: episode_batch(pool, fc, cfg.seed, step)
-
-  return train_selected(
-      stage, fda_lib.init(fda, jax.random.key(cfg.seed + 1)), fc,
-      loss_fn=meta_loss_fn(task, model, fda, base_params, fc),
-      validate=make_validator(task, model, fda, base_params, val_feats, cfg, summary),
-      make_batches=make_batches, cfg=cfg, workdir=workdir, metrics=metrics,
-      metric=task.selection_metric.name, hint="Lower fda.learning_rate.")

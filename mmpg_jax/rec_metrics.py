@@ -1,4 +1,4 @@
-"""Recommendation metrics as the DUET/Persona code computes them (reference/papers.md §2.6,
+"""Recommendation metrics as the DUET/Persona code computes them (docs/methods.md,
 `util/new_metrics.py`), on per-user candidate blocks: scores [U, n], labels [U, n] (1 = the
 clicked item).
 

@@ -5,7 +5,9 @@ import pytest
 
 from mmpg_jax import costs, evaluate
 from mmpg_jax import params as P
-from mmpg_jax.adapt import baselines, device
+from mmpg_jax import device
+from mmpg_jax.adapt import baselines
+from mmpg_jax.methods import MethodContext
 
 from conftest import random_features
 
@@ -37,7 +39,7 @@ def _feats(task, model, params, n, seed):
 
 
 def _ctx(task, model, params, cfg):
-  return baselines.MethodContext(task=task, model=model, params=params,
+  return MethodContext(task=task, model=model, params=params,
                                  cost_model=costs.CostModel(task, model, params), config=cfg,
                                  source_prior=None, val=None, workdir="", metrics=None)
 

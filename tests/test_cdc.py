@@ -4,10 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import costs, generate
+from mmpg_jax import adr, costs, generate
 from mmpg_jax import params as P
-from mmpg_jax.adapt import adr, baselines, cdc_mmpg
-from mmpg_jax.adapt import fda as fda_lib
+from mmpg_jax import upload as upload_lib
+from mmpg_jax.adapt import baselines, cdc_mmpg
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import reference as reference_lib
+from mmpg_jax.fda import round_trip
+from mmpg_jax.methods import MethodContext
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.tasks import _video
 
@@ -44,14 +48,11 @@ def _query(task, model, params, cfg, n=5, seed=0):
 
 def _upload(anchors, weights, summary=None):
   """One video-QA upload (anchors [K, E], weights [K]; a leading device axis allowed)."""
-  up = {"anchors": {"video": anchors}, "weights": {"video": weights}}
-  if summary is not None:
-    up["summary"] = summary
-  return up
+  return upload_lib.Upload({"video": anchors}, {"video": weights}, summary)
 
 
 def _ctx(task, model, params, cfg, source_prior=None):
-  return baselines.MethodContext(task=task, model=model, params=params,
+  return MethodContext(task=task, model=model, params=params,
                                  cost_model=costs.CostModel(task, model, params), config=cfg,
                                  source_prior=source_prior, val=None, workdir="", metrics=None)
 
@@ -128,7 +129,7 @@ def test_zero_initialised_fda_yields_the_global_model_exactly(smoke_config, task
   model, params, fda, fresh, _, _ = fda_setup
   dev = {"context": {"frames": _frames(smoke_config, smoke_config.data.context_size)}}
   q = _query(task, model, params, smoke_config)
-  adapted = cdc_mmpg.adapt_device(task, params, fda, fresh, dev, selector="herding", k=4,
+  adapted = round_trip.adapt_device(task, params, fda, fresh, dev, selector="herding", k=4,
                                   clip=3.0, key=jax.random.key(0))
   assert np.array_equal(np.asarray(task.scores(model, params, q)),
                         np.asarray(task.scores(model, adapted, q)))
@@ -169,7 +170,7 @@ def _device(task, model, params, cfg, with_labels, seed=0):
 def test_device_path_runs_no_backward_pass_and_uses_no_labels(smoke_config, task, fda_setup,
                                                               no_backward):
   model, params, fda, _, trained, _ = fda_setup
-  summary = cdc_mmpg.device_summary(task, model, smoke_config, fda.source_prior)
+  summary = round_trip.device_summary(task, model, smoke_config, fda.source_prior)
   assert summary is not None       # the device's forward-only EM summary is on the path too
   method = _cdc_methods(task, model, params, smoke_config, fda, trained, summary)[0]
   assert method.name == "cdc_mmpg"
@@ -192,7 +193,7 @@ def test_device_path_runs_no_backward_pass_and_uses_no_labels(smoke_config, task
 
 def test_cdc_costs_report_no_backward_no_labels_and_real_bytes(smoke_config, task, fda_setup):
   model, params, fda, _, trained, anchor_dim = fda_setup
-  summary = cdc_mmpg.device_summary(task, model, smoke_config, fda.source_prior)
+  summary = round_trip.device_summary(task, model, smoke_config, fda.source_prior)
   assert summary is not None
   methods = {m.name: m for m in _cdc_methods(task, model, params, smoke_config, fda, trained,
                                              summary)}
@@ -238,8 +239,8 @@ def test_default_config_edit_is_under_5_percent_of_the_model():
     (np.zeros((3, 32), np.float32), np.ones(4), r"expected \[3\]"),
 ])
 def test_bad_uploads_are_refused(anchors, weights, match):
-  with pytest.raises(generate.UploadError, match=match):
-    generate.validate_anchors(anchors, weights, 32, max_anchors=16)
+  with pytest.raises(upload_lib.UploadError, match=match):
+    upload_lib.validate_anchors(anchors, weights, 32, max_anchors=16)
 
 
 def test_sharded_generation_on_1_and_8_accelerators_gives_the_same_edits(fda_setup):
@@ -257,7 +258,7 @@ def test_sharded_generation_on_1_and_8_accelerators_gives_the_same_edits(fda_set
                                                jnp.asarray(s[13])))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x[13], y, rtol=1e-5, atol=1e-6),
                eight, ref)
-  with pytest.raises(generate.UploadError, match="NaN/Inf"):
+  with pytest.raises(upload_lib.UploadError, match="NaN/Inf"):
     bad = a.copy()
     bad[3, 1, 0] = np.nan
     generate.EditGenerator(fda, trained, device_batch=8)(_upload(bad, w, s))
@@ -286,9 +287,9 @@ def test_diagnosis_of_the_edit_code_distance_and_label_prior(smoke_config, task,
   truth = task.query_label_prior(dev)
   for lo, hi in task.label_groups:
     np.testing.assert_allclose(float(truth[lo:hi].sum()), 1.0, rtol=1e-6)
-  summary = cdc_mmpg.device_summary(task, model, smoke_config, np.asarray(fda.source_prior))
-  ref = cdc_mmpg.reference_set(task, model, params, fda, trained, smoke_config, summary)
-  n_ref = min(smoke_config.cdc_robust.reference_devices, smoke_config.fda.meta_devices)
+  summary = round_trip.device_summary(task, model, smoke_config, np.asarray(fda.source_prior))
+  ref = reference_lib.reference_set(task, model, params, fda, trained, smoke_config, summary)
+  n_ref = min(smoke_config.fda.reference_devices, smoke_config.fda.meta_devices)
   assert ref["codes"].shape == (n_ref, fda.code_dim) and float(ref["spacing"]) >= 0
   for fp, zero in ((fresh, True), (trained, False)):
     diag = {k: float(v) for k, v in jax.jit(cdc_mmpg.diagnostics(
@@ -306,7 +307,6 @@ def test_diagnosis_table_has_as_many_columns_in_every_row(task, has_prior):
   """The report's diagnosis table, with the label-prior columns (QA) and without them
   (retrieval): its separator and every row have the header's number of columns, or markdown
   renders it as text."""
-  from mmpg_jax import report
   rng = np.random.default_rng(0)
   sel = task.selection_metric.name
   per = lambda n: {k + s: list(rng.uniform(size=n)) for k in (sel,) for s in ("", "_ood")}
@@ -317,7 +317,7 @@ def test_diagnosis_table_has_as_many_columns_in_every_row(task, has_prior):
       cdc[k + s] = list(rng.uniform(size=5))
   results = {"methods": {"global": {"per_device": per(5)}, "fta_k5": {"per_device": per(5)},
                          "cdc_mmpg": {"per_device": cdc, "info": {"reference_devices": 8}}}}
-  table = [l for l in report.diagnosis_lines(results, task) if l.startswith("|")]
+  table = [l for l in cdc_mmpg.diagnosis_lines(results, task) if l.startswith("|")]
   assert len(table) == 4                                  # header, separator, test, test_ood
   assert len({l.count("|") for l in table}) == 1, table
   assert ("FDA prior TV" in table[0]) == has_prior

@@ -1,4 +1,4 @@
-"""The drifting-digits image task (issue 10): streams of windows, their drift, the builders,
+"""The drifting-digits image task: streams of windows, their drift, the builders,
 one entry per (device, window), and the real main job on it at smoke size."""
 import json
 

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from mmpg_jax import edit_shards, generate, preemption, simulate
+from mmpg_jax import edit_shards, generate, preemption, runs, simulate
 from mmpg_jax import params as P
-from mmpg_jax.adapt import cdc_mmpg
+from mmpg_jax.fda import round_trip
 
 from conftest import LONG, ROOT, main_cmd, subprocess_env
 
@@ -34,7 +34,7 @@ def restored(smoke_config, clean_run, data_dir):
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("MMPG_DATA_DIR", data_dir)
     cfg = _config(smoke_config)
-    run = generate.restore_run(cfg, str(clean_run))
+    run = runs.restore_run(cfg, str(clean_run))
   task, model, params, _, _, _ = run
   pool = simulate.build_pool(task, model, params, cfg.fda, POOL)
   return cfg, run, pool
@@ -66,9 +66,9 @@ def test_edits_are_the_same_on_1_and_8_accelerators_and_are_the_evaluated_method
   dev_fn = jax.jit(lambda pool, n: simulate.device(task, pool, n, cfg.seed, consts))
   for n in (0, 7, N - 1):
     dev = dev_fn(pool, np.int32(n))
-    evaluated = cdc_mmpg.adapt_device(task, params, fda, fp, dev, selector=cfg.adr.selector,
+    evaluated = round_trip.adapt_device(task, params, fda, fp, dev, selector=cfg.adr.selector,
                                       k=cfg.adr.k, clip=cfg.fda.clip,
-                                      key=cdc_mmpg.device_key(cfg.seed, dev), summary=summary)
+                                      key=round_trip.device_key(cfg.seed, dev), summary=summary)
     streamed = P.apply_edit(params, edit_shards.unflatten(a[n], one.edit_shape), cfg.fda.clip)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                  streamed, evaluated)
@@ -160,14 +160,14 @@ def test_bad_runs_and_counts_are_refused(smoke_config, clean_run, tmp_path, data
   with pytest.raises(ValueError, match="--num_devices=0: give the number of devices"):
     generate.run(cfg, str(clean_run), 0)
   other = _config(smoke_config, "--config.fda.hidden=24")
-  with pytest.raises(generate.RunMismatchError, match=r"fda.hidden: run 16 vs now 24"):
+  with pytest.raises(runs.RunMismatchError, match=r"fda.hidden: run 16 vs now 24"):
     generate.run(other, str(clean_run), 10)
-  with pytest.raises(generate.RunMismatchError, match="has no config.json"):
+  with pytest.raises(runs.RunMismatchError, match="has no config.json"):
     generate.run(cfg, str(tmp_path), 10)
   unfinished = tmp_path / "unfinished"
   unfinished.mkdir()
   (unfinished / "config.json").write_text((clean_run / "config.json").read_text())
-  with pytest.raises(generate.RunNotFinishedError, match="has not finished its 'global' stage"):
+  with pytest.raises(runs.RunNotFinishedError, match="has not finished its 'global' stage"):
     generate.run(cfg, str(unfinished), 10)
   assert not (unfinished / "checkpoints").exists()          # nothing created in it
   stranger = tmp_path / "stranger"

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from mmpg_jax import meta_train
-from mmpg_jax.adapt import cdc_mmpg
-from mmpg_jax.adapt import fda as fda_lib
+from mmpg_jax.adapt import cdc_robust, router
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import round_trip
+from mmpg_jax.fda import stage as fda_stage
 from mmpg_jax.workdir import MetricsWriter
 
 
@@ -18,13 +20,13 @@ def setup(smoke_config, task, bench, model_and_params):
   prior = np.full(14, 1 / 14, np.float32)
   fda = fda_lib.from_config(smoke_config, task, params, prior, task.anchor_dims(model, params))
   val = task.encode_split(model, params, bench.devices("validation"))
-  summary = cdc_mmpg.device_summary(task, model, smoke_config, prior)
+  summary = round_trip.device_summary(task, model, smoke_config, prior)
   return task, model, params, fda, val, summary
 
 
 def _run(cfg, setup, workdir):
   task, model, params, fda, val, summary = setup
-  return meta_train.train_fda(task, model, fda, params, cfg, val, str(workdir),
+  return fda_stage.train_fda(task, model, fda, params, cfg, val, str(workdir),
                               MetricsWriter(str(workdir)), summary)
 
 
@@ -64,7 +66,6 @@ def test_meta_training_changes_the_fda_and_keeps_the_zero_edit_candidate(smoke_c
 
 def test_the_router_trains_on_meta_devices_neither_expert_saw(smoke_config, setup, tmp_path,
                                                                monkeypatch):
-  from mmpg_jax.adapt import cdc_robust, router
   task, model, params, fda, val, summary = setup
   cfg = smoke_config.copy_and_resolve_references()
   cfg.cdc_robust.router.learning_rate = 1e-1

@@ -1,7 +1,7 @@
 import numpy as np
 
 from mmpg_jax import params as P
-from mmpg_jax.adapt import device
+from mmpg_jax import device
 
 
 def _inputs(cfg, n=3, seed=0):

@@ -8,7 +8,10 @@ import pytest
 
 from mmpg_jax import costs, evaluate, tasks
 from mmpg_jax import params as P
-from mmpg_jax.adapt import baselines, persona
+from mmpg_jax import kmeans as kmeans_lib
+from mmpg_jax.adapt import baselines
+from mmpg_jax.adapt.persona import networks, prototypes, rows, stages
+from mmpg_jax.methods import MethodContext
 
 from conftest import random_features
 from conftest import assert_refused_before_any_work
@@ -21,13 +24,13 @@ def setup():
   task = tasks.build(cfg)
   model = task.build_model()
   params = task.init_params(model, 0)
-  ctx = baselines.MethodContext(task=task, model=model, params=params,
+  ctx = MethodContext(task=task, model=model, params=params,
                                 cost_model=costs.CostModel(task, model, params), config=cfg,
                                 source_prior=None, val=None, workdir="", metrics=None)
-  layers = persona.adaptive_layers(params, cfg.persona.layers)
+  layers = networks.adaptive_layers(params, cfg.persona.layers)
   pc = cfg.persona
-  fam = persona.Family(ctx, layers, persona.Generator(layers.shapes, pc.hidden, pc.code_dim),
-                       persona.Editor(layers.shapes, pc.hidden, pc.code_dim), ())
+  fam = stages.Family(ctx, layers, networks.Generator(layers.shapes, pc.hidden, pc.code_dim),
+                       networks.Editor(layers.shapes, pc.hidden, pc.code_dim), ())
   return cfg, task, model, params, fam
 
 
@@ -59,8 +62,8 @@ def test_kmeans_recovers_separated_clusters_and_is_deterministic():
   rng = np.random.default_rng(0)
   truth = np.repeat(np.arange(4), 50)
   x = jnp.asarray(rng.normal(0, 0.1, (200, 3)) + 5.0 * np.eye(4, 3)[truth] * (1 + truth[:, None]))
-  c1, a1 = persona.kmeans(x, 4, 20, jax.random.key(0))
-  c2, a2 = persona.kmeans(x, 4, 20, jax.random.key(0))
+  c1, a1 = kmeans_lib.kmeans(x, 4, 20, jax.random.key(0))
+  c2, a2 = kmeans_lib.kmeans(x, 4, 20, jax.random.key(0))
   np.testing.assert_array_equal(a1, a2)
   a1 = np.asarray(a1)
   for t in range(4):            # every true cluster maps to one k-means cluster, and back
@@ -82,8 +85,8 @@ def _numpy_lloyd(x, c, iterations):
 def test_jax_kmeans_equals_a_numpy_reference_on_a_fixed_seed():
   x = jax.random.normal(jax.random.key(7), (300, 5))
   key = jax.random.key(3)
-  centres, assign = persona.kmeans(x, 6, 25, key)
-  init = persona.kmeanspp(x, 6, key)
+  centres, assign = kmeans_lib.kmeans(x, 6, 25, key)
+  init = kmeans_lib.kmeanspp(x, 6, key)
   # the seeds are data points, each drawn once
   rows = [int(np.flatnonzero((np.asarray(x) == np.asarray(c)).all(1))[0]) for c in init]
   assert len(set(rows)) == 6
@@ -96,7 +99,7 @@ def test_refine_moves_assigned_centres_by_the_rate_and_merges_close_pairs():
   centres = jnp.asarray([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
   state = {"centres": centres, "population": jnp.full(3, 1 / 3), "merges": jnp.int32(0)}
   codes = jnp.asarray([[2.0, 0.0], [2.0, 2.0]])
-  out = persona.refine(state, codes, jnp.asarray([0, 0]), 0.5, merge_distance=0.1)
+  out = prototypes.refine(state, codes, jnp.asarray([0, 0]), 0.5, merge_distance=0.1)
   np.testing.assert_allclose(out["centres"][0], [1.0, 0.5])       # half-way to their mean
   np.testing.assert_array_equal(out["centres"][1:], centres[1:])   # nobody assigned: unmoved
   np.testing.assert_allclose(out["population"].sum(), 1.0, rtol=1e-6)
@@ -106,7 +109,7 @@ def test_refine_moves_assigned_centres_by_the_rate_and_merges_close_pairs():
   close = {"centres": jnp.asarray([[0.0, 0.0], [0.2, 0.0], [5.0, 5.0]]),
            "population": jnp.asarray([0.25, 0.25, 0.5]), "merges": jnp.int32(0)}
   codes = jnp.asarray([[5.0, 5.0], [9.0, 5.0], [0.0, 0.0]])
-  out = persona.refine(close, codes, jnp.asarray([2, 2, 0]), 0.0, merge_distance=1.0)
+  out = prototypes.refine(close, codes, jnp.asarray([2, 2, 0]), 0.0, merge_distance=1.0)
   assert int(out["merges"]) == 1 and out["centres"].shape == (3, 2)
   np.testing.assert_allclose(out["centres"][0], [0.1, 0.0], atol=1e-6)   # the merged pair
   np.testing.assert_allclose(out["centres"][1], [7.0, 5.0], atol=1e-6)   # the split
@@ -116,17 +119,17 @@ def test_refine_moves_assigned_centres_by_the_rate_and_merges_close_pairs():
 def test_refine_never_merges_without_a_split_and_never_averages_to_the_origin():
   two = {"centres": jnp.asarray([[0.0, 0.0], [0.01, 0.0]]), "population": jnp.zeros(2),
          "merges": jnp.int32(0)}
-  out = persona.refine(two, jnp.asarray([[1.0, 1.0], [2.0, 2.0]]), jnp.asarray([0, 0]), 0.0,
+  out = prototypes.refine(two, jnp.asarray([[1.0, 1.0], [2.0, 2.0]]), jnp.asarray([0, 0]), 0.0,
                        merge_distance=1.0)
   assert int(out["merges"]) == 0           # K = 2: merging would leave nothing to split into
   three = {"centres": jnp.asarray([[1.0, 1.0], [1.01, 1.0], [5.0, 5.0]]),
            "population": jnp.asarray([0.0, 0.0, 1.0]), "merges": jnp.int32(0)}
-  out = persona.refine(three, jnp.asarray([[5.0, 5.0], [9.0, 5.0]]), jnp.asarray([2, 2]), 0.0,
+  out = prototypes.refine(three, jnp.asarray([[5.0, 5.0], [9.0, 5.0]]), jnp.asarray([2, 2]), 0.0,
                        merge_distance=1.0)
   assert int(out["merges"]) == 1
   np.testing.assert_allclose(out["centres"][0], [1.005, 1.0], atol=1e-6)   # midpoint, not 0
   # a split that would land within the merge distance of its source is not made
-  out = persona.refine(three, jnp.asarray([[5.0, 5.0], [5.5, 5.0]]), jnp.asarray([2, 2]), 0.0,
+  out = prototypes.refine(three, jnp.asarray([[5.0, 5.0], [5.5, 5.0]]), jnp.asarray([2, 2]), 0.0,
                        merge_distance=1.0)
   assert int(out["merges"]) == 0
 
@@ -152,12 +155,12 @@ def test_layer_codes_carry_knowledge_across_layers(setup):
   cfg, task, model, params, fam = setup
   dev = _dev(task, model, params, cfg)
   ed = fam.editor.init(jax.random.key(1), _el(task, dev))["params"]
-  e = fam.editor.apply({"params": ed}, _el(task, dev), method=persona.Editor.codes)
+  e = fam.editor.apply({"params": ed}, _el(task, dev), method=networks.Editor.codes)
   assert e.shape == (len(fam.layers.paths), cfg.persona.code_dim)
   # With both layers' projections made identical, the codes still differ: layer 1's code
   # reads the GRU state that layer 0's step left (h1 = GRU(h0, c0)), not c0 afresh.
   same = dict(ed, layer_out_1=ed["layer_out_0"])
-  e2 = fam.editor.apply({"params": same}, _el(task, dev), method=persona.Editor.codes)
+  e2 = fam.editor.apply({"params": same}, _el(task, dev), method=networks.Editor.codes)
   np.testing.assert_allclose(e2[0], e[0])
   assert not np.allclose(e2[1], e2[0], atol=1e-4)
 
@@ -235,7 +238,7 @@ def _methods(setup, rate=0.5):
   centres = jax.random.uniform(jax.random.key(5), (k, len(fam.layers.paths) * cfg.persona.code_dim),
                                minval=-1, maxval=1)
   proto = {"groups": groups, "centres": centres, "sizes": np.ones(k, int), "summary": {}}
-  return persona.make_methods(fam, gen, ed, {k: proto}), dev
+  return rows.make_methods(fam, gen, ed, {k: proto}), dev
 
 
 def test_device_path_of_duet_and_persona_runs_no_backward_pass(setup, no_backward):
@@ -260,7 +263,7 @@ def test_device_path_of_duet_and_persona_runs_no_backward_pass(setup, no_backwar
   # positive control: on-device fine-tuning does run one
   from conftest import BackwardPassRan
   fta = baselines.finetune_method(
-      baselines.MethodContext(task=task, model=model, params=params,
+      MethodContext(task=task, model=model, params=params,
                               cost_model=costs.CostModel(task, model, params), config=cfg,
                               source_prior=None, val=None, workdir="", metrics=None),
       "fta", "query", 5, cfg.dynamic_leaves, "supervised", "sgd", ({"lr": 0.1, "steps": 1},),
@@ -357,7 +360,7 @@ def test_history_centres_replay_device_scope_refinement_along_each_meta_stream()
       g = labels[i]
       want[i] = p if owner == g else centres[g]
       p, owner = want[i] + rate * (codes[i] - want[i]), g
-  got = persona.history_centres(jnp.asarray(codes), jnp.asarray(labels), jnp.asarray(centres),
+  got = prototypes.history_centres(jnp.asarray(codes), jnp.asarray(labels), jnp.asarray(centres),
                                 w, rate)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(got)[[0, 3, 6]], centres[labels[[0, 3, 6]]])  # starts

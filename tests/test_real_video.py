@@ -1,4 +1,4 @@
-"""Real video datasets (issue 9) on fixture files in the upstream formats
+"""Real video datasets on fixture files in the upstream formats
 (data/video_fixtures.py): the TFDS builders' examples, the build summary, bad input, the masked
 device model, and the main job end to end on each dataset at smoke size."""
 import json
@@ -13,7 +13,7 @@ from mmpg_jax import config_loader, main, tasks
 from mmpg_jax.data import real_video as rv
 from mmpg_jax.data import tfds_real_video as trv
 from mmpg_jax.data import video_files as vf
-from mmpg_jax.data import video_fixtures
+from mmpg_jax.data import video_fixtures, video_text
 from mmpg_jax.models import video_lmm
 from mmpg_jax.tasks import _video
 
@@ -56,7 +56,7 @@ def test_msrvtt_qa_builders_yield_the_fixture_questions(fixtures, data_root):
   # the vocabularies come from the global and meta devices' training questions only
   cloud = [r for d in roles[0] + roles[1] for r in src.train_of[d]]
   assert src.answers == vf.answer_vocab(cloud, c.data.num_answers)
-  assert set(src.words[2:]) == {w for r in cloud for w in rv.tokenize(r["text"])}
+  assert set(src.words[2:]) == {w for r in cloud for w in video_text.tokenize(r["text"])}
   # cloud splits: one example per cloud video, one per in-vocabulary training question
   videos = bench.cloud.as_data_source(split="videos")
   assert len(videos) == len(src.cloud_videos)

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import config_checks, costs
+from mmpg_jax import config_checks, config_errors, costs
 from mmpg_jax import params as P
 from mmpg_jax.adapt import cdc_mmpg, cdc_robust, router, tta
-from mmpg_jax.adapt import fda as fda_lib
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import reference as reference_lib
+from mmpg_jax.fda import round_trip
 from mmpg_jax.data import moving_digits as md
 
 from conftest import BackwardPassRan
@@ -33,7 +35,7 @@ VARIANT_HP = {"cdc_mmpg_em2": {"scale": 1.0, "smoothing": 2.0},
 def methods(smoke_config, task, fda_setup):  # noqa: F811
   """{'fresh' | 'trained': {name: Method}} for a zero-initialised and a perturbed FDA."""
   model, params, fda, fresh, trained, _ = fda_setup
-  summary = cdc_mmpg.device_summary(task, model, smoke_config, fda.source_prior)
+  summary = round_trip.device_summary(task, model, smoke_config, fda.source_prior)
   cfg = with_value(smoke_config, "cdc_robust.variants",   # and the opt-in routed_em2, wide_text
                    smoke_config.cdc_robust.variants + ("routed_em2", "wide_text"))
   ctx = _ctx(task, model, params, cfg, np.asarray(fda.source_prior))
@@ -46,8 +48,8 @@ def methods(smoke_config, task, fda_setup):  # noqa: F811
     rp = router.init(r, fda, (fp, fp), jax.random.key(0))
     biased = dict(rp, out=dict(rp["out"], bias=jnp.array([0.3, -0.3])))
     return {"wide": fp, "wide_text": fp, "routed": (r, biased)}
-  return {label: {m.name: m for m in cdc_mmpg.make_methods(ctx, fda, fp, summary, other(fp))
-                  + tta.build(ctx)}
+  return {label: {m.name: m for m in cdc_mmpg.make_methods(ctx, fda, fp, summary)
+                  + cdc_robust.make_methods(ctx, fda, fp, summary, other(fp)) + tta.build(ctx)}
           for label, fp in (("fresh", fresh), ("trained", trained))}
 
 
@@ -117,7 +119,7 @@ def test_routed_edit_is_the_router_weighted_sum_of_the_experts_edits(smoke_confi
                                                  for x, k in zip(leaves, keys)]))
   r = router.from_config(smoke_config, 2)
   rp = router.init(r, fda, experts, jax.random.key(0))
-  up = cdc_mmpg.default_upload(task, params, dev, smoke_config, None)
+  up = round_trip.default_upload(task, params, dev, smoke_config, None)
   assert np.allclose(router.generate(fda, experts, r, rp, up)[1]["weights"], 0.5)  # fresh: equal
   rp = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(3), x.shape), rp)
   edit, aux = router.generate(fda, experts, r, rp, up)
@@ -163,7 +165,7 @@ def test_routed_edit_is_the_router_weighted_sum_of_the_experts_edits(smoke_confi
 def test_controls_mean_edit_and_nearest_reference_device():
   # The nearest reference code, in units of the codes' spacing.
   ref = {"codes": jnp.array([[0.0, 0.0], [10.0, 0.0], [0.0, 5.0]]), "spacing": 2.0}
-  d, i = cdc_mmpg.code_distance(ref, jnp.array([9.0, 1.0]))
+  d, i = reference_lib.code_distance(ref, jnp.array([9.0, 1.0]))
   assert int(i) == 1 and abs(float(d) - np.sqrt(2.0) / 2.0) < 1e-6
   # The mean edit averages each device's materialised, clipped delta.
   rng = np.random.default_rng(0)
@@ -239,7 +241,7 @@ def test_lame_knn_affinity_and_its_fixed_point():
 ])
 def test_bad_variant_and_rival_configs_are_refused_before_any_work(smoke_config, key, value,
                                                                    match):
-  with pytest.raises(config_checks.ConfigError, match=match):
+  with pytest.raises(config_errors.ConfigError, match=match):
     config_checks.check(with_value(smoke_config, key, value))
 
 
@@ -257,12 +259,11 @@ def test_wide_meta_shifts_never_draw_the_ood_only_ranges(smoke_config, task):
   assert task.config.data.shift.rotation == (0.0, 45.0)          # the task is unchanged
   for bad in ({"shift": {"rotation": (0.0, 60.0)}}, {"shift": {"noise": ((0.0, 0.4),)}},
               {"seed": 3}, {"shift": {"warp": (0.0, 1.0)}}):
-    with pytest.raises(config_checks.ConfigError):
+    with pytest.raises(config_errors.ConfigError):
       task.with_data(bad)
 
 
 def test_wide_mix_draws_a_share_of_meta_devices_from_the_wide_ranges(smoke_config, task):
-  from mmpg_jax.adapt import cdc_robust
   c = with_value(smoke_config, "cdc_robust.variants", ("wide_mix",))
   overrides = cdc_robust.wide_overrides(c)["wide_mix"]
   cfg = lambda t: t.config.data.to_dict()
@@ -278,13 +279,12 @@ def test_wide_mix_draws_a_share_of_meta_devices_from_the_wide_ranges(smoke_confi
   assert all(rot(mixed, i) == rot(task, i) for i, w in zip(ids, wide) if not w)
   for bad in ({"meta_wide": {"fraction": 0.5, "shift": {"rotation": (0.0, 60.0)}}},
               {"meta_wide": {"fraction": 1.5, "shift": {}}}):
-    with pytest.raises(config_checks.ConfigError):
+    with pytest.raises(config_errors.ConfigError):
       task.with_data(bad)
 
 
 def test_wide_text_meta_devices_change_only_their_captions_never_to_ood_words(smoke_config,
                                                                                task):
-  from mmpg_jax.adapt import cdc_robust
   c = with_value(smoke_config, "cdc_robust.variants", ("wide", "wide_text"))
   over = cdc_robust.wide_overrides(c)
   wide, text = (task.with_data(over[v]).config.data.to_dict() for v in ("wide", "wide_text"))
@@ -318,7 +318,7 @@ def test_wide_text_meta_devices_change_only_their_captions_never_to_ood_words(sm
   assert len(set(shuffled)) > 1
   for bad in ({"caption_noise": {"unk": (0.0, 1.5), "shuffle": (0.0, 1.0)}},
               {"caption_noise": {"unk": (0.0, 0.5)}}):
-    with pytest.raises(config_checks.ConfigError, match="caption_noise"):
+    with pytest.raises(config_errors.ConfigError, match="caption_noise"):
       task.with_data(bad)
 
 

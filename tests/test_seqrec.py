@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import config_checks, main, rec_metrics, tasks
+from mmpg_jax import config_errors, main, rec_metrics, tasks
 from mmpg_jax.tasks import seqrec
 
 from conftest import ROOT
@@ -236,6 +236,6 @@ def test_text_files_out_of_time_order_are_refused_with_the_line(cfg, tmp_path):
 def test_a_missing_manual_dir_is_refused_before_any_work(cfg, tmp_path):
   c = cfg.copy_and_resolve_references()
   c.data.update(dict(name="seqrec_text", manual_dir=str(tmp_path / "nowhere"), max_users=0))
-  with pytest.raises(config_checks.ConfigError, match="must hold train.txt and test.txt"):
+  with pytest.raises(config_errors.ConfigError, match="must hold train.txt and test.txt"):
     main.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()

@@ -10,10 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from mmpg_jax import config_checks, generate, main, tasks
+from mmpg_jax import config_errors, generate, main, tasks
 from mmpg_jax import params as P
-from mmpg_jax.adapt import cdc_mmpg
-from mmpg_jax.adapt import fda as fda_lib
+from mmpg_jax import upload as upload_lib
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import round_trip
 from mmpg_jax.data import pipeline
 from mmpg_jax.tasks import video_retrieval
 from mmpg_jax.tasks.base import Metric, Task, stack
@@ -198,11 +199,11 @@ def test_a_task_defined_outside_the_package_runs_through_the_real_main_job(smoke
 @pytest.mark.parametrize("key,value,error,match", [
     ("task", "video_qq", tasks.UnknownTaskError,
      r"video_qq.*known tasks: .*video_qa.*video_retrieval"),
-    ("data.name", "msrvtt", config_checks.ConfigError,       # task and data disagree
+    ("data.name", "msrvtt", config_errors.ConfigError,       # task and data disagree
      r"data.name='msrvtt'.*reads \('moving_digits', 'msrvtt_qa', 'msvd_qa'\)"),
-    ("method_families", ("baselines", "persnoa"), config_checks.ConfigError,
+    ("method_families", ("baselines", "persnoa"), config_errors.ConfigError,
      r"persnoa.*mmpg_jax.adapt.persnoa"),
-    ("data.cloud_caption_mix", (1.0, 0.0), config_checks.ConfigError,
+    ("data.cloud_caption_mix", (1.0, 0.0), config_errors.ConfigError,
      r"cloud_caption_mix.*6 non-negative"),
 ])
 def test_bad_task_configs_are_refused_before_any_work(smoke_config, tmp_path, key, value,
@@ -235,19 +236,19 @@ def trained_fda(request, data_dir):
   keys = jax.random.split(jax.random.key(1), len(leaves))
   fp = jax.tree.unflatten(tdef, [x + 0.05 * jax.random.normal(k, x.shape)
                                  for x, k in zip(leaves, keys)])
-  summary = cdc_mmpg.device_summary(task, model, cfg, prior)
+  summary = round_trip.device_summary(task, model, cfg, prior)
   return cfg, task, model, params, val, fda, fp, summary
 
 
 def test_batch_generation_gives_the_edits_the_evaluated_method_applies(trained_fda):
   cfg, task, model, params, val, fda, fp, summary = trained_fda
-  key = lambda dev: cdc_mmpg.device_key(cfg.seed, dev)
+  key = lambda dev: round_trip.device_key(cfg.seed, dev)
   kw = dict(selector=cfg.adr.selector, k=cfg.adr.k)
-  uploads = jax.vmap(lambda dev: cdc_mmpg.device_upload(task, params, dev, key=key(dev),
+  uploads = jax.vmap(lambda dev: round_trip.device_upload(task, params, dev, key=key(dev),
                                                         summary=summary, **kw))(val)
-  assert set(uploads["anchors"]) == set(task.anchor_modalities)
+  assert set(uploads.anchors) == set(task.anchor_modalities)
   edits = generate.EditGenerator(fda, fp, device_batch=8)(uploads)     # validated, sharded
-  evaluated = jax.vmap(lambda dev: cdc_mmpg.adapt_device(
+  evaluated = jax.vmap(lambda dev: round_trip.adapt_device(
       task, params, fda, fp, dev, clip=cfg.fda.clip, key=key(dev), summary=summary, **kw))(val)
   for i in range(len(val["device_id"])):
     edit_i = jax.tree.map(lambda x: x[i], edits)
@@ -260,21 +261,21 @@ def test_batch_generation_gives_the_edits_the_evaluated_method_applies(trained_f
 def test_an_upload_missing_a_modality_or_the_summary_is_refused(trained_fda):
   cfg, task, model, params, val, fda, fp, summary = trained_fda
   dev = jax.tree.map(lambda x: x[0], val)
-  up = cdc_mmpg.device_upload(task, params, dev, selector="herding", k=2,
+  up = round_trip.device_upload(task, params, dev, selector="herding", k=2,
                               key=jax.random.key(0), summary=summary)
   spec = fda.upload_spec()
-  generate.validate_upload(up, spec)                      # the real upload passes
+  upload_lib.validate_upload(up, spec)                      # the real upload passes
   for mod in task.anchor_modalities:
-    bad = {"anchors": {m: a for m, a in up["anchors"].items() if m != mod},
-           "weights": {m: w for m, w in up["weights"].items() if m != mod}}
-    if "summary" in up:
-      bad["summary"] = up["summary"]
-    with pytest.raises(generate.UploadError, match=rf"no \['{mod}'\] anchors; this FDA was "
+    bad = {"anchors": {m: a for m, a in up.anchors.items() if m != mod},
+           "weights": {m: w for m, w in up.weights.items() if m != mod}}
+    if up.summary is not None:
+      bad["summary"] = up.summary
+    with pytest.raises(upload_lib.UploadError, match=rf"no \['{mod}'\] anchors; this FDA was "
                                                    rf"meta-trained with anchors of"):
-      generate.validate_upload(bad, spec)
+      upload_lib.validate_upload(bad, spec)
   if spec["summary"]:
-    with pytest.raises(generate.UploadError, match="no 'summary'"):
-      generate.validate_upload({k: v for k, v in up.items() if k != "summary"}, spec)
+    with pytest.raises(upload_lib.UploadError, match="no 'summary'"):
+      upload_lib.validate_upload(up.replace(summary=None), spec)
 
 
 # ---------- retrieval: heads, loss and metrics ------------------------------------------------

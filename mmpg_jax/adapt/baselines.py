@@ -1,61 +1,15 @@
 """Baselines under one protocol: global, fta_k{1,5,10}, tent, prior_em, qb_norm, oracle.
 
-A `Method` has a grid of hyper-parameter settings (selected on validation devices only), a
-pure per-device `adapt(params, device, hp) -> params` run on encoded features (vmapped over
-devices by the evaluator), optionally `rescore(params, device, hp, scores) -> scores` (a
-forward-only correction of the outputs), and `cost(hp)`: what one device pays for it.
-
-Method families are modules with `build(ctx) -> [Method]`, ctx a `MethodContext`; a method
-that does not apply to a task (prior_em without label groups) is not built for it.
+A method that does not apply to a task (prior_em without label groups) is not built for it.
 """
-import dataclasses
-from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
 
-from mmpg_jax import costs
+from mmpg_jax import costs, device
 from mmpg_jax import params as P
-from mmpg_jax.adapt import device
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  name: str
-  grid: tuple                       # of dicts; more than one = chosen on validation devices
-  adapt: Callable                   # (params, device_feats, hp) -> params, pure
-  cost: Callable                    # hp -> costs.DeviceCost
-  uses: tuple = ()                  # roles of the device data the method reads
-  diagnostics: dict = dataclasses.field(default_factory=dict)   # name -> f(device) -> scalar
-  # (or -> {name: scalar}: several values from one computation)
-  info: dict = dataclasses.field(default_factory=dict)          # copied into results.json
-  rescore: Callable | None = None   # (params, device, hp, scores) -> scores, forward only
-  # A method whose cloud keeps state across time (persona.Stream: init, adapt, refine): the
-  # evaluator serves the entries of each window position in time order and refines the state
-  # between positions. `adapt` above is then the method without refinement.
-  stream: Any = None
-
-
-@dataclasses.dataclass
-class MethodContext:
-  """What every method family builds from."""
-  task: Any
-  model: Any
-  params: Any                       # the global device model
-  cost_model: costs.CostModel
-  config: Any
-  source_prior: Any                 # the cloud's label prior, or None
-  val: dict                         # encoded validation devices (selection only)
-  workdir: str
-  metrics: Any                      # workdir.MetricsWriter
-  extra: dict = dataclasses.field(default_factory=dict)   # families' extra results.json fields
-
-
-def grid(**axes):
-  out = [{}]
-  for k in axes:
-    out = [dict(g, **{k: v}) for g in out for v in axes[k]]
-  return tuple(out)
+from mmpg_jax.config_errors import need
+from mmpg_jax.methods import Method, grid
+from mmpg_jax.tasks.base import Task
 
 
 def global_method():
@@ -172,13 +126,11 @@ KNOWN = ("global", "fta", "tent", "prior_em", "qb_norm", "oracle")
 
 
 def validate_config(cfg, task, model, abstract_params) -> None:
-  from mmpg_jax.config_checks import need
   inc = tuple(cfg.baselines.include)
   need("global" in inc and set(inc) <= set(KNOWN), "baselines.include", inc,
        f"a subset of {KNOWN} that holds 'global' (every report is relative to it)")
   need("oracle" not in inc or task.oracle_role is not None, "baselines.include", inc,
        f"task {task.name!r} has no oracle data; leave 'oracle' out")
-  from mmpg_jax.tasks.base import Task
   need("tent" not in inc or type(task).entropy is not Task.entropy, "baselines.include", inc,
        f"task {task.name!r} has no unsupervised objective (Task.entropy) for TENT; leave "
        f"'tent' out")

@@ -49,13 +49,18 @@ Controls (does the FDA condition on the device?)
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from mmpg_jax import config_checks, costs
+from mmpg_jax import costs, device
 from mmpg_jax import params as P
-from mmpg_jax.adapt import cdc_mmpg, device
-from mmpg_jax.adapt import fda as fda_lib
+from mmpg_jax.adapt import cdc_robust_report as robust_report
 from mmpg_jax.adapt import router as router_lib
-from mmpg_jax.adapt.baselines import Method, grid
+from mmpg_jax.config_errors import need, positive
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import reference as reference_lib
+from mmpg_jax.fda import round_trip
+from mmpg_jax.fda import stage as fda_stage
+from mmpg_jax.methods import Method, grid
 
 VARIANTS = ("em2", "gate", "cloud_tent", "wide", "wide_mix", "wide_text", "routed", "routed_em2",
             "ensemble", "mean_edit", "nearest_edit")
@@ -118,13 +123,17 @@ def cloud_refine(loss_fn, edited, leaves, feats, hp):
                          steps=hp["steps"])
 
 
-def validate_config(cfg, task) -> None:
-  rc, need = cfg.cdc_robust, config_checks.need
+def validate_config(cfg, task, model, abstract_params) -> None:
+  """The cdc_robust block; ConfigError names the key (called before any work)."""
+  rc = cfg.cdc_robust
+  fams = tuple(cfg.method_families)
+  need("cdc_mmpg" in fams and fams.index("cdc_mmpg") < fams.index("cdc_robust"),
+       "method_families", fams, "cdc_robust builds on the plain FDA that the cdc_mmpg family "
+       "meta-trains: list 'cdc_mmpg' before 'cdc_robust'")
   for v in rc.variants:
     need(v in VARIANTS, "cdc_robust.variants", rc.variants, f"known: {VARIANTS}")
-  for key in ("cdc_robust.reference_devices", "cdc_robust.cloud_samples",
-              "cdc_robust.cloud_learning_rates"):
-    config_checks.positive(cfg, key)
+  for key in ("cdc_robust.cloud_samples", "cdc_robust.cloud_learning_rates"):
+    positive(cfg, key)
   need(rc.cloud_samples <= cfg.data.context_size, "cdc_robust.cloud_samples",
        rc.cloud_samples, f"at most the {cfg.data.context_size} context samples a device has")
   for overrides in wide_overrides(cfg).values():
@@ -135,11 +144,11 @@ def validate_config(cfg, task) -> None:
   if "routed" in rc.variants:
     need("wide" in rc.variants, "cdc_robust.variants", rc.variants,
          "'routed' mixes the plain and the 'wide' FDA's edits: add 'wide' too")
-    config_checks.positive(cfg, "cdc_robust.router_sharpness")
+    positive(cfg, "cdc_robust.router_sharpness")
     task.check_meta_data(mix_overrides(cfg))
     for key in ("hidden", "meta_devices", "num_steps", "learning_rate", "eval_every",
                 "checkpoint_every", "log_every"):
-      config_checks.positive(cfg, f"cdc_robust.router.{key}")
+      positive(cfg, f"cdc_robust.router.{key}")
     need(isinstance(rc.router.hidden, int), "cdc_robust.router.hidden", rc.router.hidden,
          "an integer width")
     need(rc.router.meta_devices >= cfg.fda.devices_per_step, "cdc_robust.router.meta_devices",
@@ -149,19 +158,52 @@ def validate_config(cfg, task) -> None:
     need(all(x >= 0 for x in rc[key]), f"cdc_robust.{key}", rc[key], "values must be >= 0")
   need(all(isinstance(s, int) and s >= 0 for s in rc.cloud_steps), "cdc_robust.cloud_steps",
        rc.cloud_steps, "integers >= 0 (0 = the plain FDA edit)")
+  if "cloud_tent" in rc.variants:     # its leaves matter only when it runs
+    P.select(abstract_params, rc.cloud_leaves)
 
 
-def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params):
-  """The configured variants and controls. `base_cost(hp)` is plain cdc_mmpg's DeviceCost;
-  `reference` is cdc_mmpg.reference_set(...); `other_fda_params` {'wide': params, ...,
-  'routed': (router, router params)}."""
+def build(ctx):
+  """Reads the plain FDA from its finished stage (the cdc_mmpg family trained it), meta-trains
+  the FDAs of `wide`, `wide_mix`, `wide_text` (stages `fda_<name>`) and the router of `routed`
+  (stage `router`) when configured, then the variants and controls."""
+  task, model, params, cfg = ctx.task, ctx.model, ctx.params, ctx.config
+  fda = fda_lib.from_config(cfg, task, params, ctx.source_prior,
+                            task.anchor_dims(model, params))
+  summary = round_trip.device_summary(task, model, cfg, ctx.source_prior)
+  fda_params = fda_stage.load_finished(fda, cfg, ctx.workdir)
+  other = {}
+  for name, overrides in wide_overrides(cfg).items():
+    # The same FDA meta-trained over a wider shift distribution (never the OOD-only ranges):
+    # `wide` draws every meta device from it, `wide_mix` a fraction (the rest as training's).
+    other[name], wide_summary = fda_stage.train_fda(
+        task.with_data(overrides), model, fda, params, cfg, ctx.val,
+        ctx.workdir, ctx.metrics, summary, stage=f"fda_{name}")
+    ctx.extra[f"fda_{name}"] = wide_summary
+    logging.info("FDA %s ready (%s)", name, wide_summary)
+  if "routed" in cfg.cdc_robust.variants:
+    # A router over the frozen plain and wide FDAs, meta-trained on the mixture.
+    r, rp, router_summary = router_lib.train(
+        task.with_data(mix_overrides(cfg)), model, fda, (fda_params, other["wide"]),
+        params, cfg, ctx.val, ctx.workdir, ctx.metrics, summary)
+    other["routed"] = (r, rp)
+    ctx.extra["router"] = router_summary
+  return make_methods(ctx, fda, fda_params, summary, other)
+
+
+def make_methods(ctx, fda, fda_params, summary, other_fda_params):
+  """The configured variants and controls, for the plain FDA and `other_fda_params`
+  {'wide': params, ..., 'routed': (router, router params)} (a variant whose FDA is missing is
+  left out: a caller that only has the plain FDA, e.g. a test, gets the rest)."""
   task, model, params, cfg, cm = ctx.task, ctx.model, ctx.params, ctx.config, ctx.cost_model
+  reference = reference_lib.shared(ctx, fda, fda_params, summary)
+  base_cost = round_trip.cost_fn(task, model, params, cfg, cm, fda, fda_params, summary,
+                                 cfg.adr.selector, cfg.adr.k)
   rc, clip = cfg.cdc_robust, cfg.fda.clip
   dbytes = costs.dtype_bytes(cfg.comm_dtype)
   n_ctx = cfg.data.context_size
 
   def upload_and_generate(params, dev, fda_params=fda_params):
-    return cdc_mmpg._generated(task, params, fda, fda_params, cfg, summary, dev)
+    return round_trip.generated(task, params, fda, fda_params, cfg, summary, dev)
 
   def plain(params, dev, fda_params=fda_params):
     return P.apply_edit(params, upload_and_generate(params, dev, fda_params)[0], clip)
@@ -191,7 +233,7 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
     experts = (fda_params, other_fda_params["wide"])
 
     def routed(params, dev, sharpness=1.0):
-      up = cdc_mmpg.default_upload(task, params, dev, cfg, summary)
+      up = round_trip.default_upload(task, params, dev, cfg, summary)
       return router_lib.generate(fda, experts, r, rp, up, sharpness)
 
     def routed_adapt(params, dev, hp):
@@ -229,7 +271,7 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
     elif name == "gate":
       def adapt(params, dev, hp):
         edit, aux = upload_and_generate(params, dev)
-        d = cdc_mmpg.code_distance(reference, aux["code"])[0]
+        d = reference_lib.code_distance(reference, aux["code"])[0]
         tau = hp["temperature"]
         g = jnp.where(tau > 0, jnp.exp(-jnp.maximum(d - 1.0, 0.0) / jnp.maximum(tau, 1e-9)),
                       1.0)
@@ -292,14 +334,19 @@ def build(ctx, fda, fda_params, summary, reference, base_cost, other_fda_params)
 
     elif name == "nearest_edit":
       def adapt(params, dev, hp):
-        i = cdc_mmpg.code_distance(reference, upload_and_generate(params, dev)[1]["code"])[1]
+        i = reference_lib.code_distance(reference, upload_and_generate(params, dev)[1]["code"])[1]
         return P.apply_edit(params, jax.tree.map(lambda x: x[i], reference["edits"]), clip)
       cost = base_cost
       hps = ({},)
 
     uses = () if name == "mean_edit" else (task.context_role,)
     methods.append(Method(row, hps, adapt, cost, uses=uses,
-                          diagnostics=diags,
+                          diagnostics=diags, per_device_diagnostics=tuple(diags),
                           info={"variant": name, "reference_devices":
                                 int(reference["codes"].shape[0])}))
   return methods
+
+
+def report_lines(results, task, workdir) -> list:
+  """cdc_robust's own section of report.md: the variants beside the rivals, and routing."""
+  return robust_report.robustness_lines(results, task)

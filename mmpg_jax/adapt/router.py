@@ -1,4 +1,4 @@
-"""A mixture of expert FDAs routed on the upload (cdc_robust `routed`).
+"""A mixture of expert FDAs routed on the upload (the cdc_robust family's `routed`).
 
 One FDA of the default size, meta-trained over wider shifts (`wide`), holds up better out of
 distribution but gives up accuracy in distribution: it spreads over the wider shifts. Here two
@@ -26,8 +26,9 @@ import ml_collections as mlc
 
 from mmpg_jax import meta_train
 from mmpg_jax import params as P
-from mmpg_jax.adapt import cdc_mmpg
-from mmpg_jax.adapt import fda as fda_lib
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import round_trip
+from mmpg_jax.fda import stage as fda_stage
 
 STAGE = "router"
 
@@ -63,7 +64,7 @@ def generate(fda, experts, router, router_params, upload, sharpness=1.0):
   `experts`: the experts' FDA parameters, in the router's order (all of the same `fda`)."""
   outs = [fda.apply({"params": p}, upload) for p in experts]
   codes = jnp.stack([aux["code"] for _, aux in outs])
-  summary = upload.get("summary")
+  summary = upload.summary
   if summary is None and fda.summary_dim:     # as the FDA reads a missing summary
     summary = jnp.zeros(fda.summary_dim)
   w = jax.nn.softmax(sharpness * router.apply({"params": router_params}, codes, summary))
@@ -77,7 +78,7 @@ def from_config(cfg, num_experts: int) -> Router:
 def init(router, fda, experts, key):
   up = fda_lib.example_upload(fda)
   codes = jnp.stack([fda.apply({"params": p}, up)[1]["code"] for p in experts])
-  return router.init(key, codes, up.get("summary"))["params"]
+  return router.init(key, codes, up.summary)["params"]
 
 
 def stage_config(cfg) -> mlc.ConfigDict:
@@ -97,7 +98,7 @@ def train(task, model, fda, experts, base_params, cfg, val_feats, workdir, metri
 
   def episode(router_params, dev, k):
     edit, _ = generate(fda, experts, router, router_params,
-                       meta_train.episode_upload(task, dev, k))
+                       fda_stage.episode_upload(task, dev, k))
     return task.meta_loss(model, P.apply_edit(base_params, edit, sc.clip), dev[task.query_role])
 
   def loss_fn(router_params, batch):
@@ -108,13 +109,13 @@ def train(task, model, fda, experts, base_params, cfg, val_feats, workdir, metri
   def make_batches():
     # Meta devices neither expert was meta-trained on (their ids start past the FDAs' pools):
     # on its own training devices an expert looks better than it generalises.
-    pool = meta_train.encode_meta_pool(task, model, base_params, sc, summary=summary,
-                                       what=f"{stage} meta devices",
-                                       first_id=cfg.fda.meta_devices)
-    return lambda step: meta_train.episode_batch(pool, sc, cfg.seed, step)
+    pool = fda_stage.encode_meta_pool(task, model, base_params, sc, summary=summary,
+                                      what=f"{stage} meta devices",
+                                      first_id=cfg.fda.meta_devices)
+    return lambda step: fda_stage.episode_batch(pool, sc, cfg.seed, step)
 
   validate = meta_train.validator(task, model, val_feats, lambda rp, dev: P.apply_edit(
-      base_params, generate(fda, experts, router, rp, cdc_mmpg.default_upload(
+      base_params, generate(fda, experts, router, rp, round_trip.default_upload(
           task, base_params, dev, cfg, summary))[0], sc.clip))
   params, out = meta_train.train_selected(
       stage, init(router, fda, experts, jax.random.key(cfg.seed + 3)), sc, loss_fn=loss_fn,

@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from evosax.algorithms import CMA_ES
 
-from mmpg_jax import config_checks, costs
+from mmpg_jax import costs, device
 from mmpg_jax import params as P
-from mmpg_jax.adapt import device
-from mmpg_jax.adapt.baselines import Method, grid
+from mmpg_jax.config_errors import need, positive
+from mmpg_jax.methods import Method, grid
 
 
 def _unit(x, axis=-1):
@@ -205,17 +205,21 @@ def foa(ctx):
                       "forward_passes": fc.population * fc.iterations})
 
 
+KNOWN = ("t3a", "lame", "foa")
+
+
 def validate_config(cfg, task, model, abstract_params) -> None:
-  need = config_checks.need
+  inc = tuple(cfg.tta.include)
+  need(inc and set(inc) <= set(KNOWN), "tta.include", inc, f"a non-empty subset of {KNOWN}")
   for k in cfg.tta.t3a.filter_k:
     need(isinstance(k, int) and k >= 0, "tta.t3a.filter_k", cfg.tta.t3a.filter_k,
          "supports kept per class: integers >= 0 (0 keeps all)")
   for key in ("tta.lame.knn", "tta.lame.bound_lambda", "tta.lame.iterations"):
-    config_checks.positive(cfg, key)
+    positive(cfg, key)
   need(max(cfg.tta.lame.knn) < cfg.data.query_size, "tta.lame.knn", cfg.tta.lame.knn,
        f"neighbours must be fewer than the {cfg.data.query_size} query samples LAME corrects")
   for key in ("tta.foa.population", "tta.foa.iterations", "tta.foa.std_init"):
-    config_checks.positive(cfg, key)
+    positive(cfg, key)
   need(cfg.tta.foa.population >= 4, "tta.foa.population", cfg.tta.foa.population,
        "CMA-ES needs at least 4 candidates per generation")
   need(all(w >= 0 for w in cfg.tta.foa.stat_weight), "tta.foa.stat_weight",
@@ -231,4 +235,5 @@ def build(ctx):
   gallery and has no classes)."""
   if not hasattr(ctx.task, "classifier_features"):
     return []
-  return [t3a(ctx), lame_method(ctx), foa(ctx)]
+  make = {"t3a": t3a, "lame": lame_method, "foa": foa}
+  return [make[name](ctx) for name in KNOWN if name in ctx.config.tta.include]

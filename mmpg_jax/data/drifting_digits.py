@@ -1,6 +1,6 @@
 """Handwritten digits under real-time device shift: each device is a stream of windows.
 
-The generator behind the embedded image-classification benchmark (issue 10, DESIGN §3.2). Pure
+The generator behind the embedded image-classification benchmark. Pure
 numpy and deterministic: a device is a function of (data seed, split, device index) only, so
 the TFDS builders (`tfds_drifting_digits.py`) and the on-the-fly sampler of fresh
 meta-training windows run the same code and agree bit for bit.

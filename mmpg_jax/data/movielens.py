@@ -1,5 +1,5 @@
 """MovieLens-100K for sequential recommendation, preprocessed as the DUET/Persona line does
-(reference/papers.md §2.3): a user is a device, the user's last clicks are its real-time data.
+(docs/methods.md): a user is a device, the user's last clicks are its real-time data.
 
 Source: the complete MovieLens-100K that the RecBole wheel ships
 (`recbole/dataset_example/ml-100k/ml-100k.{inter,item,user}`). The wheel is installed without

@@ -5,7 +5,7 @@ a device is a function of (data seed, split, device index) only, so the TFDS bui
 (`tfds_moving_digits.py`) and the on-the-fly sampler of fresh meta-training devices run the
 same code and agree bit for bit.
 
-A device's distribution (DESIGN §4): appearance (stroke thickness, rotation, contrast
+A device's distribution: appearance (stroke thickness, rotation, contrast
 inversion, a static clutter background, blur, noise), a label prior, a motion prior and a
 question mix. Each device has roles: `context` (unlabelled videos with the questions the user
 asked, no answers), `support` (a few labelled samples, for FTA only), `query` (labelled,

@@ -13,6 +13,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmpg_jax.config_errors import need
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import tfds_moving_digits as tmd
 
@@ -126,7 +127,6 @@ def prepare(data_cfg, data_dir: str | None = None,
 def validate_data_config(cfg) -> None:
   """The moving-digits data values a task on this benchmark relies on (ConfigError names the
   key and the fix)."""
-  from mmpg_jax.config_checks import need   # config_checks is generic; this is the data's part
   d = cfg.data
   need(d.frames >= 2, "data.frames", d.frames, "need at least 2 frames: anchors carry the "
        "temporal difference between consecutive frames, and motion needs 2 frames")
@@ -175,7 +175,6 @@ def check_meta_shift(data_cfg, overrides) -> None:
   (that fraction of them; the rest from the training ranges) — but never a value that only the
   OOD group shows: for each continuous shift, no interval of the meta ranges may meet an OOD
   range outside the training ranges."""
-  from mmpg_jax.config_checks import need
   unknown = set(overrides) - {"shift", "meta_wide", "caption_noise"}
   need(not unknown, "cdc_robust.wide_data", dict(overrides),
        "only data.shift (or meta_wide, caption_noise) may change for meta-training (not "
@@ -197,7 +196,6 @@ def check_meta_shift(data_cfg, overrides) -> None:
 
 
 def _check_ranges(data_cfg, shift, key_name) -> None:
-  from mmpg_jax.config_checks import need
   bad = set(shift) - set(data_cfg.shift)
   need(not bad, key_name, sorted(bad), f"known: {sorted(data_cfg.shift)}")
   for key in md.CONTINUOUS_SHIFTS:

@@ -1,4 +1,4 @@
-"""Real video datasets prepared for the video tasks (issue 9): MSRVTT-QA, MSVD-QA and MSRVTT
+"""Real video datasets prepared for the video tasks: MSRVTT-QA, MSVD-QA and MSRVTT
 text-to-video retrieval, from the files the user places in `data.manual_dir`
 (`INSTRUCTIONS`; readers in video_files.py, devices in video_devices.py).
 
@@ -28,12 +28,12 @@ silently.
 import collections
 import hashlib
 import os
-import re
 
 import numpy as np
 
 from mmpg_jax.data import video_devices as vd
 from mmpg_jax.data import video_files as vf
+from mmpg_jax.data.video_text import encode_text, word_vocab
 
 GENERATOR_VERSION = 1
 QA_DATASETS = ("msrvtt_qa", "msvd_qa")
@@ -45,7 +45,6 @@ INFO_FILES = ("videodatainfo.json", "MSRVTT_data.json", "train_val_videodatainfo
               "test_videodatainfo.json")
 TRAIN_LISTS = ("MSRVTT_train.9k.csv", "train_list_jsfusion.txt")
 TEST_PAIRS = "MSRVTT_JSFUSION_test.csv"
-PAD, UNK = 0, 1
 
 INSTRUCTIONS = """\
 Place the files of one dataset in a folder and pass it as --config.data.manual_dir=DIR:
@@ -63,28 +62,6 @@ Place the files of one dataset in a folder and pass it as --config.data.manual_d
     categories and the 20 captions per video), DIR/MSRVTT_train.9k.csv (or train_list_jsfusion.txt) and
     DIR/MSRVTT_JSFUSION_test.csv (the 1k-A test pairs).
 Nothing is downloaded."""
-
-
-def tokenize(text: str) -> list:
-  return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def word_vocab(texts, size: int) -> list:
-  """['<pad>', '<unk>'] + the `size` - 2 most frequent words (ties: first appearance)."""
-  counts, first = collections.Counter(), {}
-  for t in texts:
-    for w in tokenize(t):
-      counts[w] += 1
-      first.setdefault(w, len(first))
-  return ["<pad>", "<unk>"] + sorted(counts, key=lambda w: (-counts[w], first[w]))[:size - 2]
-
-
-def encode_text(text: str, index: dict, length: int) -> np.ndarray:
-  """Word ids (UNK for unknown words), truncated or zero-padded to `length`."""
-  ids = [index.get(w, UNK) for w in tokenize(text)][:length] or [UNK]
-  out = np.zeros(length, np.int32)
-  out[:len(ids)] = ids
-  return out
 
 
 def _first_existing(folder: str, names, what: str) -> str:

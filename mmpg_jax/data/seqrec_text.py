@@ -1,5 +1,5 @@
 """The DUET/Persona text format, so users can bring the MovieLens-1M and Amazon files that the
-official code's data scripts produce (reference/papers.md §2.3):
+official code's data scripts produce (docs/methods.md):
 
     user;target;trigger_seq;click_seq;label
 

@@ -1,4 +1,4 @@
-"""TFDS builders of the real video datasets (issue 9) with manual download (array_record, no
+"""TFDS builders of the real video datasets with manual download (array_record, no
 TensorFlow): the files the user placed in `data.manual_dir` (`MANUAL_DOWNLOAD_INSTRUCTIONS`),
 read and split by `real_video.Source`.
 
@@ -20,6 +20,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmpg_jax.config_errors import need, positive
 from mmpg_jax.data import pipeline
 from mmpg_jax.data import real_video as rv
 from mmpg_jax.data import tfds_moving_digits as tmd
@@ -245,7 +246,6 @@ def prepare(data_cfg, data_dir: str | None = None) -> FeatureBenchmark:
 
 def validate_data_config(cfg) -> None:
   """The data values a video task on a real dataset relies on (ConfigError names the key)."""
-  from mmpg_jax.config_checks import need, positive
   d = cfg.data
   need(bool(d.manual_dir), "data.manual_dir", d.manual_dir,
        "name the folder holding the dataset's files.\n" + rv.INSTRUCTIONS)

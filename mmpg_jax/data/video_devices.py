@@ -1,4 +1,4 @@
-"""Devices formed from a real video dataset itself (issue 9, step 1): which device each video
+"""Devices formed from a real video dataset itself: which device each video
 belongs to, and which devices play which role.
 
 * MSRVTT: a device is one of the 20 video categories of its video info file (`categories`).

@@ -1,4 +1,4 @@
-"""Readers of real video datasets as distributed (issue 9, step 1): pre-extracted per-video
+"""Readers of real video datasets as distributed: pre-extracted per-video
 frame features, MSRVTT-QA / MSVD-QA question files, MSRVTT's video info and the MSRVTT
 retrieval lists. Nothing is downloaded: the user places the files (WORKSPACE.md, "Real video
 datasets"). Every reader checks what it reads and names the file (and line or key) with the

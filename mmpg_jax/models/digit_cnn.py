@@ -1,4 +1,4 @@
-"""The on-device image classifier of the drifting-digits task (issue 10, DESIGN §3.2).
+"""The on-device image classifier of the drifting-digits task.
 
     image [.., H, W] uint8 --encoder (CNN)--> embedding [.., D]            (static)
     embedding --classifier (LayerNorm -> Dense -> ReLU -> Dense)--> logits [.., 10]  (dynamic)

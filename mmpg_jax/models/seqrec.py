@@ -1,5 +1,5 @@
-"""Sequential-recommendation device models (issue 11): SASRec and GRU4Rec as the DUET/Persona
-line builds them (reference/papers.md §2.4, §6), d = `dim`, a click window of L items.
+"""Sequential-recommendation device models: SASRec and GRU4Rec as the DUET/Persona
+line builds them (docs/methods.md), d = `dim`, a click window of L items.
 
     click window [L] --encoder (item + position embeddings -> Dense-tanh -> backbone,
                       read at the last real click)--> user vector u [d]          (static)

@@ -1,4 +1,4 @@
-"""The lightweight multi-modal video device models (DESIGN §3.1): QA and retrieval.
+"""The lightweight multi-modal video device models: QA and retrieval.
 
     video [.., T, H, W] uint8 --frame_encoder (CNN)--> frame embeddings [.., T, D]  (static)
     question tokens [.., L]   --question_encoder (GRU)--> question code [.., Dq]     (static)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmpg_jax.config_errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Metric:
@@ -194,15 +196,14 @@ class Task:
     return type(self)(cfg)
 
   def check_meta_data(self, overrides) -> None:
-    """Raises config_checks.ConfigError if meta-training data with these `config.data`
+    """Raises ConfigError if meta-training data with these `config.data`
     overrides would draw what only the evaluation groups may show."""
-    from mmpg_jax.config_checks import ConfigError   # (config_checks imports the tasks)
     raise ConfigError(f"task {self.name!r} cannot meta-train on other data (it has no "
                       f"check_meta_data); remove 'wide' from config.cdc_robust.variants")
 
   # ---- checks --------------------------------------------------------------------------------
   def validate_config(self, cfg) -> None:
-    """Raises config_checks.ConfigError for task-specific invalid values."""
+    """Raises ConfigError for task-specific invalid values."""
 
   # helpers --------------------------------------------------------------------------------------
   @property

@@ -1,4 +1,4 @@
-"""Image classification under real-time device shift: drifting digits (issue 10, DESIGN §3.2).
+"""Image classification under real-time device shift: drifting digits.
 
 Device model: `models.digit_cnn.DigitClassifier` (static CNN encoder; dynamic classifier:
 LayerNorm -> Dense `hidden` -> ReLU -> Dense `out`). Data: `data/drifting_digits.py`, each device
@@ -18,9 +18,11 @@ import numpy as np
 import optax
 
 from mmpg_jax import models
+from mmpg_jax.config_errors import need
 from mmpg_jax.data import drifting_digits as dd
 from mmpg_jax.data import pipeline
 from mmpg_jax.data import tfds_drifting_digits as tdd
+from mmpg_jax.data import tfds_moving_digits as tmd
 from mmpg_jax.tasks.base import Metric
 from mmpg_jax.tasks.base import Task as _Base
 from mmpg_jax.tasks.base import encode_roles, stack
@@ -153,7 +155,6 @@ class Task(_Base):
 
   # ---- checks --------------------------------------------------------------------------------
   def validate_config(self, cfg):
-    from mmpg_jax.config_checks import need
     d = cfg.data
     for key in ("context_size", "query_size", "oracle_size"):
       need(d[key] >= 1, f"data.{key}", d[key], "a window needs at least one image per role "
@@ -170,7 +171,6 @@ class Task(_Base):
       need(dr[key] >= 0.0, f"data.drift.{key}", dr[key], "a step size >= 0")
 
   def check_meta_data(self, overrides):
-    from mmpg_jax.config_checks import need
     need("meta_wide" not in overrides, "cdc_robust.variants", "wide_mix",
          "drifting digits draws meta streams from one shift distribution (no mixture); use "
          "'wide'")
@@ -179,5 +179,4 @@ class Task(_Base):
 
 def pipeline_cfg(data_cfg) -> dict:
   """The data config as the generator reads it (plain dicts, as the TFDS builders see it)."""
-  from mmpg_jax.data import tfds_moving_digits as tmd
   return tmd.data_config_dict(data_cfg)

@@ -1,4 +1,4 @@
-"""Sequential recommendation (issue 11): a user is a device, its last clicks its real-time data.
+"""Sequential recommendation: a user is a device, its last clicks its real-time data.
 
 Device model: `models.seqrec.SeqRec` (SASRec or GRU4Rec encoders, static; the dynamic
 classifier Dense-tanh-Dense on the user vector). Data: MovieLens-100K from RecBole's wheel,
@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from mmpg_jax import models, rec_metrics
+from mmpg_jax.config_errors import ConfigError, need
 from mmpg_jax.data import movielens as ml
 from mmpg_jax.data import seqrec_text
 from mmpg_jax.data import pipeline
@@ -236,7 +237,6 @@ class Task(_Base):
 
   # ---- checks --------------------------------------------------------------------------------
   def validate_config(self, cfg):
-    from mmpg_jax.config_checks import ConfigError, need
     d = cfg.data
     for key in ("window", "train_negatives", "eval_negatives", "support_positions",
                 "time_windows", "min_interactions"):

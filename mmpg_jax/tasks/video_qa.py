@@ -1,4 +1,4 @@
-"""Video question answering on the moving-digits benchmark (DESIGN §3.1, §4).
+"""Video question answering on the moving-digits benchmark.
 
 Device model: `models.video_lmm.VideoLMM` (static frame CNN and question GRU; dynamic temporal
 pooling, FiLM fusion and answer head). A device's roles hold, per sample, the frame embeddings

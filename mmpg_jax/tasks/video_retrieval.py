@@ -1,4 +1,4 @@
-"""Text-to-video retrieval on the moving-digits benchmark (DESIGN §3.1, §4).
+"""Text-to-video retrieval on the moving-digits benchmark.
 
 Device model: `models.video_lmm.VideoRetrieval` (static frame CNN and caption GRU; dynamic
 temporal pooling, video and text projection heads into a joint space, learned temperature).

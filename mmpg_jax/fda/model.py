@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpg_jax import params as P
+from mmpg_jax.upload import Upload
 
 
 def layer_spec(dynamic_params, edit_leaves):
@@ -91,7 +92,7 @@ class FDA(nn.Module):
 
   @nn.compact
   def __call__(self, upload):
-    """upload: {'anchors': {modality: [K, E]}, 'weights': {modality: [K]}, 'summary'?: [S]}.
+    """upload: an `Upload` (anchors {modality: [K, E]}, weights {modality: [K]}, summary [S]).
     Returns (edit, aux); aux has the domain code z and, for tasks with label groups, the
     per-anchor label logits and the anchor EM's prior ratio.
 
@@ -100,8 +101,8 @@ class FDA(nn.Module):
     parts, aux, ratio = [], {}, None
     for i, (mod, _) in enumerate(self.modalities):
       prefix = "" if i == 0 else f"{mod}_"
-      weights = upload["weights"][mod]
-      h, live = self._encode_set(upload["anchors"][mod], weights, prefix)
+      weights = upload.weights[mod]
+      h, live = self._encode_set(upload.anchors[mod], weights, prefix)
       if i == 0 and self.label_groups:
         num_labels = len(self.source_prior)
         aux_logits = nn.Dense(num_labels, name="aux")(h)           # [K, A]
@@ -118,7 +119,7 @@ class FDA(nn.Module):
       parts.append(ratio)
     summary = None
     if self.summary_dim:
-      summary = upload.get("summary")
+      summary = upload.summary
       if summary is None:
         summary = jnp.zeros(self.summary_dim)
       parts.append(summary)
@@ -181,13 +182,11 @@ def generate(fda: FDA, fda_params, upload):
   return fda.apply({"params": fda_params}, upload)[0]
 
 
-def example_upload(fda: FDA, k: int = 4) -> dict:
+def example_upload(fda: FDA, k: int = 4) -> Upload:
   """An upload of k anchors per modality (zeros, equal weights) and a zero summary."""
-  up = {"anchors": {m: jnp.zeros((k, d)) for m, d in fda.modalities},
-        "weights": {m: jnp.full((k,), 1.0 / k) for m, _ in fda.modalities}}
-  if fda.summary_dim:
-    up["summary"] = jnp.zeros(fda.summary_dim)
-  return up
+  return Upload({m: jnp.zeros((k, d)) for m, d in fda.modalities},
+                {m: jnp.full((k,), 1.0 / k) for m, _ in fda.modalities},
+                jnp.zeros(fda.summary_dim) if fda.summary_dim else None)
 
 
 def edit_shape(fda: FDA, fda_params, k: int = 4):

@@ -1,0 +1,71 @@
+"""A finished run, read back: the one owner of "load a run's workdir".
+
+`restore_run(config, workdir)` checks that the workdir was written by this config (key for
+key, `RunMismatchError` otherwise) and that the stages it needs have finished
+(`RunNotFinishedError`, saying what to run), then restores the device model and the
+validation-selected FDA from their last checkpoints. `generate`, `bench` and any later tool
+that reads a run go through here, never through the stages' own internals.
+"""
+import json
+import os
+
+from mmpg_jax import checkpointing, config_checks, train
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import round_trip
+from mmpg_jax.fda import stage as fda_stage
+
+
+class RunMismatchError(ValueError):
+  """The workdir was written by another config (or is not a run's workdir)."""
+
+
+# The workdir's run has not finished a stage the reader needs.
+RunNotFinishedError = checkpointing.StageNotFinishedError
+
+
+def _flat_config(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_run_config(config, workdir: str) -> None:
+  """The workdir's config.json must be this config, key for key."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise RunMismatchError(f"{workdir} has no config.json, so it is not the workdir of a run of "
+                           f"`python -m mmpg_jax.main`; pass --workdir=<a finished run's "
+                           f"workdir>.")
+  with open(path) as f:
+    have = _flat_config(json.load(f))
+  want = _flat_config(json.loads(config.to_json_best_effort()))
+  diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+  if diff:
+    shown = "; ".join(f"{k}: run {have.get(k, 'missing')!r} vs now {want.get(k, 'missing')!r}"
+                      for k in diff[:6])
+    raise RunMismatchError(
+        f"{workdir} was written by a different config ({len(diff)} keys differ: {shown}). Its "
+        f"hypernetwork belongs to that config: pass the config and overrides the run was made "
+        f"with (its config.json), or another --workdir.")
+
+
+def restore_run(config, workdir: str):
+  """(task, model, base params, fda, fda params, summary fn) of a finished run."""
+  workdir = os.path.abspath(workdir)
+  check_run_config(config, workdir)
+  task, model, _ = config_checks.check(config)
+  if "cdc_mmpg" not in config.method_families:
+    raise RunNotFinishedError(f"config.method_families={tuple(config.method_families)} has no "
+                              f"cdc_mmpg, so its runs train no FDA to generate edits with.")
+  prior = task.source_prior(task.prepare_data())
+  _, target = train.initial_state(task, model, config)
+  params = checkpointing.restore_finished(workdir, train.STAGE, target,
+                                          config.train.num_steps)["params"]
+  fda = fda_lib.from_config(config, task, params, prior, task.anchor_dims(model, params))
+  fda_params = fda_stage.load_finished(fda, config, workdir)
+  return (task, model, params, fda, fda_params,
+          round_trip.device_summary(task, model, config, prior))
