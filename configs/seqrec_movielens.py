@@ -1,4 +1,4 @@
-r"""Sequential recommendation on MovieLens-100K (issue 11): users as devices, the last 10 clicks
+r"""Sequential recommendation on MovieLens-100K: users as devices, the last 10 clicks
 as the real-time data; global model, per-user fine-tuning, CDC-MMPG, DUET and Persona under one
 protocol. The training, FDA and Persona settings start from the video QA and drifting-digits
 configs (loaded, not copied); what differs is set here. `--config.model.backbone=gru4rec` gives
@@ -11,7 +11,7 @@ Smoke (same code path, 40 users, tiny networks), about a minute:
   python -m mmpg_jax.main --config=configs/seqrec_movielens.py:smoke --workdir=/tmp/smoke_r
 The smoke run only checks that every stage runs end to end; its numbers mean nothing.
 
-Expected result of the default run (3 seeds, WORKSPACE.md "Results: sequential
+Expected result of the default run (3 seeds, docs/results.md "Results: sequential
 recommendation"): test uauc global 0.8860, fta_k50 0.8874, cdc_mmpg 0.8893, duet 0.8896,
 persona 0.8889, persona_dynamic 0.8890 (seed spread ~0.003); ndcg@10 0.380 to 0.387.
 Files in the official text format instead of MovieLens-100K:
@@ -33,7 +33,9 @@ def _load(name):
 
 def get_config(arg: str = ""):
   smoke = arg == "smoke"
-  c = _load("digits_persona.py").get_config(arg)
+  if arg not in ("", "smoke"):
+    raise ValueError(f"unknown config variant {arg!r}; use '' or 'smoke'")
+  c = _load("digits_persona.py").get_config(arg or "study")   # every row, its ablations too
   c.benchmark = "movielens_100k"
   c.task = "seqrec"
   users = (40, 5) if smoke else (943, 94)          # users read, of them cold (OOD)
