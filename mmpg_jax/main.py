@@ -81,6 +81,9 @@ def run(config, workdir: str) -> dict:
   wall = time.time() - t_start
   metrics.write("done", 0, wall_seconds=wall, **{f"{k}_seconds": v for k, v in seconds.items()})
   logging.info("wrote %s/results.json and report.md in %.0fs", workdir, wall)
+  # The answer, where the user is looking: the headline table (report.md has the rest).
+  print("\n".join([f"\n{results['benchmark']} ({results['task']}): {workdir}/report.md, "
+                   f"{wall:.0f} s", ""] + report.headline_table(results, task)), flush=True)
   return results
 
 

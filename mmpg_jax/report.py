@@ -140,6 +140,25 @@ def window_lines(results, task) -> list:
   return lines
 
 
+def headline_table(results: dict, task) -> list:
+  """The compact table the main job prints when it ends: per method the selection metric on
+  test and OOD devices, the share of the oracle − global margin it closes, and what a device
+  pays (labels, backward passes, bytes up and down)."""
+  sel = task.selection_metric
+  head = (f"| method | {sel.name} test | closed | {sel.name} OOD | OOD closed | labels | "
+          "backward passes | uplink B | downlink B |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for name, r in results["methods"].items():
+    mt = r["metrics"]
+    get = lambda k: mt.get(k, float("nan"))
+    lines.append(f"| {name} | {rf.fmt(sel, get(sel.name))} | {rf.share(get('margin_closed'))} | "
+                 f"{rf.fmt(sel, get(sel.name + '_ood'))} | "
+                 f"{rf.share(get('margin_closed_ood'))} | {r['labels_used_per_device']} | "
+                 f"{r['device_backward_passes']} | {r['uplink_bytes']:.0f} | "
+                 f"{r['downlink_bytes']:.0f} |")
+  return lines
+
+
 def write_report(workdir: str, results: dict, cfg, task, families=()) -> None:
   """results.json, report.md and the plots; `families`: the method family modules, whose
   optional `report_lines(results, task, workdir)` add their own sections."""

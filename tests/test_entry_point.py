@@ -58,6 +58,11 @@ def test_smoke_run_of_the_real_entry_point(clean_run):
     assert c["uplink_bytes"] > 0 and c["downlink_bytes"] > 0 and c["device_flops"] > 0
     assert "anchor_mmd2" in c["metrics"] and "anchor_mmd2_ood" in c["metrics"]
   assert m["cdc_mmpg_all_frames"]["uplink_bytes"] > m["cdc_mmpg"]["uplink_bytes"]
+  # The run ends by printing the headline table: one row per method, the header's columns.
+  table = [l for l in (workdir / "stdout.txt").read_text().splitlines() if l.startswith("|")]
+  assert table[0].startswith("| method | accuracy test | closed | accuracy OOD |")
+  assert {l.split("|")[1].strip() for l in table[2:]} == METHODS
+  assert all(l.count("|") == table[0].count("|") for l in table)
   for key in ("edit_norm", "code_distance", "fda_prior_tv", "shift_tv"):   # the diagnosis
     assert len(m["cdc_mmpg"]["per_device"][key + "_ood"]) == 2, key
   # Variants, controls and forward-only rivals: no label, no device backward pass; only the

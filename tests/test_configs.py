@@ -1,0 +1,33 @@
+"""The embedded benchmarks' configs: the default runs the headline rows, `study` every row,
+`smoke` the study's code path at tiny size; the real-data configs keep every row."""
+import pytest
+
+from mmpg_jax import config_loader
+
+
+@pytest.mark.parametrize("name", ["moving_digits_qa", "moving_digits_retrieval",
+                                  "digits_persona"])
+def test_the_default_is_the_headline_and_the_study_has_every_row(name):
+  default, study = config_loader.load(f"{name}.py", ""), config_loader.load(f"{name}.py", "study")
+  assert default.baselines.fta.ks == (5,) and study.baselines.fta.ks == (1, 5, 10)
+  assert default.tta.include == ("lame",) and study.tta.include == ("t3a", "lame", "foa")
+  assert default.adr.ablations == ("random",) and not default.adr.k_sweep
+  assert len(study.adr.ablations) >= 2 and len(study.adr.k_sweep) >= 3
+  # one robustness variant (the validation-selected one, where the task has one) + controls
+  extra = set(default.cdc_robust.variants) - {"mean_edit", "nearest_edit"}
+  assert len(extra) <= 1 and extra <= set(study.cdc_robust.variants)
+  assert {"mean_edit", "nearest_edit"} <= set(default.cdc_robust.variants)
+  # the same data, model, training and meta-training: only the rows differ
+  for key in ("data", "model", "train", "fda"):
+    assert default[key].to_dict() == study[key].to_dict(), key
+  if "persona" in study:
+    assert not default.persona.ablations.prototypes and study.persona.ablations.prototypes
+
+
+@pytest.mark.parametrize("name", ["seqrec_movielens", "msrvtt_qa", "msvd_qa",
+                                  "msrvtt_retrieval"])
+def test_the_other_configs_keep_every_row(name):
+  c = config_loader.load(f"{name}.py", "")
+  assert c.tta.include == ("t3a", "lame", "foa") and len(c.adr.ablations) >= 2
+  with pytest.raises(ValueError, match="unknown config variant"):
+    config_loader.load(f"{name}.py", "study")
