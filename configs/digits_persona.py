@@ -98,8 +98,11 @@ def get_config(arg: str = ""):
   # duet_frozen_heads (the released code's untrained heads).
   c.persona.ablations = mlc.ConfigDict(dict(prototypes=(1, 2, 5, 10), epsilons=(0.25, 4.0),
                                             frozen_heads=True))
-  if arg == "":                         # the headline rows: the ablations are the study's
+  if arg == "":
+    # The headline rows: the ablations are the study's, and K = 2 prototypes, validation's
+    # choice on every seed of the study (each K is its own meta-trained stage, ~1 min here).
     c.persona.ablations.update(dict(prototypes=(), epsilons=(), frozen_heads=False))
+    c.persona.prototypes = (2,)
   c.method_families = ("baselines", "tta", "cdc_mmpg", "cdc_robust", "persona")
 
   if smoke:

@@ -4,21 +4,25 @@ The same benchmark's videos, with captions phrased per device (the OOD group wit
 never used in training); the same main job, methods and protocol as the QA config, which this
 one starts from (data, training and CDC-MMPG settings are shared; only what differs is set).
 
-Default: 1,781 s on this 2-core VM (seed 0, 2026-11-30: global model 217 s, the cdc_mmpg
-family 1,255 s — three meta-device pools, the plain and `wide` FDAs and `cdc_mmpg_routed`'s
-router — evaluation of 24 methods 247 s):
+Default: the headline rows (moving_digits_qa.headline, with retrieval's validation-selected
+robustness variant, cloud_tent, and the QA default's 4,096-device meta pool), 595 s on this
+2-core CPU machine (seed 0, 2026-12-06, data prepared: global model 153 s, the cdc_mmpg family
+301 s, cdc_robust 20 s, evaluation of 10 methods 94 s):
   python -m mmpg_jax.main --config=configs/moving_digits_retrieval.py --workdir=runs/retrieval
-Smoke (same code path, tiny), under 1.5 min alone:
+Study: every row (two more FDAs and the router of the robustness variants), 1,781 s on the
+machine of 2026-11-30:
+  python -m mmpg_jax.main --config=configs/moving_digits_retrieval.py:study --workdir=runs/rs
+Smoke (the study's code path, tiny), under 1.5 min alone:
   python -m mmpg_jax.main --config=configs/moving_digits_retrieval.py:smoke --workdir=/tmp/smoke_r
 Opt-in `cdc_mmpg_wide_text` (text-side domain randomisation; one more FDA, ~10 min):
   --config.cdc_robust.variants='("em2","gate","cloud_tent","wide","wide_text","routed",
                                  "ensemble","mean_edit","nearest_edit")'
 
-Expected result of the default run (seed 0, this VM, 30 test devices; docs/results.md has the
-3-seed table): test R@1 global 0.815, qb_norm 0.826, fta_k5 0.817, oracle 0.860, cdc_mmpg 0.920
-with 0 labels and 0 device backward passes; OOD R@1 global 0.533, cdc_mmpg 0.591,
-cdc_mmpg_wide 0.638, cdc_mmpg_routed 0.621, oracle 0.840. The smoke run only checks that every
-stage runs end to end.
+Expected result of the default run (seed 0, this machine, 30 test / 20 OOD devices, R@1 in
+%): test global 82.1, fta_k5 81.1, qb_norm 83.1, cdc_mmpg 91.3, cdc_mmpg_cloud_tent 91.7,
+oracle 89.6, with 0 labels and 0 device backward passes for every cdc_mmpg row; OOD global
+54.5, qb_norm 59.1, cdc_mmpg 59.5, cdc_mmpg_cloud_tent 60.6, oracle 86.0. The study's 3-seed
+table is in docs/results.md. The smoke run only checks that every stage runs end to end.
 """
 import os
 

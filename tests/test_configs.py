@@ -17,9 +17,12 @@ def test_the_default_is_the_headline_and_the_study_has_every_row(name):
   extra = set(default.cdc_robust.variants) - {"mean_edit", "nearest_edit"}
   assert len(extra) <= 1 and extra <= set(study.cdc_robust.variants)
   assert {"mean_edit", "nearest_edit"} <= set(default.cdc_robust.variants)
-  # the same data, model, training and meta-training: only the rows differ
-  for key in ("data", "model", "train", "fda"):
+  # the same data, model and training; meta-training as the study's but for a smaller pool
+  for key in ("data", "model", "train"):
     assert default[key].to_dict() == study[key].to_dict(), key
+  assert {k: v for k, v in default.fda.items() if k != "meta_devices"} == {
+      k: v for k, v in study.fda.items() if k != "meta_devices"}
+  assert default.fda.meta_devices <= study.fda.meta_devices
   if "persona" in study:
     assert not default.persona.ablations.prototypes and study.persona.ablations.prototypes
 

@@ -161,9 +161,10 @@ def diagnosis_lines(results, task) -> list:
             + ("FDA prior TV | device prior TV | true shift TV | " if has_prior else "")
             + "cdc_mmpg gain | fta_k5 gain | corr(cdc gain, distance) | "
               "corr(cdc gain − fta_k5 gain, distance) |")
+  n_ref = m.get("info", {}).get("reference_devices", "the")
   lines = ["## Diagnosis: cdc_mmpg on devices near and far from meta-training", "",
            "Per device: the Frobenius norm of the change the edit makes (after the clip); the "
-           f"distance of its FDA code to the nearest of {m.get('info', {}).get('reference_devices', 'the')} "
+           f"distance of its FDA code to the nearest of {n_ref} "
            "meta-training devices' codes, in units of their typical spacing (1 = as close as "
            "meta-training devices are to each other)"
            + ("; the total-variation error against the device's true query label prior of the "
@@ -177,7 +178,8 @@ def diagnosis_lines(results, task) -> list:
     if "code_distance" + sfx not in pd:
       continue
     dist = np.asarray(pd["code_distance" + sfx])
-    cdc, fta = rf.gains(results, "cdc_mmpg", sel.name, sfx), rf.gains(results, "fta_k5", sel.name, sfx)
+    cdc = rf.gains(results, "cdc_mmpg", sel.name, sfx)
+    fta = rf.gains(results, "fta_k5", sel.name, sfx)
     corr = lambda a: (float(np.corrcoef(a, dist)[0, 1])
                       if a is not None and len(a) > 2 and a.std() > 0 and dist.std() > 0
                       else float("nan"))
