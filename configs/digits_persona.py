@@ -6,17 +6,23 @@ adapts once per window and the report gives accuracy per window position. The tr
 baseline, test-time-adaptation and CDC-MMPG settings start from the video QA config (loaded,
 not copied); what differs is set here.
 
-Default, ~12.5 min on 2 CPU cores (742 s measured, data prepared; building it adds ~15 s):
-global model 38 s, CDC-MMPG 118 s (12,288 meta windows), Persona/DUET with their ablations
-(ten meta-trained stages) ~8 min, evaluation of 28 methods 84 s:
+Default: the headline rows (no K sweep, one anchor ablation, LAME as the forward-only rival,
+Persona at K = 2 without its ablation stages), 446 s on this 2-core CPU machine (seed 0,
+2026-12-06, data prepared; building it adds ~15 s: global model 57 s, CDC-MMPG 131 s with
+12,288 meta windows, Persona/DUET 204 s, evaluation of 14 methods 37 s):
   python -m mmpg_jax.main --config=configs/digits_persona.py --workdir=runs/digits
-Smoke (same code path, tiny), about 1.5 min:
+Study: every row (K sweep, both anchor ablations, T3A/LAME/FOA, Persona's K grid and its
+ablations: ten meta-trained stages), ~12.5 min (742 s measured on the machine of 2026-11-23):
+  python -m mmpg_jax.main --config=configs/digits_persona.py:study --workdir=runs/digits_study
+Smoke (the study's code path, tiny), about 1.5 min:
   python -m mmpg_jax.main --config=configs/digits_persona.py:smoke --workdir=/tmp/smoke_d
 
-Expected result of the default run (3 seeds, docs/results.md "Results: drifting digits"): test
-accuracy global 63.3, fta_k5 70.3, prior_em 67.6, cdc_mmpg 78.4, duet 79.1, persona_single 79.2,
-persona 79.4 (K = 2 chosen), persona_dynamic 79.4, persona_k1 79.8, oracle 80.9. The smoke
-run only checks that every stage runs end to end; its numbers mean nothing.
+Expected result of the default run (seed 0, this machine, accuracy in %, test / OOD): global
+61.8 / 25.0, fta_k5 69.2 / 39.2, lame 68.3 / 27.6, cdc_mmpg 77.5 / 37.2, duet 78.7 / 39.9,
+persona 78.5 / 37.5, persona_dynamic 78.5 / 37.7, oracle 80.0 / 55.5; with Persona's K grid
+(2, 5, 8) validation picks K = 2 and every row is the same (634 s). The 3-seed study table is in
+docs/results.md "Results: drifting digits". The smoke run only checks that every stage runs end
+to end; its numbers mean nothing.
 """
 import os
 

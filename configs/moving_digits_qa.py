@@ -4,7 +4,10 @@ Default (the README's main job): the headline rows (`headline` below), 437 s on 
 CPU machine (seed 0, 2026-12-06, data prepared: global model 126 s, the cdc_mmpg family 235 s
 with its 4,096-device meta pool, cdc_robust 17 s, evaluation of 11 methods 35 s):
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py --workdir=runs/default
-Study: every row (every FTA budget, ADR selector and K, robustness variant, rival), QA_STUDY
+Study: every row (every FTA budget, ADR selector and K, robustness variant, rival), 1,054 s
+here (global model 142 s, cdc_mmpg 301 s, cdc_robust 433 s: two more FDAs, `wide`'s and the
+router's, evaluation of 29 methods 137 s); its results.json equals, byte for byte, that of the
+default before the default became the headline rows (2026-12-06):
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py:study --workdir=runs/qa_study
 Smoke (the study's code path, tiny), about 2 min here:
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py:smoke --workdir=/tmp/smoke
