@@ -207,9 +207,8 @@ def _trained_or_random(cfg):
       hps = {n: m["selected_hparams"] for n, m in json.load(f)["methods"].items()}
   else:
     params = task.init_params(model, cfg.seed)
-    fda = fda_lib.from_config(cfg, task, params, prior, task.anchor_dims(model, params))
-    fp = fda_lib.init(fda, jax.random.key(0))
-    summary, hps = round_trip.device_summary(task, model, cfg, prior), {}
+    fda, summary = round_trip.fda_and_summary(task, model, params, cfg, prior)
+    fp, hps = fda_lib.init(fda, jax.random.key(0)), {}
   return task, model, params, fda, fp, summary, prior, data, hps
 
 

@@ -10,7 +10,6 @@ import json
 import os
 
 from mmpg_jax import checkpointing, config_checks, train
-from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
 
@@ -65,7 +64,5 @@ def restore_run(config, workdir: str):
   _, target = train.initial_state(task, model, config)
   params = checkpointing.restore_finished(workdir, train.STAGE, target,
                                           config.train.num_steps)["params"]
-  fda = fda_lib.from_config(config, task, params, prior, task.anchor_dims(model, params))
-  fda_params = fda_stage.load_finished(fda, config, workdir)
-  return (task, model, params, fda, fda_params,
-          round_trip.device_summary(task, model, config, prior))
+  fda, summary = round_trip.fda_and_summary(task, model, params, config, prior)
+  return task, model, params, fda, fda_stage.load_finished(fda, config, workdir), summary

@@ -18,7 +18,6 @@ from mmpg_jax import adr
 from mmpg_jax import params as P
 from mmpg_jax import report_format as rf
 from mmpg_jax.config_errors import need, positive
-from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
@@ -99,9 +98,7 @@ def validate_config(cfg, task, model, abstract_params) -> None:
 def build(ctx):
   """Meta-trains (or resumes, or reloads) the FDA (stage `fda`), then its methods."""
   task, model, params, cfg = ctx.task, ctx.model, ctx.params, ctx.config
-  fda = fda_lib.from_config(cfg, task, params, ctx.source_prior,
-                            task.anchor_dims(model, params))
-  summary = round_trip.device_summary(task, model, cfg, ctx.source_prior)
+  fda, summary = round_trip.fda_and_summary(task, model, params, cfg, ctx.source_prior)
   fda_params, fda_summary = fda_stage.train_fda(task, model, fda, params, cfg, ctx.val,
                                                 ctx.workdir, ctx.metrics, summary)
   logging.info("FDA ready (%s)", fda_summary)
@@ -121,6 +118,7 @@ def make_methods(ctx, fda, fda_params, summary=None):
   variants += [(f"cdc_mmpg_{'all_frames' if s == 'all' else s}", s, ac.k) for s in ac.ablations]
   variants += [(f"cdc_mmpg_k{k}", ac.selector, k) for k in ac.k_sweep if k != ac.k]
   reference = reference_lib.shared(ctx, fda, fda_params, summary)
+  cost_of = round_trip.cost_fns(task, model, params, cfg, cm, fda, fda_params, summary)
   methods = []
   for name, selector, k in variants:   # K ranges: validate_config
     kk = {m: (n if selector == "all" else k) for m, n in n_el.items()}
@@ -130,8 +128,7 @@ def make_methods(ctx, fda, fda_params, summary=None):
                                      k=k, clip=cfg.fda.clip,
                                      key=round_trip.device_key(cfg.seed, dev), summary=summary)
 
-    cost = round_trip.cost_fn(task, model, params, cfg, cm, fda, fda_params, summary,
-                              selector, k)
+    cost = cost_of(selector, k)
 
     diags = {"anchor_mmd2" + ("" if m == primary else f"_{m}"): functools.partial(
         round_trip.anchor_mmd, task=task, selector=selector, k=k, seed=cfg.seed, modality=m)

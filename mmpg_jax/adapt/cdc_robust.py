@@ -167,9 +167,7 @@ def build(ctx):
   the FDAs of `wide`, `wide_mix`, `wide_text` (stages `fda_<name>`) and the router of `routed`
   (stage `router`) when configured, then the variants and controls."""
   task, model, params, cfg = ctx.task, ctx.model, ctx.params, ctx.config
-  fda = fda_lib.from_config(cfg, task, params, ctx.source_prior,
-                            task.anchor_dims(model, params))
-  summary = round_trip.device_summary(task, model, cfg, ctx.source_prior)
+  fda, summary = round_trip.fda_and_summary(task, model, params, cfg, ctx.source_prior)
   fda_params = fda_stage.load_finished(fda, cfg, ctx.workdir)
   other = {}
   for name, overrides in wide_overrides(cfg).items():
@@ -196,8 +194,8 @@ def make_methods(ctx, fda, fda_params, summary, other_fda_params):
   left out: a caller that only has the plain FDA, e.g. a test, gets the rest)."""
   task, model, params, cfg, cm = ctx.task, ctx.model, ctx.params, ctx.config, ctx.cost_model
   reference = reference_lib.shared(ctx, fda, fda_params, summary)
-  base_cost = round_trip.cost_fn(task, model, params, cfg, cm, fda, fda_params, summary,
-                                 cfg.adr.selector, cfg.adr.k)
+  base_cost = round_trip.cost_fns(task, model, params, cfg, cm, fda, fda_params, summary)(
+      cfg.adr.selector, cfg.adr.k)
   rc, clip = cfg.cdc_robust, cfg.fda.clip
   dbytes = costs.dtype_bytes(cfg.comm_dtype)
   n_ctx = cfg.data.context_size

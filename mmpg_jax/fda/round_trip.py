@@ -19,6 +19,13 @@ from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.upload import Upload
 
 
+def fda_and_summary(task, model, params, cfg, source_prior):
+  """(the FDA of this config and device model, the device's summary function or None): what
+  every reader of an FDA builds first (the families, a finished run, the benchmarks)."""
+  fda = fda_lib.from_config(cfg, task, params, source_prior, task.anchor_dims(model, params))
+  return fda, device_summary(task, model, cfg, source_prior)
+
+
 def device_summary(task, model, cfg, source_prior):
   """The device's forward-only EM estimate of its label-prior shift (uploaded with the
   anchors), or None (a task without label groups, or config.fda.use_device_prior off)."""
@@ -78,26 +85,30 @@ def anchor_mmd(dev, task, selector, k, seed, modality):
   return adr.mmd2(a, w, el[modality])
 
 
-def cost_fn(task, model, params, cfg, cm, fda, fda_params, summary, selector, k):
-  """hp -> the DeviceCost of one device's round trip with `selector` and K = k: encoding its
-  context, ADR, the summary's forward passes and EM, merging the edit; anchors (+ weights) and
-  the summary up, the edit down (at config.comm_dtype)."""
+def cost_fns(task, model, params, cfg, cm, fda, fda_params, summary):
+  """(selector, k) -> (hp -> the DeviceCost of one device's round trip): encoding its context,
+  ADR, the summary's forward passes and EM, merging the edit; anchors (+ weights) and the
+  summary up, the edit down (at config.comm_dtype). What depends only on the FDA (its edit's
+  shape, traced once) is computed here, not per selector and K."""
   n_ctx = cfg.data.context_size
   anchor_dims = task.anchor_dims(model, params)
   n_el = task.num_elements(model, params, n_ctx)
-  kk = {m: (n if selector == "all" else k) for m, n in n_el.items()}
   dbytes = costs.dtype_bytes(cfg.comm_dtype)
   edit_shape = fda_lib.edit_shape(fda, fda_params)
   down = fda_lib.edit_bytes(edit_shape, dbytes)
   n_groups = len(task.label_groups)
   summary_floats = fda.summary_dim if summary is not None else 0
 
-  def cost(hp):
-    flops = cm.encode(n_ctx) + cm.adr(selector, k) + cm.merge(edit_shape)
-    if summary is not None:     # every label group asked of every context sample, + EM
-      flops += (cm.forward(n_ctx * n_groups)
-                + 2 * cm.em(n_ctx, cfg.baselines.prior_em.iterations))
-    up = sum(kk[m] * (d + 1) for m, d in anchor_dims.items()) + summary_floats
-    return costs.DeviceCost(uplink_bytes=float(up * dbytes), downlink_bytes=float(down),
-                            device_flops=flops)
-  return cost
+  def for_selector(selector, k):
+    kk = {m: (n if selector == "all" else k) for m, n in n_el.items()}
+
+    def cost(hp):
+      flops = cm.encode(n_ctx) + cm.adr(selector, k) + cm.merge(edit_shape)
+      if summary is not None:     # every label group asked of every context sample, + EM
+        flops += (cm.forward(n_ctx * n_groups)
+                  + 2 * cm.em(n_ctx, cfg.baselines.prior_em.iterations))
+      up = sum(kk[m] * (d + 1) for m, d in anchor_dims.items()) + summary_floats
+      return costs.DeviceCost(uplink_bytes=float(up * dbytes), downlink_bytes=float(down),
+                              device_flops=flops)
+    return cost
+  return for_selector
