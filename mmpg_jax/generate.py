@@ -7,8 +7,8 @@ restores the hypernetwork (FDA) and the device model of a finished run (`RUN`, w
 `python -m mmpg_jax.main` with the same config; another config is refused), then streams N
 simulated devices (`simulate.py`) through one jitted function per chunk of `device_batch`
 devices: on the accelerator each device makes its upload with the device-side code the
-evaluation runs (`fda.round_trip.device_upload`: ADR anchors + its forward-only summary), and the FDA
-turns it into the edit. The chunk's device axis is sharded with NamedSharding over a Mesh of
+evaluation runs (`fda.round_trip.device_upload`: ADR anchors + its forward-only summary), and
+the FDA turns it into the edit. The chunk's device axis is sharded with NamedSharding over a Mesh of
 every local accelerator; the next chunk is dispatched before the previous one is fetched, and
 shards are written by a background thread, so host and accelerator work overlap. Edits go to
 numpy shards with a JSON index (`edit_shards.py`), or with `--evaluate` only per-shard sums of

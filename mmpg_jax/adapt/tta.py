@@ -205,12 +205,14 @@ def foa(ctx):
                       "forward_passes": fc.population * fc.iterations})
 
 
-KNOWN = ("t3a", "lame", "foa")
+# The rivals by name, in the report's order (config.tta.include picks among them).
+RIVALS = {"t3a": t3a, "lame": lame_method, "foa": foa}
 
 
 def validate_config(cfg, task, model, abstract_params) -> None:
   inc = tuple(cfg.tta.include)
-  need(inc and set(inc) <= set(KNOWN), "tta.include", inc, f"a non-empty subset of {KNOWN}")
+  need(inc and set(inc) <= set(RIVALS), "tta.include", inc,
+       f"a non-empty subset of {tuple(RIVALS)}")
   for k in cfg.tta.t3a.filter_k:
     need(isinstance(k, int) and k >= 0, "tta.t3a.filter_k", cfg.tta.t3a.filter_k,
          "supports kept per class: integers >= 0 (0 keeps all)")
@@ -235,5 +237,4 @@ def build(ctx):
   gallery and has no classes)."""
   if not hasattr(ctx.task, "classifier_features"):
     return []
-  make = {"t3a": t3a, "lame": lame_method, "foa": foa}
-  return [make[name](ctx) for name in KNOWN if name in ctx.config.tta.include]
+  return [make(ctx) for name, make in RIVALS.items() if name in ctx.config.tta.include]

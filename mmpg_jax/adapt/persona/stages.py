@@ -13,7 +13,8 @@ from mmpg_jax import meta_train
 from mmpg_jax import params as P
 from mmpg_jax.config_errors import ConfigError
 from mmpg_jax.kmeans import kmeans
-from mmpg_jax.adapt.persona.networks import Editor, Generator, Layers, add_layers, clip_layers, edit_norm
+from mmpg_jax.adapt.persona.networks import (Editor, Generator, Layers, add_layers,
+                                             clip_layers, edit_norm)
 from mmpg_jax.adapt.persona.prototypes import history_centres
 
 
