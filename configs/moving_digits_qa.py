@@ -2,7 +2,8 @@ r"""Moving-digits video QA under device shift: global model, baselines and CDC-M
 
 Default (the README's main job): the headline rows (`headline` below), 437 s on this 2-core
 CPU machine (seed 0, 2026-12-06, data prepared: global model 126 s, the cdc_mmpg family 235 s
-with its 4,096-device meta pool, cdc_robust 17 s, evaluation of 11 methods 35 s):
+with its 4,096-device meta pool, cdc_robust 17 s, evaluation of 11 methods 35 s); a second run
+from a fresh clone, the same results.json, took 513 s, every stage 10-20% slower:
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py --workdir=runs/default
 Study: every row (every FTA budget, ADR selector and K, robustness variant, rival), 1,054 s
 here (global model 142 s, cdc_mmpg 301 s, cdc_robust 433 s: two more FDAs, `wide`'s and the
