@@ -10,6 +10,9 @@ r"""Benchmarks: figures and ratios measured side by side in one run, one JSON ob
                      does. flops_per_device (XLA cost analysis), devices/s of both and their
                      ratio, achieved GFLOP/s beside the float32 matmul peak measured in the same
                      run, and their ratio. FDA parameters random (timings do not depend on them).
+                     The last row's `profile`: one chunk through each of the FDA's pieces (set
+                     encoder, EM, domain code, layer recurrence, heads, assembling the edit),
+                     jitted apart: time share, FLOP share and achieved GFLOP/s of each.
   stream             the streaming command itself (`python -m mmpg_jax.generate`, a subprocess
                      per N, writing edit shards to a temporary directory) on --run_dir: devices/s
                      including the device-side uploads it simulates, and peak_rss_mb at each N.
@@ -153,7 +156,49 @@ def bench_generate(cfg, peak):
         "speedup_batched_over_loop": t_loop / t_batch,
         "achieved_gflops": rate * flops / 1e9, **peak,
         "share_of_matmul_peak": rate * flops / 1e9 / peak["matmul_gflops"]})
+  rows[-1]["profile"] = profile_pieces(fda, fp, banks[0], _REPEATS.value)
   return rows
+
+
+def profile_pieces(fda, fda_params, uploads, repeats: int) -> dict:
+  """The FDA's pieces (model.FDA's methods) each jitted and vmapped over one chunk of uploads,
+  fed the previous pieces' outputs: seconds, XLA FLOPs, time share, FLOP share and achieved
+  GFLOP/s of each, beside the whole chunk's fused generate."""
+  v = {"params": fda_params}
+  call = lambda method, *a: fda.apply(v, *a, method=method)
+  primary = fda.modalities[0][0]
+  summary = jax.vmap(lambda u: call(fda_lib.FDA.summary_of, u))(uploads)
+  pieces = [("set_encoder", lambda u: call(fda_lib.FDA.encode, u), (uploads,))]
+  pooled, h = jax.jit(jax.vmap(pieces[0][1]))(uploads)
+  ratio = None
+  if fda.label_groups:
+    pieces.append(("em", lambda h, w: call(fda_lib.FDA.label_prior, h, w),
+                   (h, uploads.weights[primary])))
+    ratio = jax.jit(jax.vmap(pieces[-1][1]))(*pieces[-1][2])[1]
+  pieces.append(("domain_code", lambda p, r, s: call(fda_lib.FDA.domain_code, p, r, s),
+                 (pooled, ratio, summary)))
+  z = jax.jit(jax.vmap(pieces[-1][1]))(*pieces[-1][2])
+  pieces.append(("layer_recurrence", lambda z: call(fda_lib.FDA.layer_codes, z), (z,)))
+  e = jax.jit(jax.vmap(pieces[-1][1]))(z)
+  pieces.append(("heads", lambda e: call(fda_lib.FDA.heads, e), (e,)))
+  outs = jax.jit(jax.vmap(pieces[-1][1]))(e)
+  pieces.append(("assemble", lambda o, r, s: call(fda_lib.FDA.assemble, o, r, s),
+                 (outs, ratio, summary)))
+  rows = {}
+  for name, fn, args in pieces:
+    jitted = jax.jit(jax.vmap(fn))
+    rows[name] = {"seconds": _best_time(lambda: jitted(*args), repeats),
+                  "flops": _xla_flops(jitted, *args)}
+  whole = jax.jit(jax.vmap(lambda u: fda_lib.generate(fda, fda_params, u)))
+  t_whole = _best_time(lambda: whole(uploads), repeats)
+  t_sum = sum(r["seconds"] for r in rows.values())
+  f_sum = sum(r["flops"] for r in rows.values())
+  for r in rows.values():
+    r.update(time_share=r["seconds"] / t_sum, flop_share=r["flops"] / max(f_sum, 1.0),
+             achieved_gflops=r["flops"] / r["seconds"] / 1e9)
+  return {"devices": len(jax.tree.leaves(uploads)[0]), "pieces": rows,
+          "sum_of_pieces_seconds": t_sum, "whole_chunk_seconds": t_whole,
+          "whole_chunk_gflops": _xla_flops(whole, uploads) / t_whole / 1e9}
 
 
 def _timed(fn):

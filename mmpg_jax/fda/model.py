@@ -18,10 +18,21 @@ Per modality of the upload (video frame elements; caption codes; ...) a set enco
 The label-prior parts (aux head, EM, the bias residual) exist only for tasks with label groups.
 `generate(fda, fda_params, upload) -> edit` is pure; `jax.vmap` it over devices.
 
+Laid out for batched generation (thousands of devices per call), each piece one wide matmul:
+  - the EM runs over every label group at once, on a padded [groups, answers] layout with a
+    mask, not group by group;
+  - the GRU's input is [z, layer_emb[n]], so its input projection is split: z's part is one
+    matmul for all layers, the layer embeddings' part does not depend on the device at all;
+    each step is one [D, 3D] matmul for the three gates;
+  - a layer's heads (every piece of every leaf it edits) are one kernel, its output split.
+The per-leaf layout (per_leaf.py) is the same network one module per piece: checkpoints
+written before this layout load through `per_leaf.stack`, and the tests hold the two equal.
+The pieces are methods (`encode`, `label_prior`, `domain_code`, `layer_codes`, `heads`,
+`assemble`), so a benchmark can time each one (`bench --what=generate`).
+
 Anchors with weight 0 are ignored exactly (masked out of the pooling and the EM), so a padded
 set [N, E] with zero weights gives the same edit as the K live anchors alone.
 """
-
 import flax.linen as nn
 from flax import traverse_util
 import jax
@@ -29,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpg_jax import params as P
+from mmpg_jax.fda import per_leaf
 from mmpg_jax.upload import Upload
 
 
@@ -44,16 +56,86 @@ def layer_spec(dynamic_params, edit_leaves):
   return tuple((layer, tuple(leaves)) for layer, leaves in layers.items())
 
 
-def weighted_em(post, weights, source, iterations: int):
-  """EM label-shift prior from weighted posteriors post [K, A] (one group's answers)."""
+def grouped_em(logits, weights, source, groups, iterations: int):
+  """Per label group, the EM label-shift prior (Saerens) from weighted per-anchor posteriors,
+  every group at once. logits [K, A] over all labels; groups ((lo, hi), ...) each a softmax;
+  source [A] the cloud's prior. Returns log(target prior / source prior) [A], each group's
+  prior normalised within the group. Groups are padded to the widest and masked."""
+  width = max(hi - lo for lo, hi in groups)
+  idx = np.array([[min(lo + j, hi - 1) for j in range(width)] for lo, hi in groups])
+  mask = np.array([[j < hi - lo for j in range(width)] for lo, hi in groups])   # [G, W]
+  s = jnp.where(mask, source[idx], 0.0)
+  s = s / s.sum(-1, keepdims=True)
+  safe_s = jnp.where(mask, s, 1.0)
+  post = jax.nn.softmax(jnp.where(mask, logits[:, idx], -jnp.inf), -1)          # [K, G, W]
   w = weights / jnp.maximum(weights.sum(), 1e-12)
-  prior = source
+  prior = s
   for _ in range(iterations):
-    q = post * (prior / source)
+    q = post * (prior / safe_s)
     q = q / q.sum(-1, keepdims=True)
-    prior = jnp.maximum(w @ q, 1e-6)
-    prior = prior / prior.sum()
-  return prior
+    prior = jnp.where(mask, jnp.maximum(jnp.einsum("k,kgw->gw", w, q), 1e-6), 0.0)
+    prior = prior / prior.sum(-1, keepdims=True)
+  ratio = jnp.log(jnp.where(mask, prior, 1.0)) - jnp.log(safe_s)                # [G, W]
+  g_of = np.concatenate([np.full(hi - lo, g) for g, (lo, hi) in enumerate(groups)])
+  j_of = np.concatenate([np.arange(hi - lo) for lo, hi in groups])
+  return ratio[g_of, j_of]
+
+
+class SetEncoder(nn.Module):
+  """One modality's anchors -> per-anchor features h [K, H] and their attention pooling
+  [M * H] (learned queries; log-weights as a prior on attention; dead anchors masked)."""
+  hidden: int
+  num_queries: int
+
+  @nn.compact
+  def __call__(self, anchors, weights):
+    live = weights > 0
+    h = nn.LayerNorm(name="in_norm")(anchors)
+    h = nn.relu(nn.Dense(self.hidden, name="phi1")(h))
+    h = nn.relu(nn.Dense(self.hidden, name="phi2")(h))              # [K, H]
+    queries = self.param("queries", nn.initializers.normal(0.02),
+                         (self.num_queries, self.hidden))
+    keys = nn.Dense(self.hidden, name="key")(h)
+    logits = queries @ keys.T / np.sqrt(self.hidden) + jnp.log(jnp.where(live, weights, 1.0))
+    logits = jnp.where(live[None, :], logits, -1e30)
+    return h, (jax.nn.softmax(logits, -1) @ h).reshape(-1)
+
+
+class LayerGRU(nn.Module):
+  """A GRU (flax GRUCell's equations) over the edited layers, input [z, layer_emb[n]] at step
+  n: its input projection computed once for all steps, one [D, 3D] matmul per step."""
+  features: int
+
+  @nn.compact
+  def __call__(self, z, layer_emb):
+    d = self.features
+    wi = self.param("input_kernel", nn.initializers.lecun_normal(),
+                    (z.shape[-1] + layer_emb.shape[-1], 3 * d))
+    bi = self.param("input_bias", nn.initializers.zeros, (3 * d,))
+    wh = self.param("hidden_kernel", nn.initializers.orthogonal(), (d, 3 * d))
+    bh = self.param("hidden_bias", nn.initializers.zeros, (d,))
+    z_in = z @ wi[:z.shape[-1]]                                       # the device's part
+    layer_in = layer_emb @ wi[z.shape[-1]:] + bi                      # [L, 3D], device-free
+    h, out = jnp.zeros(d), []
+    for n in range(layer_emb.shape[0]):
+      gi, gh = z_in + layer_in[n], h @ wh
+      r = jax.nn.sigmoid(gi[:d] + gh[:d])
+      u = jax.nn.sigmoid(gi[d:2 * d] + gh[d:2 * d])
+      c = jnp.tanh(gi[2 * d:] + r * (gh[2 * d:] + bh))
+      h = (1.0 - u) * c + u * h
+      out.append(h)
+    return jnp.stack(out)                                             # [L, D]
+
+
+def _heads_init(pieces):
+  """A layer's stacked head kernel: the low-rank 'a' columns random, the rest zero (so a
+  fresh FDA's edit is exactly zero)."""
+  def init(key, shape, dtype=jnp.float32):
+    cols = [nn.initializers.normal(0.02)(k, (shape[0], width), dtype) if kind == "a"
+            else jnp.zeros((shape[0], width), dtype)
+            for k, (_, kind, width) in zip(jax.random.split(key, len(pieces)), pieces)]
+    return jnp.concatenate(cols, -1)
+  return init
 
 
 class FDA(nn.Module):
@@ -71,26 +153,81 @@ class FDA(nn.Module):
   full_delta_max: int = 256           # leaves with at most this many entries get a full delta
   em_iterations: int = 10
 
-  def _encode_set(self, anchors, weights, prefix):
-    """Per-anchor MLP, then attention pooling with learned queries (log-weights as a prior on
-    attention). Returns (per-anchor features [K, H], pooled [M*H]). The primary modality's
-    layers keep unprefixed names (and creation order), so a one-modality FDA is unchanged."""
-    live = weights > 0
-    h = nn.LayerNorm(name=f"{prefix}in_norm")(anchors)
-    h = nn.relu(nn.Dense(self.hidden, name=f"{prefix}phi1")(h))
-    h = nn.relu(nn.Dense(self.hidden, name=f"{prefix}phi2")(h))    # [K, H]
-    return h, live
+  def setup(self):
+    self.sets = [SetEncoder(self.hidden, self.num_queries) for _ in self.modalities]
+    if self.label_groups:
+      self.aux = nn.Dense(len(self.source_prior))
+    if self._residual():
+      self.prior_scale = self.param("prior_scale", nn.initializers.zeros,
+                                    (len(self.source_prior),))
+      self.device_prior_scale = self.param("device_prior_scale", nn.initializers.zeros,
+                                           (len(self.source_prior),))
+    self.code = nn.Dense(self.code_dim)
+    self.layer_emb = self.param("layer_emb", nn.initializers.normal(0.02),
+                                (len(self.spec), self.layer_dim))
+    self.layer_gru = LayerGRU(self.layer_dim)
+    self.pieces = [per_leaf.head_pieces(leaves, self.rank, self.full_delta_max)
+                   for _, leaves in self.spec]
+    self.layer_heads = [nn.Dense(sum(w for _, _, w in p), kernel_init=_heads_init(p))
+                        for p in self.pieces]
 
-  def _pool(self, h, live, weights, prefix):
-    queries = self.param(f"{prefix}queries", nn.initializers.normal(0.02),
-                         (self.num_queries, self.hidden))
-    keys = nn.Dense(self.hidden, name=f"{prefix}key")(h)
-    logits = queries @ keys.T / np.sqrt(self.hidden) + jnp.log(jnp.where(live, weights, 1.0))
-    logits = jnp.where(live[None, :], logits, -1e30)
-    attn = jax.nn.softmax(logits, -1)                            # [M, K]
-    return (attn @ h).reshape(-1)
+  def _residual(self) -> bool:
+    """Whether the label-shift residual edits a leaf (label groups, and the bias edited)."""
+    return bool(self.label_groups) and any(
+        path == self.prior_bias_leaf for _, leaves in self.spec for path, _ in leaves)
 
-  @nn.compact
+  # ---- the pieces, in order ----
+  def encode(self, upload):
+    """Each modality's set encoder: ([pooled per modality], per-anchor features of the
+    primary modality)."""
+    outs = [enc(upload.anchors[m], upload.weights[m])
+            for enc, (m, _) in zip(self.sets, self.modalities)]
+    return [pooled for _, pooled in outs], outs[0][0]
+
+  def label_prior(self, h, weights):
+    """(per-anchor label logits [K, A], the anchors' EM log prior ratio r [A])."""
+    logits = self.aux(h)
+    src = jnp.asarray(self.source_prior, jnp.float32)
+    return logits, grouped_em(logits, weights, src, self.label_groups, self.em_iterations)
+
+  def domain_code(self, pooled, ratio, summary):
+    parts = list(pooled) + ([ratio] if ratio is not None else [])
+    parts += [summary] if summary is not None else []
+    return nn.relu(self.code(jnp.concatenate(parts)))
+
+  def layer_codes(self, z):
+    """Cross-layer knowledge transfer: the GRU walks the edited layers in forward order."""
+    return self.layer_gru(z, self.layer_emb)
+
+  def heads(self, e):
+    """Each layer's stacked heads on its code e [L, D]: one output row per layer."""
+    return [head(e[n]) for n, head in enumerate(self.layer_heads)]
+
+  def assemble(self, outs, ratio, summary):
+    """The heads' outputs split into the edit's leaves (+ the label-shift residual)."""
+    edit = {}
+    for pieces, out, (_, leaves) in zip(self.pieces, outs, self.spec):
+      shapes, at, a = dict(leaves), 0, None
+      for path, kind, width in pieces:
+        x, at = out[at:at + width], at + width
+        if kind == "full":
+          x = x.reshape(shapes[path])
+          if path == self.prior_bias_leaf and self._residual() and ratio is not None:
+            # A learned residual on the closed-form label-shift corrections.
+            x = x + self.prior_scale * ratio + self.device_prior_scale * (
+                summary if summary is not None else 0.0)
+          edit[path] = x
+        elif kind == "a":
+          a = x.reshape(-1, self.rank)
+        else:
+          edit[path] = P.LowRankDelta(a, x.reshape(self.rank, -1))
+    return P.unflatten(edit)
+
+  def summary_of(self, upload):
+    if not self.summary_dim:
+      return None
+    return upload.summary if upload.summary is not None else jnp.zeros(self.summary_dim)
+
   def __call__(self, upload):
     """upload: an `Upload` (anchors {modality: [K, E]}, weights {modality: [K]}, summary [S]).
     Returns (edit, aux); aux has the domain code z and, for tasks with label groups, the
@@ -98,62 +235,15 @@ class FDA(nn.Module):
 
     `summary` is the device's own forward-only statistic (for label-group tasks its EM
     estimate of log(target / source) label prior, `device.label_shift_ratio`)."""
-    parts, aux, ratio = [], {}, None
-    for i, (mod, _) in enumerate(self.modalities):
-      prefix = "" if i == 0 else f"{mod}_"
-      weights = upload.weights[mod]
-      h, live = self._encode_set(upload.anchors[mod], weights, prefix)
-      if i == 0 and self.label_groups:
-        num_labels = len(self.source_prior)
-        aux_logits = nn.Dense(num_labels, name="aux")(h)           # [K, A]
-        src = jnp.asarray(self.source_prior, jnp.float32)
-        ratio = jnp.zeros(num_labels)
-        for lo, hi in self.label_groups:
-          s = src[lo:hi] / src[lo:hi].sum()
-          post = jax.nn.softmax(aux_logits[:, lo:hi], -1)
-          prior = weighted_em(post, weights, s, self.em_iterations)
-          ratio = ratio.at[lo:hi].set(jnp.log(prior) - jnp.log(s))
-        aux = {"aux_logits": aux_logits, "prior_ratio": ratio}
-      parts.append(self._pool(h, live, weights, prefix))
-    if ratio is not None:
-      parts.append(ratio)
-    summary = None
-    if self.summary_dim:
-      summary = upload.summary
-      if summary is None:
-        summary = jnp.zeros(self.summary_dim)
-      parts.append(summary)
-    z = nn.relu(nn.Dense(self.code_dim, name="code")(jnp.concatenate(parts)))
+    pooled, h = self.encode(upload)
+    aux, ratio = {}, None
+    if self.label_groups:
+      logits, ratio = self.label_prior(h, upload.weights[self.modalities[0][0]])
+      aux = {"aux_logits": logits, "prior_ratio": ratio}
+    summary = self.summary_of(upload)
+    z = self.domain_code(pooled, ratio, summary)
     aux["code"] = z                                   # the device's domain code (diagnosis)
-
-    # Cross-layer knowledge transfer: a GRU walks the edited layers in forward order.
-    cell = nn.GRUCell(self.layer_dim, name="layer_gru")
-    layer_emb = self.param("layer_emb", nn.initializers.normal(0.02),
-                           (len(self.spec), self.layer_dim))
-    carry = jnp.zeros(self.layer_dim)
-    edit = {}
-    for n, (layer, leaves) in enumerate(self.spec):
-      carry, e = cell(carry, jnp.concatenate([z, layer_emb[n]]))
-      for path, shape in leaves:
-        size = int(np.prod(shape))
-        name = path.replace("/", "__")
-        if size <= self.full_delta_max or len(shape) < 2:
-          delta = nn.Dense(size, kernel_init=nn.initializers.zeros, name=f"{name}__full")(e)
-          delta = delta.reshape(shape)
-          if path == self.prior_bias_leaf and ratio is not None:
-            # A learned residual on the closed-form label-shift corrections.
-            alpha = self.param("prior_scale", nn.initializers.zeros, (size,))
-            beta = self.param("device_prior_scale", nn.initializers.zeros, (size,))
-            delta = delta + alpha * ratio + beta * (summary if summary is not None else 0.0)
-          edit[path] = delta
-        else:
-          rows, cols = size // shape[-1], shape[-1]
-          a = nn.Dense(rows * self.rank, kernel_init=nn.initializers.normal(0.02),
-                       name=f"{name}__a")(e).reshape(rows, self.rank)
-          b = nn.Dense(cols * self.rank, kernel_init=nn.initializers.zeros,
-                       name=f"{name}__b")(e).reshape(self.rank, cols)
-          edit[path] = P.LowRankDelta(a, b)
-    return P.unflatten(edit), aux
+    return self.assemble(self.heads(self.layer_codes(z)), ratio, summary), aux
 
   def upload_spec(self) -> dict:
     """What an upload must hold: anchor dims per modality and the summary's length."""
@@ -195,7 +285,9 @@ def edit_shape(fda: FDA, fda_params, k: int = 4):
 
 
 def init(fda: FDA, key, k: int = 4):
-  return fda.init(key, example_upload(fda, k))["params"]
+  """Starting parameters: drawn in the per-leaf layout and stacked, so a seed starts the same
+  FDA whichever layout trains it (and runs from before the stacked layout reproduce)."""
+  return per_leaf.stack(fda, per_leaf.module(fda).init(key, example_upload(fda, k))["params"])
 
 
 def edit_bytes(edit, dtype_bytes: int) -> int:

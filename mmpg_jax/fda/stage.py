@@ -27,6 +27,7 @@ from absl import logging
 from mmpg_jax import adr, checkpointing, meta_train
 from mmpg_jax import params as P
 from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import per_leaf
 from mmpg_jax.fda import round_trip
 from mmpg_jax.upload import Upload
 
@@ -154,6 +155,20 @@ def train_fda(task, model, fda, base_params, cfg, val_feats, workdir, metrics, s
 def load_finished(fda, cfg, workdir, stage: str = STAGE):
   """The validation-selected parameters of a finished FDA stage (StageNotFinishedError if it
   has not finished): what a reader of a run (a family built on the plain FDA, `generate`)
-  takes without training anything."""
+  takes without training anything. A run written in the per-leaf layout loads converted."""
   _, target = initial_state(fda, cfg)
-  return checkpointing.restore_finished(workdir, stage, target, cfg.fda.num_steps)["best_params"]
+  try:
+    return checkpointing.restore_finished(workdir, stage, target,
+                                          cfg.fda.num_steps)["best_params"]
+  except checkpointing.CheckpointMismatchError as stacked_error:
+    # A run from before the stacked layout: its FDA in the per-leaf layout, converted.
+    per_leaf_params = per_leaf.module(fda).init(jax.random.key(0),
+                                                fda_lib.example_upload(fda))["params"]
+    _, old = meta_train.selected_state(per_leaf_params, cfg.fda)
+    try:
+      state = checkpointing.restore_finished(workdir, stage, old, cfg.fda.num_steps)
+    except checkpointing.CheckpointMismatchError:
+      raise stacked_error from None
+    logging.info("%s: the checkpoint holds the FDA's per-leaf layout; converted to the stacked "
+                 "layout (per_leaf.stack)", stage)
+    return per_leaf.stack(fda, state["best_params"])
