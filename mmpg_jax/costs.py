@@ -60,6 +60,17 @@ class CostModel:
                                self._feats(n))
     return self._cache[key]
 
+  def label_posteriors(self, n: int) -> float:
+    """Every label group's posteriors on n context samples, as the task computes them
+    (`task.label_posteriors`: what a question-free part shares, it runs once per sample)."""
+    key = ("label_posteriors", n)
+    if key not in self._cache:
+      dev = {self.task.context_role: self._feats(n),
+             **self.task.device_constants(self.model, self.params)}
+      self._cache[key] = flops(lambda p, d: self.task.label_posteriors(self.model, p, d),
+                               self.params, dev)
+    return self._cache[key]
+
   def step(self, n: int, leaves, objective: str, optimizer: str) -> float:
     """One full-batch gradient step on n encoded samples."""
     key = ("step", n, tuple(leaves), objective, optimizer)

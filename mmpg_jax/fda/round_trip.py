@@ -96,7 +96,6 @@ def cost_fns(task, model, params, cfg, cm, fda, fda_params, summary):
   dbytes = costs.dtype_bytes(cfg.comm_dtype)
   edit_shape = fda_lib.edit_shape(fda, fda_params)
   down = fda_lib.edit_bytes(edit_shape, dbytes)
-  n_groups = len(task.label_groups)
   summary_floats = fda.summary_dim if summary is not None else 0
 
   def for_selector(selector, k):
@@ -105,8 +104,8 @@ def cost_fns(task, model, params, cfg, cm, fda, fda_params, summary):
     def cost(hp):
       flops = cm.encode(n_ctx) + cm.adr(selector, k) + cm.merge(edit_shape)
       if summary is not None:     # every label group asked of every context sample, + EM
-        flops += (cm.forward(n_ctx * n_groups)
-                  + 2 * cm.em(n_ctx, cfg.baselines.prior_em.iterations))
+        flops += (cm.label_posteriors(n_ctx)          # the groups' EMs cover the labels once
+                  + cm.em(n_ctx, cfg.baselines.prior_em.iterations))
       up = sum(kk[m] * (d + 1) for m, d in anchor_dims.items()) + summary_floats
       return costs.DeviceCost(uplink_bytes=float(up * dbytes), downlink_bytes=float(down),
                               device_flops=flops)

@@ -159,6 +159,14 @@ class VideoLMM(nn.Module):
   def answer_from_features(self, frame_emb, q_code, mask=None):
     return self.answer_head(self.fusion(self.temporal(frame_emb, mask), q_code))
 
+  def answers_for_questions(self, frame_emb, q_codes, mask=None):
+    """Every question of q_codes [Q, Dq] asked of each video frame_emb [n, T, D]: logits
+    [n, Q, A]. The question-free temporal pooling runs once per video, not once per pair."""
+    video = self.temporal(frame_emb, mask)[:, None]                # [n, 1, D]
+    video = jnp.broadcast_to(video, video.shape[:1] + q_codes.shape[:1] + video.shape[2:])
+    return self.answer_head(self.fusion(video, jnp.broadcast_to(q_codes, video.shape[:2]
+                                                                + q_codes.shape[1:])))
+
   def answer_head_features(self, frame_emb, q_code, mask=None):
     """The input of the answer head's last layer (logits = it @ out/kernel + out/bias)."""
     return self.answer_head.features(self.fusion(self.temporal(frame_emb, mask), q_code))

@@ -116,11 +116,8 @@ class Task(_video.VideoTask):
     Real datasets have no question types: the asked questions' posteriors, [n, 1, A]."""
     if "type_q" not in dev:
       return self.asked_posteriors(model, params, dev)[:, None]
-    frames, type_q = dev["context"]["frames"], dev["type_q"]
-    n, nq = frames.shape[0], type_q.shape[0]
-    f = jnp.broadcast_to(frames[:, None], (n, nq) + frames.shape[1:])
-    q = jnp.broadcast_to(type_q[None], (n,) + type_q.shape)
-    return jax.nn.softmax(self.scores(model, params, {"frames": f, "q": q}))
+    return jax.nn.softmax(model.apply({"params": params}, dev["context"]["frames"],
+                                      dev["type_q"], method=model.answers_for_questions))
 
   def asked_posteriors(self, model, params, dev):
     return jax.nn.softmax(self.scores(model, params, dev["context"]))
