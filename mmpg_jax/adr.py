@@ -7,7 +7,13 @@ what the device sees.
 
 Selectors (all pure; jit- and vmap-able with K static):
   herding   greedy kernel herding: each step adds the element that most reduces the MMD between
-            the anchors and all elements (RBF kernel, median-heuristic bandwidth). Default.
+            the anchors and all elements (RBF kernel, median-heuristic bandwidth).
+  herding_ny<m>  herding (and Voronoi weights) on the Nystrom approximation of the kernel from
+            m landmark elements spread over the context (e.g. herding_ny32): N x m kernel
+            entries instead of N x N, which are most of herding's cost.
+  herding_rp<d>  herding on the elements mapped by a fixed random Gaussian projection to d
+            dimensions: distances kept in expectation only (Johnson-Lindenstrauss).
+  Both send the original elements as anchors.
   kcenter   greedy k-center (farthest point).
   kmeanspp  k-means++ seeding refined by Lloyd steps, snapped to medoids (real elements).
   uniform   evenly spaced in time over the context stream.
@@ -20,7 +26,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SELECTORS = ("herding", "kcenter", "kmeanspp", "uniform", "random", "all")
+# Every selector once (the sized herdings at one size each; any size is accepted).
+SELECTORS = ("herding", "herding_ny32", "herding_rp8", "kcenter", "kmeanspp", "uniform",
+             "random", "all")
+_SIZED = {"herding_rp": "the projection's dimensions", "herding_ny": "the landmarks"}
+
+
+def herding_size(selector: str):
+  """(kind, d) of a sized herding selector (herding_rp<d>, herding_ny<m>), or None."""
+  kind = next((s for s in _SIZED if selector.startswith(s)), None)
+  if kind is None:
+    return None
+  d = selector[len(kind):]
+  if not d.isdigit() or int(d) < 1:
+    raise ValueError(f"ADR selector {selector!r}: write {kind}<n> with n >= 1 "
+                     f"{_SIZED[kind]}, e.g. {kind}8")
+  return kind, int(d)
+
+
+def is_selector(selector: str) -> bool:
+  try:
+    return herding_size(selector) is not None or selector in SELECTORS
+  except ValueError:
+    return False
+
+
+def random_projection(dim_in: int, dims: int):
+  """A fixed Gaussian map from dim_in to dims dimensions, scaled so that squared distances
+  are kept in expectation; a constant of the selector (the same on every device)."""
+  rng = np.random.default_rng([dim_in, dims])
+  return (rng.standard_normal((dim_in, dims)) / np.sqrt(dims)).astype(np.float32)
 
 
 def _sq_dists(x, y):
@@ -83,25 +118,89 @@ def voronoi_mass(x, idx, active=None, bw=None):
   return mass / x.shape[0]
 
 
-def herding(x, k: int, k_active=None):
-  """Greedy kernel herding. Returns (indices [k], weights [k]); with a traced `k_active` <= k
-  only the first k_active anchors are chosen and weighted (the rest get weight 0)."""
-  bw = median_bandwidth(x)
-  kxx = rbf(x, x, bw)
-  mean_emb = kxx.mean(1)
-  n = x.shape[0]
+def _greedy_herding(mean_emb, column, k: int):
+  """Greedy herding's choice of k elements from the kernel mean embedding [N] and
+  `column(j)`, column j of the (exact or approximate) kernel matrix."""
 
   def body(t, carry):
     idx, taken, ksum = carry
     score = mean_emb - ksum / (t + 1.0)
     score = jnp.where(taken, -jnp.inf, score)
     j = jnp.argmax(score)
-    return idx.at[t].set(j), taken.at[j].set(True), ksum + kxx[:, j]
+    return idx.at[t].set(j), taken.at[j].set(True), ksum + column(j)
 
+  n = mean_emb.shape[0]
   idx, _, _ = jax.lax.fori_loop(0, k, body, (jnp.zeros(k, jnp.int32), jnp.zeros(n, bool),
                                              jnp.zeros(n)))
+  return idx
+
+
+def herding(x, k: int, k_active=None):
+  """Greedy kernel herding. Returns (indices [k], weights [k]); with a traced `k_active` <= k
+  only the first k_active anchors are chosen and weighted (the rest get weight 0)."""
+  bw = median_bandwidth(x)
+  kxx = rbf(x, x, bw)
+  idx = _greedy_herding(kxx.mean(1), lambda j: kxx[:, j], k)
   active = jnp.arange(k) < (k if k_active is None else k_active)
   return idx, voronoi_mass(x, idx, active, bw) * active
+
+
+def landmarks(n: int, m: int):
+  """m element positions spread evenly over the context (its frames in time order)."""
+  return np.floor((np.arange(m) + 0.5) * n / m).astype(np.int32)
+
+
+def nystrom_features(x, m: int, jitter: float = 1e-4):
+  """phi [N, m] with phi phi^T = C W^-1 C^T, the Nystrom approximation of the RBF kernel
+  matrix from m landmark elements (C = k(x, landmarks), W = k(landmarks, landmarks)); the
+  bandwidth is the median squared distance of elements to landmarks. N m distances instead
+  of N^2: the cost of herding drops by about N / m."""
+  lm = landmarks(x.shape[0], min(m, x.shape[0]))
+  d = _sq_dists(x, x[lm])                                      # [N, m]
+  c = jnp.exp(-d / jnp.maximum(median_nonneg(d.reshape(-1)), 1e-6))
+  chol = jnp.linalg.cholesky(c[lm] + jitter * jnp.eye(len(lm)))
+  return jax.scipy.linalg.solve_triangular(chol, c.T, lower=True).T
+
+
+def nystrom_herding(x, k: int, m: int, k_active=None):
+  """Herding (and Voronoi weights) on the Nystrom kernel of m landmarks: (indices, weights)."""
+  phi = nystrom_features(x, m)
+  idx = _greedy_herding(phi @ phi.mean(0), lambda j: phi @ phi[j], k)
+  active = jnp.arange(k) < (k if k_active is None else k_active)
+  sim = jnp.where(active[None, :], phi @ phi[idx].T, -jnp.inf)   # [N, K] kernel to anchors
+  mass = jnp.zeros(k).at[sim.argmax(-1)].add(1.0) / x.shape[0]
+  return idx, mass * active
+
+
+def herding_kind(selector: str) -> str:
+  """The herding a meta-training episode mimics for a device selector: the selector itself
+  if it is a herding, else exact herding."""
+  return selector if selector == "herding" or herding_size(selector) else "herding"
+
+
+def herding_order(x, k: int, selector: str):
+  """The first k elements a herding selector picks, in order. Greedy herding is
+  prefix-consistent: the first k' of them are its k'-anchor selection."""
+  sized = herding_size(selector)
+  if sized and sized[0] == "herding_ny":
+    return nystrom_herding(x, k, sized[1])[0]
+  if sized and sized[1] < x.shape[-1]:
+    x = x @ random_projection(x.shape[-1], sized[1])
+  return herding(x, k)[0]
+
+
+def prefix_weights(x, idx, k_active, selector: str):
+  """The weights herding_order's first k_active anchors (a traced count) get from the
+  selector: their Voronoi masses in its kernel; 0 for the rest."""
+  active = jnp.arange(idx.shape[0]) < k_active
+  sized = herding_size(selector)
+  if sized and sized[0] == "herding_ny":
+    phi = nystrom_features(x, sized[1])
+    sim = jnp.where(active[None, :], phi @ phi[idx].T, -jnp.inf)
+    return jnp.zeros(idx.shape[0]).at[sim.argmax(-1)].add(1.0) / x.shape[0] * active
+  if sized and sized[1] < x.shape[-1]:
+    x = x @ random_projection(x.shape[-1], sized[1])
+  return voronoi_mass(x, idx, active) * active
 
 
 def kcenter(x, k: int):
@@ -160,8 +259,14 @@ def select(x, k: int, selector: str, key=None):
   if not 1 <= k <= n:
     raise ValueError(f"ADR: K={k} anchors requested but the context has only {n} frame "
                      f"elements; use 1 <= K <= {n} (or the 'all' selector).")
+  sized = herding_size(selector)
   if selector == "herding":
     idx, w = herding(x, k)
+  elif sized and sized[0] == "herding_rp":
+    d = sized[1]
+    idx, w = herding(x if d >= x.shape[-1] else x @ random_projection(x.shape[-1], d), k)
+  elif sized:
+    idx, w = nystrom_herding(x, k, sized[1])
   elif selector == "kcenter":
     idx, w = kcenter(x, k)
   elif selector == "kmeanspp":
@@ -171,7 +276,8 @@ def select(x, k: int, selector: str, key=None):
   elif selector == "random":
     idx, w = random(x, k, key if key is not None else jax.random.key(0))
   else:
-    raise ValueError(f"unknown ADR selector {selector!r}; known: {SELECTORS}")
+    raise ValueError(f"unknown ADR selector {selector!r}; known: {SELECTORS} (herding_ny<m>, "
+                     f"herding_rp<d> at any size)")
   return x[idx], w
 
 

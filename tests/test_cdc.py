@@ -264,16 +264,42 @@ def test_sharded_generation_on_1_and_8_accelerators_gives_the_same_edits(fda_set
     generate.EditGenerator(fda, trained, device_batch=8)(_upload(bad, w, s))
 
 
-def test_herding_is_prefix_consistent():
-  # Meta-training precomputes one K_max herding order per device and takes its first k.
+@pytest.mark.parametrize("selector", ["herding", "herding_ny16", "herding_rp3"])
+def test_herding_is_prefix_consistent(selector):
+  # Meta-training precomputes one K_max herding order per device and takes its first k,
+  # weighted as the device's selector weighs a k-anchor selection.
   x = jax.random.normal(jax.random.key(7), (60, 5))
-  idx16, _ = adr.herding(x, 16)
+  idx16 = adr.herding_order(x, 16, selector)
   for k in (1, 4, 9):
-    idx_k, w_k = adr.herding(x, k)
-    assert np.array_equal(np.asarray(idx16[:k]), np.asarray(idx_k))
-    w_prefix = adr.voronoi_mass(x, idx16, jnp.arange(16) < k)
+    a_k, w_k = adr.select(x, k, selector)
+    np.testing.assert_array_equal(np.asarray(x[idx16[:k]]), np.asarray(a_k))
+    w_prefix = adr.prefix_weights(x, idx16, k, selector)
     np.testing.assert_allclose(w_prefix[:k], w_k, atol=1e-6)
     assert float(jnp.abs(w_prefix[k:]).sum()) == 0.0
+
+
+def test_nystrom_herding_approximates_herding_at_a_fraction_of_the_kernel():
+  centres = jax.random.normal(jax.random.key(0), (5, 6)) * 4
+  x = centres[jnp.arange(200) % 5] + 0.3 * jax.random.normal(jax.random.key(1), (200, 6))
+  # with every element a landmark the Nystrom kernel is the RBF kernel itself
+  phi = adr.nystrom_features(x, 200, jitter=1e-6)
+  lm = adr.landmarks(200, 200)
+  d = adr._sq_dists(x, x[lm])
+  exact = jnp.exp(-d / adr.median_nonneg(d.reshape(-1)))
+  np.testing.assert_allclose(phi @ phi.T, exact, atol=2e-3)
+  mmd = {s: float(adr.mmd2(*adr.select(x, 8, s), x)) for s in ("herding", "herding_ny32")}
+  mmd_rand = np.mean([float(adr.mmd2(*adr.select(x, 8, "random", jax.random.key(s)), x))
+                      for s in range(10)])
+  assert mmd["herding_ny32"] < mmd_rand and mmd["herding_ny32"] < 2 * mmd["herding"] + 1e-3
+  # its FLOPs: an N x m kernel, not N x N
+  big = jax.random.normal(jax.random.key(2), (224, 128))
+  flops = {s: costs.flops(lambda e: adr.select(e, 16, s), big) for s in ("herding",
+                                                                         "herding_ny32")}
+  assert flops["herding_ny32"] < flops["herding"] / 4
+  for bad in ("herding_ny", "herding_rp0", "herding_nyx"):
+    assert not adr.is_selector(bad)
+    with pytest.raises(ValueError, match="with n >= 1"):
+      adr.select(x, 4, bad)
 
 
 def test_diagnosis_of_the_edit_code_distance_and_label_prior(smoke_config, task, bench,

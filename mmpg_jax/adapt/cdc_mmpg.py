@@ -84,7 +84,9 @@ def validate_config(cfg, task, model, abstract_params) -> None:
     need(0 <= k <= n_el, "fda.train_ks", cfg.fda.train_ks,
          f"each K in 0..{n_el} (0 = all anchor elements; {where})")
   for sel in (a.selector,) + tuple(a.ablations):
-    need(sel in adr.SELECTORS, "adr.selector/ablations", sel, f"known: {adr.SELECTORS}")
+    need(adr.is_selector(sel), "adr.selector/ablations", sel, f"known: {adr.SELECTORS}")
+  need(a.selector not in a.ablations, "adr.ablations", a.ablations,
+       f"an ablation other than the default selector {a.selector!r} (cdc_mmpg is its row)")
   flat = P.flatten(abstract_params)
   for path in P.select(abstract_params, cfg.fda.edit_leaves):
     shape = flat[path].shape

@@ -111,7 +111,8 @@ def train(task, model, fda, experts, base_params, cfg, val_feats, workdir, metri
     # on its own training devices an expert looks better than it generalises.
     pool = fda_stage.encode_meta_pool(task, model, base_params, sc, summary=summary,
                                       what=f"{stage} meta devices",
-                                      first_id=cfg.fda.meta_devices)
+                                      first_id=cfg.fda.meta_devices,
+                                      selector=cfg.adr.selector)
     return lambda step: fda_stage.episode_batch(pool, sc, cfg.seed, step)
 
   validate = meta_train.validator(task, model, val_feats, lambda rp, dev: P.apply_edit(

@@ -35,22 +35,31 @@ STAGE = "fda"
 
 
 def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int = 64,
-                     what: str = "fda meta devices", first_id: int = 0) -> dict:
+                     what: str = "fda meta devices", first_id: int = 0,
+                     selector: str = "herding") -> dict:
   """Encodes `fc.meta_devices` fresh meta devices (ids first_id..first_id+meta_devices-1; a
   stage that must not see another's devices starts past them).
 
   What depends only on the frozen device model is computed here once per device, not in
   every step: the herding order of each modality's context elements (greedy herding is
   prefix-consistent, so the first k of a K_max selection are the k-anchor selection) and the
-  device's summary."""
+  device's summary. The herding is the device's selector's (`adr.herding_kind`), so episodes
+  see the anchors devices send; each K of `fc.train_ks` has its prefix's weights."""
   k_max = max(max(fc.train_ks), 1)
+  herd = adr.herding_kind(selector)
+  ks = np.asarray(sorted(set(fc.train_ks)), np.int32)
+  m0 = task.anchor_modalities[0]
   consts = task.device_constants(model, params)
 
   def extra(p, out):
     ctx = out["context"]
     elements = jax.vmap(task.anchor_elements)(ctx)
-    more = {"herd_idx": {m: jax.vmap(lambda e: adr.herding(e, k_max)[0])(el)
-                         for m, el in elements.items()}}
+    idx = {m: jax.vmap(lambda e: adr.herding_order(e, k_max, herd))(el)
+           for m, el in elements.items()}
+    more = {"herd_idx": idx, "herd_ks": jnp.broadcast_to(ks, (len(idx[m0]), len(ks))),
+            "herd_weights": {m: jax.vmap(lambda e, i: jnp.stack([
+                adr.prefix_weights(e, i, k, herd) for k in ks]))(el, idx[m])
+                for m, el in elements.items()}}
     if summary is not None:
       more["summary"] = jax.vmap(lambda c: summary(p, {task.context_role: c, **consts}))(ctx)
     return more
@@ -63,14 +72,14 @@ def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int =
 
 def episode_upload(task, dev, k):
   """The anchors of one meta episode: per modality the first k of the device's herding order
-  (k = 0: every element), weighted by Voronoi mass."""
+  (k = 0: every element), weighted by their Voronoi masses (encode_meta_pool's table)."""
   anchors, weights = {}, {}
   elements = task.anchor_elements(dev[task.context_role])
   for mod in task.anchor_modalities:
     el = elements[mod]
     n_el = el.shape[0]
     idx = dev["herd_idx"][mod]
-    w = adr.voronoi_mass(el, idx, jnp.arange(idx.shape[0]) < k)
+    w = jnp.where((dev["herd_ks"] == k)[:, None], dev["herd_weights"][mod], 0.0).sum(0)
     anchors[mod] = el
     weights[mod] = jnp.where(k == 0, jnp.full(n_el, 1.0 / n_el), jnp.zeros(n_el).at[idx].add(w))
   return Upload(anchors, weights, dev.get("summary"))
@@ -139,7 +148,8 @@ def train_fda(task, model, fda, base_params, cfg, val_feats, workdir, metrics, s
 
   def make_batches():
     t = time.time()
-    pool = encode_meta_pool(task, model, base_params, fc, summary=summary)
+    pool = encode_meta_pool(task, model, base_params, fc, summary=summary,
+                            selector=cfg.adr.selector)
     logging.info("%s: encoded %d fresh meta devices in %.1fs", stage, fc.meta_devices,
                  time.time() - t)
     return lambda step: episode_batch(pool, fc, cfg.seed, step)
