@@ -24,7 +24,9 @@ Laid out for batched generation (thousands of devices per call), each piece one 
   - the GRU's input is [z, layer_emb[n]], so its input projection is split: z's part is one
     matmul for all layers, the layer embeddings' part does not depend on the device at all;
     each step is one [D, 3D] matmul for the three gates;
-  - a layer's heads (every piece of every leaf it edits) are one kernel, its output split.
+  - a layer's heads (every piece of every leaf it edits) are one kernel, its output split;
+  - attention pooling scores the anchors against the queries moved through the key
+    projection (device-independent), not against every anchor's projected key.
 The per-leaf layout (per_leaf.py) is the same network one module per piece: checkpoints
 written before this layout load through `per_leaf.stack`, and the tests hold the two equal.
 The pieces are methods (`encode`, `label_prior`, `domain_code`, `layer_codes`, `heads`,
@@ -81,6 +83,17 @@ def grouped_em(logits, weights, source, groups, iterations: int):
   return ratio[g_of, j_of]
 
 
+class DenseParams(nn.Module):
+  """A Dense layer's parameters (kernel, bias), initialised as nn.Dense's, for a caller that
+  uses them in another order than x @ kernel + bias."""
+  features: int
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    return (self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features)),
+            self.param("bias", nn.initializers.zeros, (self.features,)))
+
+
 class SetEncoder(nn.Module):
   """One modality's anchors -> per-anchor features h [K, H] and their attention pooling
   [M * H] (learned queries; log-weights as a prior on attention; dead anchors masked)."""
@@ -95,8 +108,11 @@ class SetEncoder(nn.Module):
     h = nn.relu(nn.Dense(self.hidden, name="phi2")(h))              # [K, H]
     queries = self.param("queries", nn.initializers.normal(0.02),
                          (self.num_queries, self.hidden))
-    keys = nn.Dense(self.hidden, name="key")(h)
-    logits = queries @ keys.T / np.sqrt(self.hidden) + jnp.log(jnp.where(live, weights, 1.0))
+    # queries @ (h W + b)^T without projecting every anchor: (queries W^T) h^T + queries b,
+    # where queries W^T does not depend on the device (an [H, H] matmul per anchor saved).
+    kernel, bias = DenseParams(self.hidden, name="key")(self.hidden)
+    logits = (queries @ kernel.T) @ h.T + (queries @ bias)[:, None]
+    logits = logits / np.sqrt(self.hidden) + jnp.log(jnp.where(live, weights, 1.0))
     logits = jnp.where(live[None, :], logits, -1e30)
     return h, (jax.nn.softmax(logits, -1) @ h).reshape(-1)
 
