@@ -1,6 +1,6 @@
 r"""Benchmarks: figures and ratios measured side by side in one run, one JSON object per line.
 
-  python -m mmpg_jax.bench [--what=generate,stream,device_adaptation,main_job,adr]
+  python -m mmpg_jax.bench [--what=generate,stream,device_adaptation,meta_pool,main_job,adr]
       [--config=configs/moving_digits_qa.py] [--run_dir=<a finished run of that config>]
 
   generate           cloud edit generation (the FDA forward) for N = --num_devices (default
@@ -20,6 +20,9 @@ r"""Benchmarks: figures and ratios measured side by side in one run, one JSON ob
                      method's device path (anchor selection + summary, then merging the edit)
                      against fta_k5, with bytes up and down; on the validation devices of the
                      config's data, with --run_dir's trained model and FDA when given.
+  meta_pool          the FDA's meta-device pool (render, encode, herding order, summary) of
+                     --pool_devices fresh devices, with the config's selector and exact herding:
+                     devices/s (the default QA job's slowest single stage on a CPU).
   main_job           `python -m mmpg_jax.main` with this --config into a fresh workdir; its
                      stage times (data, global training, method families incl. meta-training,
                      evaluation) from the run's metrics.jsonl.
@@ -46,10 +49,11 @@ from mmpg_jax import params as P
 from mmpg_jax.adapt import baselines, cdc_mmpg
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
+from mmpg_jax.fda import stage as fda_stage
 from mmpg_jax.methods import MethodContext
 from mmpg_jax.upload import Upload
 
-BENCHMARKS = ("generate", "stream", "device_adaptation", "main_job", "adr")
+BENCHMARKS = ("generate", "stream", "device_adaptation", "meta_pool", "main_job", "adr")
 DEFAULT_CONFIG = "configs/moving_digits_qa.py"
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config",
                                           lock_config=True)
@@ -61,6 +65,7 @@ _N = flags.DEFINE_list("num_devices", ["1000", "10000", "100000"], "device count
 _BATCH = flags.DEFINE_integer("device_batch", 1024, "devices per compiled chunk")
 _K = flags.DEFINE_integer("k", 16, "anchors per device")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats (best is reported)")
+_POOL = flags.DEFINE_integer("pool_devices", 1024, "meta devices the meta_pool benchmark encodes")
 
 
 def _best_time(fn, repeats):
@@ -306,6 +311,31 @@ def bench_device_adaptation(cfg):
   return rows
 
 
+def bench_meta_pool(cfg):
+  """The FDA's meta-device pool: render, encode, herding order and summary of --pool_devices
+  fresh meta devices (fda.stage.encode_meta_pool), with the config's selector and with exact
+  herding; devices/s of each."""
+  task = tasks.build(cfg)
+  model = task.build_model()
+  params = task.init_params(model, cfg.seed)
+  prior = task.source_prior(task.prepare_data())
+  summary = round_trip.device_summary(task, model, cfg, prior)
+  fc = cfg.fda.copy_and_resolve_references()
+  with fc.unlocked():
+    fc.meta_devices = _POOL.value
+  out = {"benchmark": "meta_pool", "task": cfg.task, "devices": _POOL.value,
+         "backend": jax.default_backend(), "devices_per_s": {}}
+  warm = fc.copy_and_resolve_references()
+  with warm.unlocked():
+    warm.meta_devices = min(64, _POOL.value)      # one chunk: the same compiled shapes
+  for sel in dict.fromkeys((cfg.adr.selector, "herding")):
+    fda_stage.encode_meta_pool(task, model, params, warm, summary=summary, selector=sel)
+    t = time.perf_counter()
+    fda_stage.encode_meta_pool(task, model, params, fc, summary=summary, selector=sel)
+    out["devices_per_s"][sel] = _POOL.value / (time.perf_counter() - t)
+  return [out]
+
+
 def bench_main_job(cfg):
   workdir = tempfile.mkdtemp(prefix="mmpg_bench_main_")
   cmd = [sys.executable, "-m", "mmpg_jax.main", *_config_args(), f"--workdir={workdir}"]
@@ -358,7 +388,8 @@ def main_(argv):
   for what in _WHAT.value:
     fn = {"generate": lambda: bench_generate(cfg, peak), "stream": lambda: bench_stream(cfg),
           "device_adaptation": lambda: bench_device_adaptation(cfg),
-          "main_job": lambda: bench_main_job(cfg), "adr": lambda: bench_adr(cfg)}[what]
+          "meta_pool": lambda: bench_meta_pool(cfg), "main_job": lambda: bench_main_job(cfg),
+          "adr": lambda: bench_adr(cfg)}[what]
     for row in fn():
       print(json.dumps(row), flush=True)
 

@@ -4,8 +4,9 @@ A stage meta-trains a cloud network (the FDA, DUET's generator, Persona's editor
 on simulated meta devices, never seen by the global model (the task's meta devices are
 disjoint from its cloud training data), and keeps the parameters that score best on the
 validation devices. This module gives such a stage its parts:
-  encode_devices   render and encode meta devices once, in fixed-size chunks (one compile),
-                   with progress, rate and ETA, honouring SIGTERM;
+  encode_devices   render and encode meta devices once, in fixed-size chunks (one compile;
+                   the next chunk rendered while one is encoded), with progress, rate and
+                   ETA, honouring SIGTERM;
   pool_batch       a step's devices of an encoded pool: a per-epoch permutation, so every
                    device is used once before any repeats (a function of seed and step only);
   validator        the mean selection metric on validation devices of any `params_of(net,
@@ -40,13 +41,24 @@ def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
   ids = [int(i) for i in ids]
   n = len(ids)
   chunk_devices = max(1, min(chunk_devices, n))   # a small set is not padded to a full chunk
-  parts = []
-  t0, last_log = time.time(), time.time()
+  chunks = []
   for s in range(0, n, chunk_devices):
     part = ids[s:s + chunk_devices]
-    part += [part[-1]] * (chunk_devices - len(part))            # fixed shapes: one compile
-    f = jax.tree.map(np.asarray, enc(params, task.meta_devices(part, query_size)))
-    parts.append(jax.tree.map(lambda v: v[:min(chunk_devices, n - s)], f))
+    chunks.append(part + [part[-1]] * (chunk_devices - len(part)))   # fixed shapes: one compile
+  parts = []
+  t0, last_log = time.time(), time.time()
+
+  def collect(s, out):
+    parts.append(jax.tree.map(lambda v: np.asarray(v)[:min(chunk_devices, n - s)], out))
+
+  # As generation streams: chunk i's encoding is dispatched (asynchronously) before chunk i+1
+  # is rendered on the host, and fetched after, so rendering and encoding overlap.
+  pending = None
+  for i, s in enumerate(range(0, n, chunk_devices)):
+    out = enc(params, task.meta_devices(chunks[i], query_size))
+    if pending is not None:
+      collect(*pending)
+    pending = (s, out)
     done = min(n, s + chunk_devices)
     if preemption.requested():        # minutes of encoding: stop now, nothing to save yet
       raise preemption.Preempted(f"preempted (SIGTERM) while encoding {what} ({done}/{n}); "
@@ -57,6 +69,7 @@ def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
       logging.info("encoded %d/%d %s | %.1f devices/s, ETA %.0fs", done, n, what, rate,
                    (n - done) / max(rate, 1e-9))
       last_log = time.time()
+  collect(*pending)
   return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
