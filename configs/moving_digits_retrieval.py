@@ -57,6 +57,9 @@ def get_config(arg: str = ""):
     # robustness variant: cloud_tent, the highest label-free row on the validation devices
     # (3 seeds); em2 needs label groups, which retrieval has not.
     c.cdc_robust.variants = ("cloud_tent", "mean_edit", "nearest_edit")
+    # Exact herding: Nystrom herding's Cholesky factorisations, one per modality and K in one
+    # compiled meta-pool program, hung the XLA CPU runtime here (config checks refuse it).
+    c.adr.update(dict(selector="herding", ablations=("random",)))
   if smoke:
     c.model.update(dict(frame_channels=(4, 8, 8), embed_dim=16, text_dim=8, joint_dim=8,
                         head_hidden=16))

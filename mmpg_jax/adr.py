@@ -159,7 +159,10 @@ def nystrom_features(x, m: int, jitter: float = 1e-4):
   d = _sq_dists(x, x[lm])                                      # [N, m]
   c = jnp.exp(-d / jnp.maximum(median_nonneg(d.reshape(-1)), 1e-6))
   chol = jnp.linalg.cholesky(c[lm] + jitter * jnp.eye(len(lm)))
-  return jax.scipy.linalg.solve_triangular(chol, c.T, lower=True).T
+  phi = jax.scipy.linalg.solve_triangular(chol, c.T, lower=True).T
+  # A landmark kernel too singular for float32 (many identical elements) fails the Cholesky
+  # with NaN: fall back to the kernel columns themselves (a cruder, finite feature map).
+  return jnp.where(jnp.isfinite(phi).all(), phi, c)
 
 
 def nystrom_herding(x, k: int, m: int, k_active=None):

@@ -282,11 +282,17 @@ def test_nystrom_herding_approximates_herding_at_a_fraction_of_the_kernel():
   centres = jax.random.normal(jax.random.key(0), (5, 6)) * 4
   x = centres[jnp.arange(200) % 5] + 0.3 * jax.random.normal(jax.random.key(1), (200, 6))
   # with every element a landmark the Nystrom kernel is the RBF kernel itself
-  phi = adr.nystrom_features(x, 200, jitter=1e-6)
-  lm = adr.landmarks(200, 200)
-  d = adr._sq_dists(x, x[lm])
+  y = jax.random.normal(jax.random.key(3), (40, 6))
+  d = adr._sq_dists(y, y)
   exact = jnp.exp(-d / adr.median_nonneg(d.reshape(-1)))
+  phi = adr.nystrom_features(y, 40, jitter=1e-6)
   np.testing.assert_allclose(phi @ phi.T, exact, atol=2e-3)
+  # a context of identical elements (a singular landmark kernel) still gives finite anchors
+  for same in (jnp.ones((224, 128)), jnp.concatenate([jnp.ones((200, 128)), y[:24, :1] *
+                                                      jnp.ones((24, 128))])):
+    assert np.isfinite(np.asarray(adr.nystrom_features(same, 32, jitter=0.0))).all()
+    a, w = adr.select(same, 16, "herding_ny32")
+    assert np.isfinite(np.asarray(w)).all() and np.isclose(float(w.sum()), 1.0)
   mmd = {s: float(adr.mmd2(*adr.select(x, 8, s), x)) for s in ("herding", "herding_ny32")}
   mmd_rand = np.mean([float(adr.mmd2(*adr.select(x, 8, "random", jax.random.key(s)), x))
                       for s in range(10)])
@@ -347,3 +353,20 @@ def test_diagnosis_table_has_as_many_columns_in_every_row(task, has_prior):
   assert len(table) == 4                                  # header, separator, test, test_ood
   assert len({l.count("|") for l in table}) == 1, table
   assert ("FDA prior TV" in table[0]) == has_prior
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("adr.ablations", ("random", "herding"), "other than the default selector"),
+    ("adr.selector", "herding_nyx", "adr.selector/ablations"),
+])
+def test_bad_selector_configs_are_refused_before_any_work(smoke_config, key, value, match,
+                                                          tmp_path):
+  from conftest import assert_refused_before_any_work
+  assert_refused_before_any_work(smoke_config, key, value, match, tmp_path)
+
+
+def test_nystrom_herding_is_refused_for_a_task_with_several_anchor_modalities(tmp_path):
+  import moving_digits_retrieval
+  from conftest import assert_refused_before_any_work
+  assert_refused_before_any_work(moving_digits_retrieval.get_config("smoke"), "adr.selector",
+                                 "herding_ny32", "one-modality task", tmp_path)
