@@ -1,25 +1,23 @@
 r"""Moving-digits video QA under device shift: global model, baselines and CDC-MMPG.
 
-Default (the README's main job): the headline rows (`headline` below), 437 s on this 2-core
-CPU machine (seed 0, 2026-12-06, data prepared: global model 126 s, the cdc_mmpg family 235 s
-with its 4,096-device meta pool, cdc_robust 17 s, evaluation of 11 methods 35 s); a second run
-from a fresh clone, the same results.json, took 513 s, every stage 10-20% slower:
+Default (the README's main job): the headline rows (`headline` below), 421 s on this 2-core
+CPU machine (seed 0, 2026-12-06, data prepared: global model 136 s, the cdc_mmpg family 191 s
+with its 4,096-device meta pool, cdc_robust 15 s, evaluation of 12 methods 48 s):
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py --workdir=runs/default
-Study: every row (every FTA budget, ADR selector and K, robustness variant, rival), 1,054 s
-here (global model 142 s, cdc_mmpg 301 s, cdc_robust 433 s: two more FDAs, `wide`'s and the
-router's, evaluation of 29 methods 137 s); its results.json equals, byte for byte, that of the
-default before the default became the headline rows (2026-12-06):
+Study: every row (every FTA budget, ADR selector and K, robustness variant, rival) with exact
+herding, 1,054 s here before the FDA's stacked layout (global model 142 s, cdc_mmpg 301 s,
+cdc_robust 433 s: two more FDAs, `wide`'s and the router's, evaluation of 29 methods 137 s):
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py:study --workdir=runs/qa_study
 Smoke (the study's code path, tiny), about 2 min here:
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py:smoke --workdir=/tmp/smoke
 
 Expected result of the default run (seed 0, this machine, 30 test / 20 OOD devices, accuracy in
-%): test global 79.1, prior_em 81.3, fta_k5 81.8, lame 83.0, cdc_mmpg 84.7 (54% of the oracle −
-global margin, with 0 labels and 0 device backward passes), oracle 89.4; OOD global 61.2,
-fta_k5 66.9, cdc_mmpg 64.6, oracle 83.0. The study's 6,144-device pool gives cdc_mmpg 84.4 /
-66.8 on the same seed (515 s): the smaller pool costs 2.2 OOD points on this seed, within the
-seed spread of the 3-seed table (docs/results.md), which has the study's figures. The smoke run
-only checks that every stage runs end to end; its numbers mean nothing.
+%): test global 79.1, prior_em 81.3, fta_k5 81.8, lame 83.0, cdc_mmpg 83.9 (47% of the oracle −
+global margin, with 0 labels, 0 device backward passes and 7.6 MFLOP on the device beyond
+encoding its context, fta_k5 8.0 at 5 steps), oracle 89.4; OOD global 61.2, fta_k5 66.9,
+cdc_mmpg 66.2, oracle 83.0. The FDA's numbers move with float rounding (another machine, or
+another XLA) by about a seed's spread (docs/results.md has 3 seeds). The smoke run only checks
+that every stage runs end to end; its numbers mean nothing.
 
 Override anything from the command line, e.g. --config.train.num_steps=500.
 """
