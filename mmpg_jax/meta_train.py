@@ -14,6 +14,7 @@ validation devices. This module gives such a stage its parts:
   train_selected   the loop: AdamW, validation at step 0 and every `eval_every` steps, the
                    best parameters kept, resumed and checkpointed by `train.run_stage`.
 """
+import concurrent.futures
 import time
 
 import jax
@@ -47,29 +48,27 @@ def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
     chunks.append(part + [part[-1]] * (chunk_devices - len(part)))   # fixed shapes: one compile
   parts = []
   t0, last_log = time.time(), time.time()
-
-  def collect(s, out):
-    parts.append(jax.tree.map(lambda v: np.asarray(v)[:min(chunk_devices, n - s)], out))
-
-  # As generation streams: chunk i's encoding is dispatched (asynchronously) before chunk i+1
-  # is rendered on the host, and fetched after, so rendering and encoding overlap.
-  pending = None
-  for i, s in enumerate(range(0, n, chunk_devices)):
-    out = enc(params, task.meta_devices(chunks[i], query_size))
-    if pending is not None:
-      collect(*pending)
-    pending = (s, out)
-    done = min(n, s + chunk_devices)
-    if preemption.requested():        # minutes of encoding: stop now, nothing to save yet
-      raise preemption.Preempted(f"preempted (SIGTERM) while encoding {what} ({done}/{n}); "
-                                 f"they are recomputed on rerun, which resumes from the last "
-                                 f"checkpoint")
-    if time.time() - last_log > 10 or done == n:
-      rate = done / max(time.time() - t0, 1e-9)
-      logging.info("encoded %d/%d %s | %.1f devices/s, ETA %.0fs", done, n, what, rate,
-                   (n - done) / max(rate, 1e-9))
-      last_log = time.time()
-  collect(*pending)
+  # A host thread renders chunk i+1 (numpy, one device at a time) while chunk i is encoded:
+  # the main thread only dispatches and waits, so the two overlap on the host's cores.
+  with concurrent.futures.ThreadPoolExecutor(1) as renderer:
+    render = lambda part: task.meta_devices(part, query_size)
+    pending = renderer.submit(render, chunks[0])
+    for i, s in enumerate(range(0, n, chunk_devices)):
+      raw = pending.result()
+      if i + 1 < len(chunks):
+        pending = renderer.submit(render, chunks[i + 1])
+      f = jax.tree.map(np.asarray, enc(params, raw))
+      parts.append(jax.tree.map(lambda v: v[:min(chunk_devices, n - s)], f))
+      done = min(n, s + chunk_devices)
+      if preemption.requested():      # minutes of encoding: stop now, nothing to save yet
+        raise preemption.Preempted(f"preempted (SIGTERM) while encoding {what} ({done}/{n}); "
+                                   f"they are recomputed on rerun, which resumes from the last "
+                                   f"checkpoint")
+      if time.time() - last_log > 10 or done == n:
+        rate = done / max(time.time() - t0, 1e-9)
+        logging.info("encoded %d/%d %s | %.1f devices/s, ETA %.0fs", done, n, what, rate,
+                     (n - done) / max(rate, 1e-9))
+        last_log = time.time()
   return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
