@@ -71,6 +71,11 @@ class CostModel:
                                self.params, dev)
     return self._cache[key]
 
+  def label_shift(self, n: int, iterations: int) -> float:
+    """The EM label-shift estimate on n context samples (`device.label_shift_ratio`): every
+    group's posteriors, then the groups' EMs, which cover the labels once."""
+    return self.label_posteriors(n) + self.em(n, iterations)
+
   def step(self, n: int, leaves, objective: str, optimizer: str) -> float:
     """One full-batch gradient step on n encoded samples."""
     key = ("step", n, tuple(leaves), objective, optimizer)

@@ -89,11 +89,12 @@ def prior_em(ctx, question_types="all"):
     return P.apply_edit(params, P.unflatten({bias_leaf: hp["scale"] * ratio}))
 
   def cost(hp):
-    # "all": every group asked of every sample; the groups' EMs cover the labels once
-    posteriors = cm.label_posteriors(n) if question_types == "all" else cm.forward(n)
+    # "all": every group asked of every sample; "asked": one forward pass per sample
+    shift = (cm.label_shift(n, ec.iterations) if question_types == "all"
+             else cm.forward(n) + cm.em(n, ec.iterations))
     return costs.DeviceCost(
         downlink_bytes=float(source_prior.size * source_prior.dtype.itemsize),  # source prior
-        device_flops=cm.encode(n) + posteriors + cm.em(n, ec.iterations))
+        device_flops=cm.encode(n) + shift)
 
   name = "prior_em" if question_types == "all" else "prior_em_asked"
   return Method(name, grid(smoothing=ec.smoothing, scale=ec.scales), adapt, cost,

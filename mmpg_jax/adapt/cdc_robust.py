@@ -220,7 +220,7 @@ def make_methods(ctx, fda, fda_params, summary, other_fda_params):
 
     def cost(hp):
       c = first_cost(hp)
-      c.device_flops += cm.label_posteriors(n_ctx) + cm.em(n_ctx, ec.iterations)
+      c.device_flops += cm.label_shift(n_ctx, ec.iterations)
       return c
     second = grid(scale=tuple(rc.em2_scales), smoothing=tuple(ec.smoothing))
     return adapt, cost, tuple(dict(a, **b) for a in first_grid for b in second)

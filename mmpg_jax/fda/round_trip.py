@@ -104,8 +104,7 @@ def cost_fns(task, model, params, cfg, cm, fda, fda_params, summary):
     def cost(hp):
       flops = cm.encode(n_ctx) + cm.adr(selector, k) + cm.merge(edit_shape)
       if summary is not None:     # every label group asked of every context sample, + EM
-        flops += (cm.label_posteriors(n_ctx)          # the groups' EMs cover the labels once
-                  + cm.em(n_ctx, cfg.baselines.prior_em.iterations))
+        flops += cm.label_shift(n_ctx, cfg.baselines.prior_em.iterations)
       up = sum(kk[m] * (d + 1) for m, d in anchor_dims.items()) + summary_floats
       return costs.DeviceCost(uplink_bytes=float(up * dbytes), downlink_bytes=float(down),
                               device_flops=flops)
