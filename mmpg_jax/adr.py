@@ -165,23 +165,14 @@ def nystrom_features(x, m: int, jitter: float = 1e-4):
   return jnp.where(jnp.isfinite(phi).all(), phi, c)
 
 
-def _kernel_voronoi(sim, active):
-  """Share of the elements whose most similar active anchor (sim [N, K]) is each anchor."""
-  sim = jnp.where(active[None, :], sim, -jnp.inf)
-  return jnp.zeros(sim.shape[1]).at[sim.argmax(-1)].add(1.0) / sim.shape[0] * active
-
-
 def nystrom_herding(x, k: int, m: int, k_active=None):
   """Herding (and Voronoi weights) on the Nystrom kernel of m landmarks: (indices, weights)."""
   phi = nystrom_features(x, m)
   idx = _greedy_herding(phi @ phi.mean(0), lambda j: phi @ phi[j], k)
   active = jnp.arange(k) < (k if k_active is None else k_active)
-  return idx, _kernel_voronoi(phi @ phi[idx].T, active)
-
-
-def _projected(x, dims: int):
-  """x through the fixed random projection to dims dimensions (x itself if not smaller)."""
-  return x if dims >= x.shape[-1] else x @ random_projection(x.shape[-1], dims)
+  sim = jnp.where(active[None, :], phi @ phi[idx].T, -jnp.inf)   # [N, K] kernel to anchors
+  mass = jnp.zeros(k).at[sim.argmax(-1)].add(1.0) / x.shape[0]
+  return idx, mass * active
 
 
 def herding_kind(selector: str) -> str:
@@ -190,22 +181,29 @@ def herding_kind(selector: str) -> str:
   return selector if selector == "herding" or herding_size(selector) else "herding"
 
 
-def herding_prefixes(x, k: int, ks, selector: str):
-  """(the first k elements a herding selector picks, in order [k]; for each k' of ks the
-  weights its k'-anchor selection gives them [len(ks), k], 0 past k'). Greedy herding is
-  prefix-consistent, so one order serves every K; the selector's space (projection, Nystrom
-  features) is computed once for all of them."""
+def herding_order(x, k: int, selector: str):
+  """The first k elements a herding selector picks, in order. Greedy herding is
+  prefix-consistent: the first k' of them are its k'-anchor selection."""
+  sized = herding_size(selector)
+  if sized and sized[0] == "herding_ny":
+    return nystrom_herding(x, k, sized[1])[0]
+  if sized and sized[1] < x.shape[-1]:
+    x = x @ random_projection(x.shape[-1], sized[1])
+  return herding(x, k)[0]
+
+
+def prefix_weights(x, idx, k_active, selector: str):
+  """The weights herding_order's first k_active anchors (a traced count) get from the
+  selector: their Voronoi masses in its kernel; 0 for the rest."""
+  active = jnp.arange(idx.shape[0]) < k_active
   sized = herding_size(selector)
   if sized and sized[0] == "herding_ny":
     phi = nystrom_features(x, sized[1])
-    idx = _greedy_herding(phi @ phi.mean(0), lambda j: phi @ phi[j], k)
-    sim = phi @ phi[idx].T
-    mass = lambda active: _kernel_voronoi(sim, active)
-  else:
-    x = _projected(x, sized[1]) if sized else x
-    idx = herding(x, k)[0]
-    mass = lambda active: voronoi_mass(x, idx, active) * active
-  return idx, jnp.stack([mass(jnp.arange(k) < kk) for kk in ks]).reshape(len(ks), k)
+    sim = jnp.where(active[None, :], phi @ phi[idx].T, -jnp.inf)
+    return jnp.zeros(idx.shape[0]).at[sim.argmax(-1)].add(1.0) / x.shape[0] * active
+  if sized and sized[1] < x.shape[-1]:
+    x = x @ random_projection(x.shape[-1], sized[1])
+  return voronoi_mass(x, idx, active) * active
 
 
 def kcenter(x, k: int):
@@ -268,7 +266,8 @@ def select(x, k: int, selector: str, key=None):
   if selector == "herding":
     idx, w = herding(x, k)
   elif sized and sized[0] == "herding_rp":
-    idx, w = herding(_projected(x, sized[1]), k)
+    d = sized[1]
+    idx, w = herding(x if d >= x.shape[-1] else x @ random_projection(x.shape[-1], d), k)
   elif sized:
     idx, w = nystrom_herding(x, k, sized[1])
   elif selector == "kcenter":

@@ -47,19 +47,19 @@ def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int =
   see the anchors devices send; each K of `fc.train_ks` has its prefix's weights."""
   k_max = max(max(fc.train_ks), 1)
   herd = adr.herding_kind(selector)
-  ks = tuple(sorted(set(int(k) for k in fc.train_ks)))
+  ks = np.asarray(sorted(set(fc.train_ks)), np.int32)
   m0 = task.anchor_modalities[0]
   consts = task.device_constants(model, params)
 
   def extra(p, out):
     ctx = out["context"]
     elements = jax.vmap(task.anchor_elements)(ctx)
-    order = {m: jax.vmap(lambda e: adr.herding_prefixes(e, k_max, ks, herd))(el)
-             for m, el in elements.items()}
-    more = {"herd_idx": {m: o[0] for m, o in order.items()},
-            "herd_weights": {m: o[1] for m, o in order.items()},
-            "herd_ks": jnp.broadcast_to(np.asarray(ks, np.int32),
-                                        (len(order[m0][0]), len(ks)))}
+    idx = {m: jax.vmap(lambda e: adr.herding_order(e, k_max, herd))(el)
+           for m, el in elements.items()}
+    more = {"herd_idx": idx, "herd_ks": jnp.broadcast_to(ks, (len(idx[m0]), len(ks))),
+            "herd_weights": {m: jax.vmap(lambda e, i: jnp.stack([
+                adr.prefix_weights(e, i, k, herd) for k in ks]))(el, idx[m])
+                for m, el in elements.items()}}
     if summary is not None:
       more["summary"] = jax.vmap(lambda c: summary(p, {task.context_role: c, **consts}))(ctx)
     return more
