@@ -1,7 +1,7 @@
 r"""Moving-digits video QA under device shift: global model, baselines and CDC-MMPG.
 
-Default (the README's main job): the headline rows (`headline` below), 421 s on this 2-core
-CPU machine (seed 0, 2026-12-06, data prepared: global model 136 s, the cdc_mmpg family 191 s
+Default (the README's main job): the headline rows (`headline` below), 388 s on this 2-core
+CPU machine (seed 0, 2026-12-06, data prepared; an earlier run of 421 s: global model 136 s, cdc_mmpg 191 s
 with its 4,096-device meta pool, cdc_robust 15 s, evaluation of 12 methods 48 s):
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py --workdir=runs/default
 Study: every row (every FTA budget, ADR selector and K, robustness variant, rival) with exact
@@ -12,10 +12,10 @@ Smoke (the study's code path, tiny), about 2 min here:
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py:smoke --workdir=/tmp/smoke
 
 Expected result of the default run (seed 0, this machine, 30 test / 20 OOD devices, accuracy in
-%): test global 79.1, prior_em 81.3, fta_k5 81.8, lame 83.0, cdc_mmpg 83.9 (47% of the oracle −
+%): test global 79.1, prior_em 81.3, fta_k5 81.8, lame 83.0, cdc_mmpg 84.3 (50% of the oracle −
 global margin, with 0 labels, 0 device backward passes and 7.6 MFLOP on the device beyond
 encoding its context, fta_k5 8.0 at 5 steps), oracle 89.4; OOD global 61.2, fta_k5 66.9,
-cdc_mmpg 66.2, oracle 83.0. The FDA's numbers move with float rounding (another machine, or
+cdc_mmpg 65.5, oracle 83.0. The FDA's numbers move with float rounding (another machine, or
 another XLA) by about a seed's spread (docs/results.md has 3 seeds). The smoke run only checks
 that every stage runs end to end; its numbers mean nothing.
 
