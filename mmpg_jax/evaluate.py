@@ -131,21 +131,25 @@ class Evaluator:
     return method.grid[best], scores
 
   def run(self, methods, params, val_feats, eval_feats: dict):
-    """Returns {name: {'hp', 'validation', 'grid_scores', 'per_device': {group: {metric:
-    values}}, 'diagnostics': {name: {group: values}}[, 'window': {group: positions}]}}.
-    Validation scores are signed so that higher is better. A split whose entries carry a
-    `window` (a stream task: one entry per device and window) gets each entry's position."""
+    """Returns {name: {'hp', 'validation', 'grid_scores', 'selected_on', 'per_device': {group:
+    {metric: values}}, 'diagnostics': {name: {group: values}}[, 'window': {group:
+    positions}]}}. Validation scores are signed so that higher is better. A method whose
+    `select_on` is "val_ood" is selected on the validation OOD group (eval_feats['val_ood'],
+    itself a validation group, reported beside test) where there is one. A split whose entries
+    carry a `window` (a stream task: one entry per device and window) gets each entry's
+    position."""
     out = {}
     sel = self.task.selection_metric.name
     for m in methods:
       t0 = time.time()
-      hp, scores = self.select(m, params, val_feats)
+      on = "val_ood" if m.select_on == "val_ood" and "val_ood" in eval_feats else "validation"
+      hp, scores = self.select(m, params, eval_feats[on] if on == "val_ood" else val_feats)
       per_group = {g: self.per_device_metrics(m, params, f, hp) for g, f in eval_feats.items()}
       per_group_diag = {g: self.diagnostics(m, f) for g, f in eval_feats.items()}
       names = next(iter(per_group_diag.values()), {})
       diags = {name: {g: d[name] for g, d in per_group_diag.items()} for name in names}
       out[m.name] = {"hp": hp, "validation": max(scores), "grid_scores": scores,
-                     "grid": list(m.grid),
+                     "grid": list(m.grid), "selected_on": on,
                      "per_device": per_group, "diagnostics": diags}
       # A stream task's entries are (device, window) pairs: the report averages by position.
       windows = {g: np.asarray(f["window"]) for g, f in eval_feats.items() if "window" in f}

@@ -50,6 +50,9 @@ def run(config, workdir: str) -> dict:
   groups = {"test": task.encode_split(model, params, data.devices("test"))}
   if config.data.num_ood_devices > 0:
     groups["test_ood"] = task.encode_split(model, params, data.devices("test_ood"))
+  if config.data.get("num_val_ood_devices", 0) > 0:
+    # the held-out shift family robustness choices are made on (a validation group)
+    groups["val_ood"] = task.encode_split(model, params, data.devices("val_ood"))
   seconds["encode_eval_devices"] = time.time() - t
   logging.info("encoded evaluation devices in %.1fs", seconds["encode_eval_devices"])
 

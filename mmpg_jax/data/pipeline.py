@@ -145,6 +145,7 @@ def validate_data_config(cfg) -> None:
          f"{len(forms)} non-negative weights, one per word form {forms}")
   need(d.caption_concentration > 0, "data.caption_concentration", d.caption_concentration,
        "the Dirichlet concentration of a device's phrasing mix must be > 0")
+  check_held_out_families(d)
 
 
 class MetaDeviceSampler:
@@ -172,9 +173,10 @@ class MetaDeviceSampler:
 def check_meta_shift(data_cfg, overrides) -> None:
   """Meta-training may draw from a wider shift distribution than the evaluation devices —
   `overrides['shift']` (every meta device) or `overrides['meta_wide']` = {'fraction', 'shift'}
-  (that fraction of them; the rest from the training ranges) — but never a value that only the
-  OOD group shows: for each continuous shift, no interval of the meta ranges may meet an OOD
-  range outside the training ranges."""
+  (that fraction of them; the rest from the training ranges) — but never a value that only a
+  held-out group (test OOD, validation OOD) shows: for each continuous shift, no interval of
+  the meta ranges may meet a held-out range outside the training ranges; for each discrete
+  one, no held-out value training lacks."""
   unknown = set(overrides) - {"shift", "meta_wide", "caption_noise"}
   need(not unknown, "cdc_robust.wide_data", dict(overrides),
        "only data.shift (or meta_wide, caption_noise) may change for meta-training (not "
@@ -195,19 +197,65 @@ def check_meta_shift(data_cfg, overrides) -> None:
     _check_ranges(data_cfg, mix["shift"], "cdc_robust.wide_data.shift")
 
 
+# The held-out groups: (split, its data.<ranges> key, its data.<count> key).
+HELD_OUT = (("test_ood", "ood_shift", "num_ood_devices"),
+            ("val_ood", "val_ood_shift", "num_val_ood_devices"))
+
+
+def held_out_groups(data_cfg) -> dict:
+  """{split: shift ranges} of the held-out groups this config has devices in."""
+  return {split: data_cfg[key] for split, key, count in HELD_OUT
+          if key in data_cfg and data_cfg.get(count, 0) > 0}
+
+
+def _values(v) -> set:
+  """A discrete shift value (an int, a float, a tuple of choices) as a set."""
+  return {float(x) for x in np.ravel(np.asarray(v, np.float64))}
+
+
+def shift_family(data_cfg, ranges) -> set:
+  """The shift keys whose ranges in `ranges` differ from training's: a group's family."""
+  return {k for k in ranges if k in data_cfg.shift
+          and _values(ranges[k]) != _values(data_cfg.shift[k])}
+
+
+def check_held_out_families(data_cfg) -> None:
+  """The validation OOD group's shift family is disjoint from the test OOD group's: robustness
+  choices made on val_ood never see the kind of shift test_ood measures."""
+  groups = held_out_groups(data_cfg)
+  if "val_ood" not in groups:
+    return
+  val = shift_family(data_cfg, groups["val_ood"])
+  need(bool(val), "data.val_ood_shift", sorted(val), "a shift family of its own: at least one "
+       "range that differs from training's (data.shift)")
+  if "test_ood" in groups:
+    test = shift_family(data_cfg, groups["test_ood"])
+    need(not (val & test), "data.val_ood_shift", sorted(val & test),
+         f"a family disjoint from the test OOD group's ({sorted(test)}): robustness choices "
+         f"are made on val_ood, so it must not preview the shift test_ood measures")
+
+
 def _check_ranges(data_cfg, shift, key_name) -> None:
+  """Meta shift ranges never draw a value only a held-out group (test_ood, val_ood) shows:
+  continuous ranges by interval, discrete keys (stroke thickness, clutter fragments, ...) by
+  value."""
   bad = set(shift) - set(data_cfg.shift)
   need(not bad, key_name, sorted(bad), f"known: {sorted(data_cfg.shift)}")
-  for key in md.CONTINUOUS_SHIFTS:
-    if key not in shift:
-      continue
-    train = md.intervals(data_cfg.shift[key])
-    for lo, hi in md.intervals(data_cfg.ood_shift[key]):
-      # the OOD-only part of [lo, hi]: what the training ranges do not cover
-      for mlo, mhi in md.intervals(shift[key]):
-        a, b = max(lo, mlo), min(hi, mhi)
-        covered = any(tlo <= a and b <= thi for tlo, thi in train)
-        need(a >= b or covered,
-             f"{key_name}.{key}", shift[key],
-             f"it draws {a:g}..{b:g}, inside the OOD group's range {lo:g}..{hi:g} that "
-             f"training never draws; leave a gap around the OOD range")
+  for group, ranges in held_out_groups(data_cfg).items():
+    for key in shift:
+      if key not in md.CONTINUOUS_SHIFTS:
+        extra = (_values(shift[key]) & _values(ranges[key])) - _values(data_cfg.shift[key])
+        need(not extra, f"{key_name}.{key}", shift[key],
+             f"it draws {sorted(extra)}, values of the {group} group's {key} that training "
+             f"never draws")
+        continue
+      train = md.intervals(data_cfg.shift[key])
+      for lo, hi in md.intervals(ranges[key]):
+        # the held-out-only part of [lo, hi]: what the training ranges do not cover
+        for mlo, mhi in md.intervals(shift[key]):
+          a, b = max(lo, mlo), min(hi, mhi)
+          covered = any(tlo <= a and b <= thi for tlo, thi in train)
+          need(a >= b or covered,
+               f"{key_name}.{key}", shift[key],
+               f"it draws {a:g}..{b:g}, inside the {group} group's range {lo:g}..{hi:g} that "
+               f"training never draws; leave a gap around it")

@@ -3,10 +3,12 @@
 `moving_digits_cloud`   split global_train: one example per video, every question type answered,
                         its caption and caption content; the cloud's pooled data for the
                         global model.
-`moving_digits_devices` splits validation / test / test_ood: one example per device with its
-                        roles (context, support, query, oracle) and its shift parameters.
-                        validation is for model selection; test is touched only by the final
-                        evaluation; test_ood's shift parameters never occur in training.
+`moving_digits_devices` splits validation / test / test_ood / val_ood: one example per device
+                        with its roles (context, support, query, oracle) and its shift
+                        parameters. validation is for model selection; test is touched only
+                        by the final evaluation; test_ood's shift parameters never occur in
+                        training; val_ood is a held-out shift family disjoint from test_ood's,
+                        on which robustness choices are made.
 Meta-training devices are not stored: `moving_digits.make_device(cfg, "meta", i, ...)` draws as
 many fresh ones as a method wants with the same code (see `pipeline.MetaDeviceSampler`).
 
@@ -21,7 +23,7 @@ import tensorflow_datasets as tfds
 
 from mmpg_jax.data import moving_digits as md
 
-DEVICE_SPLITS = ("validation", "test", "test_ood")
+DEVICE_SPLITS = ("validation", "test", "test_ood", "val_ood")
 
 
 def data_config_dict(data_cfg) -> dict:
@@ -61,7 +63,7 @@ def _role_features(cfg, n, labelled):
 def device_split_sizes(cfg) -> dict:
   """{split: devices} of the evaluation splits."""
   return {"validation": cfg["num_val_devices"], "test": cfg["num_test_devices"],
-          "test_ood": cfg["num_ood_devices"]}
+          "test_ood": cfg["num_ood_devices"], "val_ood": cfg.get("num_val_ood_devices", 0)}
 
 
 class _Base(tfds.core.GeneratorBasedBuilder):
@@ -120,7 +122,8 @@ class MovingDigitsCloud(_Base):
 
 class MovingDigitsDevices(_Base):
   """Evaluation devices, one example per device with its roles (context without answers,
-  support, query, oracle) and its shift parameters: splits validation, test, test_ood."""
+  support, query, oracle) and its shift parameters: splits validation, test, test_ood and
+  val_ood (the held-out shift family robustness choices are made on)."""
 
   def _info(self):
     cfg = self.builder_config.data
