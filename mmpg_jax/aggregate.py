@@ -1,6 +1,13 @@
-r"""Mean and spread over seeds: one markdown table from several runs' results.json.
+r"""Mean and spread over seeds, and paired intervals: markdown tables from several runs'
+results.json.
 
   python -m mmpg_jax.aggregate runs/seed0 runs/seed1 runs/seed2 [> table.md]
+
+± is the sample standard deviation (ddof=1) over runs. The differences table pools every run's
+devices: per device, method − reference (global, global_meta, fta_k5, the run's best
+forward-only rival), with a paired bootstrap 95% interval stratified by run (mmpg_jax.stats);
+* marks an interval that excludes 0. Runs should come from one machine (name it with the
+table) and vary `seed` and `data.seed` together, so devices and meta pools change too.
 """
 import json
 import os
@@ -8,6 +15,8 @@ import sys
 
 import numpy as np
 
+from mmpg_jax import comparisons
+from mmpg_jax import stats
 from mmpg_jax import tasks
 
 
@@ -31,15 +40,19 @@ def selection_metric(run):
 
 
 def _pm(metric, xs) -> str:
-  """mean ± std in the metric's own unit (% for rates) and decimals."""
+  """mean ± sample std (ddof=1) in the metric's own unit (% for rates) and decimals."""
   scale = 100 if metric.percent else 1
+  sd = stats.sample_std(xs)
   return (f"{scale * np.mean(xs):.{metric.decimals}f} ± "
-          f"{scale * np.std(xs):.{metric.decimals}f}")
+          + (f"{scale * sd:.{metric.decimals}f}" if np.isfinite(sd) else "–"))
 
 
 def _share(xs) -> str:
   xs = 100 * np.asarray(xs, float)
-  return "–" if not np.isfinite(xs).any() else f"{np.nanmean(xs):.0f}% ± {np.nanstd(xs):.0f}"
+  if not np.isfinite(xs).any():
+    return "–"
+  sd = stats.sample_std(xs)
+  return f"{np.nanmean(xs):.0f}% ± " + (f"{sd:.0f}" if np.isfinite(sd) else "–")
 
 
 def table(runs) -> str:
@@ -51,8 +64,9 @@ def table(runs) -> str:
             f"{_pm(metric, margins)}{' points' if metric.percent else ''}.", ""]
            if None not in margins else [f"{len(runs)} runs (no oracle: no margin).", ""])
   lines += [f"| method | test {sel} | closed | OOD {sel} | OOD closed | labels | "
-            "backward passes | device FLOPs | cloud FLOPs | uplink B | downlink B |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "backward passes | cloud backward passes | device FLOPs | cloud FLOPs | uplink B | "
+            "downlink B |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for n in names:
     rs = [r["methods"][n] for r in runs if n in r["methods"]]
     acc = [r["metrics"][sel] for r in rs]
@@ -66,9 +80,19 @@ def table(runs) -> str:
     lines.append(f"| {label} | {_pm(metric, acc)} | {_share(closed)} | {_pm(metric, ood)} | "
                  f"{_share(closed_ood)} | "
                  f"{m['labels_used_per_device']} | {m['device_backward_passes']} | "
+                 f"{m.get('cloud_backward_passes', 0)} | "
                  f"{flops(m.get('device_flops', 0))} | {flops(m.get('cloud_flops', 0))} | "
                  f"{m['uplink_bytes']:.0f} | {m['downlink_bytes']:.0f} |")
-  return "\n".join(lines + window_table(runs, metric))
+  return "\n".join(lines + window_table(runs, metric) + difference_table(runs, metric))
+
+
+def difference_table(runs, metric) -> list:
+  """Per method, method − each reference with its paired 95% interval, pooled over runs."""
+  diffs = comparisons.differences(runs, metric.name)
+  rivals = sorted({str(comparisons.best_rival(r, metric.name)) for r in runs})
+  return (["", f"Differences in {metric.name} (per device, pooled over {len(runs)} runs; mean "
+           "[paired bootstrap 95% interval], * excludes 0; best_rival per run: "
+           f"{', '.join(rivals)}):", ""] + comparisons.table_lines(diffs, metric))
 
 
 def window_table(runs, metric) -> list:

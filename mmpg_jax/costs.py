@@ -28,6 +28,8 @@ class DeviceCost:
   device_flops: float = 0.0                # adaptation FLOPs on the device (not inference)
   labels_used_per_device: int = 0
   cloud_flops: float = 0.0                 # per-device compute in the cloud beyond generation
+  cloud_backward_passes: int = 0           # per-sample backward passes the cloud runs on the
+                                           # device's uploaded data (samples x steps)
 
   def as_dict(self):
     return dataclasses.asdict(self)

@@ -95,13 +95,39 @@ def test_aggregate_over_seeds(tmp_path):
     d = tmp_path / f"s{seed}"
     d.mkdir()
     m = {"metrics": {"accuracy": acc, "margin_closed": 0.5}, "labels_used_per_device": 0,
-         "device_backward_passes": 0, "uplink_bytes": 10.0, "downlink_bytes": 20.0}
-    methods = {"cdc_mmpg": m, **({"cdc_mmpg_opt_in": m} if seed else {})}
+         "device_backward_passes": 0, "uplink_bytes": 10.0, "downlink_bytes": 20.0,
+         "per_device": {"accuracy": [acc, acc + 0.1, acc - 0.1, acc]}}
+    g = dict(m, per_device={"accuracy": [0.5, 0.6, 0.4, 0.5]})
+    methods = {"global": g, "cdc_mmpg": m, **({"cdc_mmpg_opt_in": m} if seed else {})}
     (d / "results.json").write_text(json.dumps(
         {"oracle_global_margin": {"test": 0.1}, "methods": methods}))
   t = aggregate.table(aggregate.load([str(tmp_path / "s0"), str(tmp_path / "s1")]))
-  assert "| cdc_mmpg | 85.00 ± 5.00 | 50% ± 0 |" in t
-  # a row only the second run has is kept, and says over how many runs its ± is
-  assert "| cdc_mmpg_opt_in (1 of 2 runs) | 90.00 ± 0.00 |" in t
+  assert "| cdc_mmpg | 85.00 ± 7.07 | 50% ± 0 |" in t            # sample std, ddof=1
+  # a row only the second run has is kept, and says over how many runs its ± is (none: 1 run)
+  assert "| cdc_mmpg_opt_in (1 of 2 runs) | 90.00 ± – |" in t
+  # paired differences pooled over the runs: (0.3 + 0.4) / 2; each device gains the same
+  assert "| cdc_mmpg | +35.00 [+35.00, +35.00]* | – |" in t
   with pytest.raises(FileNotFoundError, match="finished runs"):
     aggregate.load([str(tmp_path / "nope")])
+
+
+def test_querybank_normalisation_is_the_dynamic_inverted_softmax():
+  """A hub (gallery item 0, every bank query's first) is marked down for the queries whose
+  own first item is in the activation set; a query whose first item no bank query retrieves
+  first keeps its raw scores (the 'dynamic' of DIS)."""
+  bank = jnp.array([[5.0, 1.0, 0.0], [4.0, 0.0, 1.0]])          # both retrieve item 0 first
+  scores = jnp.array([[2.0, 1.9, 0.0],                           # first item 0: normalised
+                      [0.0, 0.5, 3.0]])                          # first item 2: untouched
+  out = baselines.dynamic_inverted_softmax(scores, bank, 1.0)
+  np.testing.assert_allclose(out[1], scores[1])
+  want = scores[0] - jax.nn.logsumexp(bank, axis=0)
+  np.testing.assert_allclose(out[0], want, rtol=1e-6)
+  assert int(jnp.argmax(out[0])) == 1 and int(jnp.argmax(scores[0])) == 0   # the hub drops
+
+
+def test_dual_softmax_weighs_each_score_by_its_query_prior():
+  scores = jnp.array([[1.0, 0.2], [0.9, 0.8]])
+  out = baselines.dual_softmax(scores, 3.0)
+  np.testing.assert_allclose(out, scores * jax.nn.softmax(3.0 * scores, axis=0), rtol=1e-6)
+  # item 0 is every query's favourite: the second query, weaker on it, now prefers item 1
+  assert int(jnp.argmax(scores[1])) == 0 and int(jnp.argmax(out[1])) == 1

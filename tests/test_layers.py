@@ -19,7 +19,8 @@ FLOORS = (
     ("mmpg_jax.config_errors", 0), ("mmpg_jax.params", 0), ("mmpg_jax.preemption", 0),
     ("mmpg_jax.workdir", 0), ("mmpg_jax.kmeans", 0), ("mmpg_jax.rec_metrics", 0),
     ("mmpg_jax.checkpointing", 0), ("mmpg_jax.config_loader", 0), ("mmpg_jax.edit_shards", 0),
-    ("mmpg_jax.report_format", 0), ("mmpg_jax.upload", 0),
+    ("mmpg_jax.report_format", 0), ("mmpg_jax.upload", 0), ("mmpg_jax.stats", 0),
+    ("mmpg_jax.comparisons", 0),
     # 1 data, models and the device primitives every method uses
     ("mmpg_jax.data", 1), ("mmpg_jax.models", 1), ("mmpg_jax.device", 1), ("mmpg_jax.adr", 1),
     # 2 tasks, and device costs measured on a task's model
@@ -37,7 +38,8 @@ FLOORS = (
     ("mmpg_jax", 0),                     # the package's own __init__
 )
 # Method families: modules under adapt/ (a package counts as one family).
-FAMILIES = {"baselines": ("baselines",), "tta": ("tta",), "cdc_mmpg": ("cdc_mmpg",),
+FAMILIES = {"baselines": ("baselines",), "global_meta": ("global_meta",), "tta": ("tta",),
+            "cdc_mmpg": ("cdc_mmpg",),
             "cdc_robust": ("cdc_robust", "cdc_robust_report", "router"), "persona": ("persona",)}
 
 

@@ -1,0 +1,107 @@
+"""Headline differences between rows of one or several runs' results, with paired intervals.
+
+Each method is compared with the references a reader judges it by: the global model, the
+data-matched control `global_meta` (the global model trained on the meta devices the
+hypernetworks saw), on-device fine-tuning with 5 labels (`fta_k5`) and the best forward-only
+rival (the `rival` row with the best validation score in that run: chosen like every other
+row, never on test devices). Per device, method − reference in the selection metric; the mean
+and its paired bootstrap 95% interval over devices (stratified by run: `stats`).
+"""
+import numpy as np
+
+from mmpg_jax import stats
+from mmpg_jax.report_format import SUFFIX
+
+REFERENCES = ("global", "global_meta", "fta_k5", "best_rival")
+
+
+def best_rival(results, sel: str):
+  """The forward-only rival row with the best validation score (None if the run has none)."""
+  m = results["methods"]
+  rivals = [n for n in m if m[n].get("info", {}).get("rival")]
+  if not rivals:
+    return None
+  # every task's selection metric is higher-is-better (accuracy, R@1, uauc)
+  return max(rivals, key=lambda n: m[n].get(f"validation_{sel}", -np.inf))
+
+
+def ood_choice(results, sel: str):
+  """The out-of-distribution claim validation makes: among cdc_mmpg and the rows whose choices
+  are made for robustness (`selected_on` val_ood), the one with the best mean on the
+  validation OOD devices, with its test OOD figure. None without val_ood devices."""
+  m = results["methods"]
+  key = sel + "_val_ood"
+  rows = [n for n in m if (n == "cdc_mmpg" or m[n].get("selected_on") == "val_ood")
+          and key in m[n]["metrics"]]
+  if not rows:
+    return None
+  best = max(rows, key=lambda n: m[n]["metrics"][key])
+  return {"row": best, "candidates": rows, "val_ood": m[best]["metrics"][key],
+          "test_ood": m[best]["metrics"].get(sel + "_ood")}
+
+
+def _reference_row(results, ref, sel):
+  return best_rival(results, sel) if ref == "best_rival" else ref
+
+
+def entry_clusters(results, grp):
+  """Per-entry device ids of a group (stream tasks: entries are (device, window) pairs), or
+  None where every entry is its own device."""
+  ids = results.get("entry_device_ids", {}).get(grp)
+  return None if ids is None else np.asarray(ids)
+
+
+def differences(runs, sel: str, *, methods=None, seed: int = 0) -> dict:
+  """{reference: {method: {group: (mean, low, high)}}} of method − reference in metric `sel`,
+  pooled over `runs` (a list of results dicts), for each reference present in them."""
+  names = methods or list(dict.fromkeys(n for r in runs for n in r["methods"]))
+  out = {}
+  for ref in REFERENCES:
+    per_ref = {}
+    for name in names:
+      per_grp = {}
+      for grp, sfx in SUFFIX.items():
+        diffs, clusters = [], []
+        for r in runs:
+          row = _reference_row(r, ref, sel)
+          m = r["methods"]
+          if row is None or row == name or row not in m or name not in m:
+            continue
+          a, b = m[name]["per_device"].get(sel + sfx), m[row]["per_device"].get(sel + sfx)
+          if a is None or b is None:
+            continue
+          diffs.append(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+          clusters.append(entry_clusters(r, grp))
+        if diffs:
+          per_grp[grp] = stats.paired_bootstrap(diffs, clusters, seed=seed)
+      if per_grp:
+        per_ref[name] = per_grp
+    if per_ref:
+      out[ref] = per_ref
+  return out
+
+
+def fmt_interval(interval, scale: float = 1.0, decimals: int = 1) -> str:
+  """'+1.2 [+0.3, +2.1]*' (the star: the interval excludes 0)."""
+  if interval is None or not np.all(np.isfinite(interval)):
+    return "–"
+  mean, lo, hi = (scale * x for x in interval)
+  star = "*" if stats.excludes_zero(interval) else ""
+  return f"{mean:+.{decimals}f} [{lo:+.{decimals}f}, {hi:+.{decimals}f}]{star}"
+
+
+def table_lines(diffs, metric, groups=("test", "test_ood")) -> list:
+  """A markdown table: per method, its difference from each reference, per group."""
+  refs = [r for r in REFERENCES if r in diffs]
+  if not refs:
+    return []
+  scale = 100 if metric.percent else 1
+  names = list(dict.fromkeys(n for r in refs for n in diffs[r]))
+  head = "| method | " + " | ".join(f"− {r} ({'OOD' if g == 'test_ood' else g})"
+                                    for r in refs for g in groups) + " |"
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for n in names:
+    cells = [fmt_interval(diffs[r].get(n, {}).get(g), scale, metric.decimals)
+             for r in refs for g in groups]
+    lines.append(f"| {n} | " + " | ".join(cells) + " |")
+  return lines
