@@ -40,7 +40,7 @@ def get_config(arg: str = ""):
   c.data = mlc.ConfigDict(dict(
       name="drifting_digits", seed=0, size=28, rotation_jitter=10.0, jitter=2,
       num_global_devices=150, global_images_per_device=64,
-      num_val_devices=30, num_test_devices=30, num_ood_devices=20,
+      num_val_devices=30, num_test_devices=30, num_ood_devices=20, num_val_ood_devices=20,
       # per window
       context_size=32, support_size=10, query_size=48, oracle_size=96,
       data_dir="",                      # "" = $MMPG_DATA_DIR or ~/.cache/mmpg_jax/tfds
@@ -53,6 +53,9 @@ def get_config(arg: str = ""):
   c.data.ood_shift = qa.shift_ranges(rotation=(50.0, 60.0), blur=(0.4, 0.6),
                                      clutter_fragments=4, clutter_alpha=(0.3, 0.6),
                                      noise=(0.35, 0.42))
+  # Validation OOD streams: the video benchmark's held-out family (stroke: faint and heavy),
+  # disjoint from the test OOD group's; robustness choices are made on them.
+  c.data.val_ood_shift = qa.shift_ranges(thickness=(-2, 3))
   # How a device's shift moves from one window to the next (drifting_digits.drift_step).
   c.data.drift = mlc.ConfigDict(dict(
       windows=6,
@@ -80,7 +83,7 @@ def get_config(arg: str = ""):
   c.fda.full_delta_max = 5000
   if not smoke:
     c.fda.meta_devices = 12288          # as many meta-training windows as Persona and DUET see
-  c.cdc_robust.variants = ("mean_edit", "nearest_edit")
+  c.cdc_robust.variants = ("mean_edit", "noisy_mean_edit", "nearest_edit")
   c.cdc_robust.cloud_leaves = c.baselines.tent.leaves
   c.adr.update(dict(k=8, k_sweep=(2, 8, 32), ablations=("random", "all")))
   if arg == "":                         # the headline rows: one anchor ablation, no K sweep
@@ -108,13 +111,15 @@ def get_config(arg: str = ""):
   if arg == "":
     # The headline rows: the ablations are the study's, and K = 2 prototypes, validation's
     # choice on every seed of the study (each K is its own meta-trained stage, ~1 min here).
-    c.persona.ablations.update(dict(prototypes=(), epsilons=(), frozen_heads=False))
+    # DUET's released form (untrained heads) stays beside ours: one more ~1 min stage.
+    c.persona.ablations.update(dict(prototypes=(), epsilons=(), frozen_heads=True))
     c.persona.prototypes = (2,)
-  c.method_families = ("baselines", "tta", "cdc_mmpg", "cdc_robust", "persona")
+  c.global_meta.devices_per_step = 32   # the FDA's 12,288 meta windows, 32 queries each
+  c.method_families = ("baselines", "global_meta", "tta", "cdc_mmpg", "cdc_robust", "persona")
 
   if smoke:
     c.data.update(dict(num_global_devices=6, global_images_per_device=32, num_val_devices=3,
-                       num_test_devices=3, num_ood_devices=2, context_size=8, support_size=10,
+                       num_test_devices=3, num_ood_devices=2, num_val_ood_devices=2, context_size=8, support_size=10,
                        query_size=8, oracle_size=12))
     c.data.drift.windows = 3
     c.model.update(dict(channels=(4, 8, 8), embed_dim=16, head_hidden=16))

@@ -16,7 +16,7 @@ Smoke (the study's code path, tiny), under 1.5 min alone:
   python -m mmpg_jax.main --config=configs/moving_digits_retrieval.py:smoke --workdir=/tmp/smoke_r
 Opt-in `cdc_mmpg_wide_text` (text-side domain randomisation; one more FDA, ~10 min):
   --config.cdc_robust.variants='("em2","gate","cloud_tent","wide","wide_text","routed",
-                                 "ensemble","mean_edit","nearest_edit")'
+                                 "ensemble","mean_edit","noisy_mean_edit","nearest_edit")'
 
 Expected result of the default run (seed 0, this machine, 30 test / 20 OOD devices, R@1 in
 %): test global 82.1, fta_k5 81.1, qb_norm 83.1, cdc_mmpg 91.3, cdc_mmpg_cloud_tent 91.7,
@@ -46,24 +46,27 @@ def get_config(arg: str = ""):
   c.cdc_robust.cloud_leaves = c.baselines.tent.leaves
   # InfoNCE on 160 pairs wants more steps than cross-entropy does (chosen on validation).
   c.baselines.oracle.update(dict(learning_rates=(1e-3, 3e-3, 1e-2), steps=(100, 300)))
-  # Querybank normalisation (the forward-only rival): inverse temperature of the bank softmax
-  # and the weight of the normaliser, chosen on validation devices.
-  c.baselines.qb_norm = mlc.ConfigDict(dict(inverse_temperatures=(0.1, 0.3, 1.0),
-                                            weights=(0.25, 0.5, 1.0)))
+  # The forward-only rivals of retrieval: querybank normalisation (dynamic inverted softmax
+  # over 1,024 of the cloud's training queries; its inverse temperature) and dual softmax
+  # (its temperature), chosen on validation devices.
+  c.baselines.qb_norm = mlc.ConfigDict(dict(inverse_temperatures=(0.3, 1.0, 3.0, 10.0),
+                                            bank_size=1024,
+                                            dsl_temperatures=(0.3, 1.0, 3.0, 10.0)))
   c.fda.edit_leaves = c.dynamic_leaves
   c.fda.meta_query_size = 32            # InfoNCE over a meta device's 32 query pairs
   if arg == "":
     # The headline rows (moving_digits_qa.headline) with retrieval's validation-selected
     # robustness variant: cloud_tent, the highest label-free row on the validation devices
     # (3 seeds); em2 needs label groups, which retrieval has not.
-    c.cdc_robust.variants = ("cloud_tent", "mean_edit", "nearest_edit")
+    c.cdc_robust.variants = ("cloud_tent", "mean_edit", "noisy_mean_edit", "nearest_edit")
     # Exact herding: Nystrom herding's Cholesky factorisations, one per modality and K in one
     # compiled meta-pool program, hung the XLA CPU runtime here (config checks refuse it).
     c.adr.update(dict(selector="herding", ablations=("random",)))
   if smoke:
     c.model.update(dict(frame_channels=(4, 8, 8), embed_dim=16, text_dim=8, joint_dim=8,
                         head_hidden=16))
-    c.baselines.qb_norm.update(dict(inverse_temperatures=(0.3,), weights=(0.5,)))
+    c.baselines.qb_norm.update(dict(inverse_temperatures=(0.3,), bank_size=32,
+                                    dsl_temperatures=(1.0,)))
     c.baselines.oracle.update(dict(learning_rates=(1e-2,), steps=(3,)))
     c.fda.meta_query_size = 4
   return c

@@ -82,7 +82,8 @@ def get_config(arg: str = ""):
   c.baselines.prior_em.variants = ("asked",)
   c.tta.foa.leaves = ("fusion/norm/bias",)      # CMA-ES over 1,000 answer biases: too many
   # No shift parameters to widen on real data: every variant but `wide`.
-  c.cdc_robust.variants = ("em2", "gate", "cloud_tent", "mean_edit", "nearest_edit")
+  c.cdc_robust.variants = ("em2", "gate", "cloud_tent", "mean_edit", "noisy_mean_edit",
+                           "nearest_edit")
   if smoke:
     c.baselines.fta.ks = (2,)
   return c

@@ -43,7 +43,7 @@ def get_config(arg: str = ""):
     c.fda.meta_devices = 2048           # resamples of 4 categories (see msrvtt_qa.py)
   else:
     c.baselines.fta.ks = (2,)
-  c.cdc_robust.variants = ("gate", "cloud_tent", "mean_edit", "nearest_edit")
+  c.cdc_robust.variants = ("gate", "cloud_tent", "mean_edit", "noisy_mean_edit", "nearest_edit")
   # T3A, LAME, FOA need classes: none here
-  c.method_families = ("baselines", "cdc_mmpg", "cdc_robust")
+  c.method_families = ("baselines", "global_meta", "cdc_mmpg", "cdc_robust")
   return c

@@ -71,6 +71,8 @@ def get_config(arg: str = ""):
                               learning_rates=(1e-2,) if smoke else (1e-2, 3e-2, 1e-1, 3e-1),
                               steps=(2,) if smoke else (5, 20)))
   c.method_families = ("baselines", "cdc_mmpg", "persona")
+  # no data-matched control here: seqrec's meta devices are the cloud's own training clicks
+  c.fda.bases = ("global",)
   # CDC-MMPG: anchors are the window's click embeddings (10 elements).
   c.adr.update(dict(k=2 if smoke else 4, k_sweep=(2,) if smoke else (2, 4, 10),
                     ablations=("random", "all")))

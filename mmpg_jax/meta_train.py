@@ -15,6 +15,7 @@ validation devices. This module gives such a stage its parts:
                    best parameters kept, resumed and checkpointed by `train.run_stage`.
 """
 import concurrent.futures
+import inspect
 import time
 
 import jax
@@ -26,11 +27,13 @@ from mmpg_jax import preemption, train
 
 
 def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
-                   what: str = "meta devices", chunk_devices: int = 64) -> dict:
+                   what: str = "meta devices", chunk_devices: int = 64,
+                   context_size: int | None = None) -> dict:
   """Renders and encodes the meta-distribution devices `ids` (`task.meta_devices`,
   `task.encode_meta`) in fixed-size chunks (one compile), honouring SIGTERM after each chunk and
   logging progress with its rate and ETA. `extra(params, encoded) -> dict` adds per-device
-  arrays computed once here (vmapped over the chunk by the caller's function)."""
+  arrays computed once here (vmapped over the chunk by the caller's function); `context_size`
+  renders fewer context samples than the devices have (a stage that reads only the query)."""
 
   @jax.jit
   def enc(p, raw):
@@ -51,7 +54,10 @@ def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
   # A host thread renders chunk i+1 (numpy, one device at a time) while chunk i is encoded:
   # the main thread only dispatches and waits, so the two overlap on the host's cores.
   with concurrent.futures.ThreadPoolExecutor(1) as renderer:
-    render = lambda part: task.meta_devices(part, query_size)
+    # a task written before `context_size` existed renders its full context
+    takes = "context_size" in inspect.signature(task.meta_devices).parameters
+    more = {"context_size": context_size} if context_size is not None and takes else {}
+    render = lambda part: task.meta_devices(part, query_size, **more)
     pending = renderer.submit(render, chunks[0])
     for i, s in enumerate(range(0, n, chunk_devices)):
       raw = pending.result()

@@ -323,11 +323,20 @@ def test_diagnosis_of_the_edit_code_distance_and_label_prior(smoke_config, task,
   ref = reference_lib.reference_set(task, model, params, fda, trained, smoke_config, summary)
   n_ref = min(smoke_config.fda.reference_devices, smoke_config.fda.meta_devices)
   assert ref["codes"].shape == (n_ref, fda.code_dim) and float(ref["spacing"]) >= 0
+  # memorisation yardstick: a training device's own edit lies at distance 0 from the set, and
+  # the applied vectors are the clipped, materialised edits
+  assert [float(x) for x in reference_lib.edit_distance(ref, ref["applied"][1])] == [0.0, 0.0]
+  one = jax.tree.map(lambda x: x[1], ref["edits"])
+  merged = P.apply_edit(params, one, smoke_config.fda.clip)
+  change = np.concatenate([np.ravel(P.flatten(merged)[p] - P.flatten(params)[p])
+                           for p in sorted(P.edit_leaves(one))])
+  np.testing.assert_allclose(ref["applied"][1], change, atol=1e-6)
   for fp, zero in ((fresh, True), (trained, False)):
     diag = {k: float(v) for k, v in jax.jit(cdc_mmpg.diagnostics(
         task, params, fda, fp, smoke_config, summary, ref))(dev).items()}
     assert set(diag) == {"edit_norm", "code_distance", "fda_prior_tv", "device_prior_tv",
-                         "shift_tv"}
+                         "shift_tv", "edit_nn_distance", "edit_nn_spread"}
+    assert np.isfinite(diag["edit_nn_distance"]) and diag["edit_nn_distance"] >= 0
     assert (diag["edit_norm"] == 0.0) == zero
     assert np.isfinite(diag["code_distance"]) and diag["code_distance"] >= 0
     for k in ("fda_prior_tv", "device_prior_tv", "shift_tv"):

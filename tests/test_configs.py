@@ -10,16 +10,19 @@ from mmpg_jax import config_loader
 def test_the_default_is_the_headline_and_the_study_has_every_row(name):
   default, study = config_loader.load(f"{name}.py", ""), config_loader.load(f"{name}.py", "study")
   assert default.baselines.fta.ks == (5,) and study.baselines.fta.ks == (1, 5, 10)
-  assert default.tta.include == ("lame",) and study.tta.include == ("t3a", "lame", "foa")
+  # every forward-only rival in both (a reader judges the edit against all of them)
+  assert default.tta.include == study.tta.include == ("t3a", "lame", "foa")
   assert "random" in default.adr.ablations and not default.adr.k_sweep
   assert len(default.adr.ablations) <= 2 and default.adr.selector in ("herding", "herding_ny32")
   if default.adr.selector != study.adr.selector:     # the cheaper default beside the exact one
     assert study.adr.selector in default.adr.ablations
   assert len(study.adr.ablations) >= 2 and len(study.adr.k_sweep) >= 3
   # one robustness variant (the validation-selected one, where the task has one) + controls
-  extra = set(default.cdc_robust.variants) - {"mean_edit", "nearest_edit"}
+  controls = {"mean_edit", "noisy_mean_edit", "nearest_edit"}
+  extra = set(default.cdc_robust.variants) - controls
   assert len(extra) <= 1 and extra <= set(study.cdc_robust.variants)
-  assert {"mean_edit", "nearest_edit"} <= set(default.cdc_robust.variants)
+  assert controls <= set(default.cdc_robust.variants) <= set(study.cdc_robust.variants)
+  assert "global_meta" in default.method_families                 # the data-matched control
   # the same data, model and training; meta-training as the study's but for a smaller pool
   for key in ("data", "model", "train"):
     assert default[key].to_dict() == study[key].to_dict(), key

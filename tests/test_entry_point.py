@@ -15,10 +15,11 @@ from conftest import LONG, ROOT, main_cmd, subprocess_env
 from conftest import checkpoint_steps as _steps
 
 # The smoke config runs one FTA budget and two ADR ablations (the default config runs them all).
-METHODS = {"global", "fta_k5", "tent", "prior_em", "prior_em_asked", "oracle", "cdc_mmpg",
-           "cdc_mmpg_random", "cdc_mmpg_all_frames", "t3a", "lame", "foa",
+METHODS = {"global", "fta_k5", "tent", "prior_em", "prior_em_asked", "oracle", "global_meta",
+           "cdc_mmpg", "cdc_mmpg_random", "cdc_mmpg_all_frames", "t3a", "lame", "foa",
            "cdc_mmpg_em2", "cdc_mmpg_gate", "cdc_mmpg_cloud_tent", "cdc_mmpg_wide",
-           "cdc_mmpg_routed", "cdc_mmpg_ensemble", "cdc_mmpg_mean_edit", "cdc_mmpg_nearest_edit"}
+           "cdc_mmpg_routed", "cdc_mmpg_ensemble", "cdc_mmpg_mean_edit",
+           "cdc_mmpg_noisy_mean_edit", "cdc_mmpg_nearest_edit", "cdc_mmpg_on_global_meta"}
 
 
 def _cmd(workdir, *extra):
@@ -63,7 +64,8 @@ def test_smoke_run_of_the_real_entry_point(clean_run):
   assert table[0].startswith("| method | accuracy test | closed | accuracy OOD |")
   assert {l.split("|")[1].strip() for l in table[2:]} == METHODS
   assert all(l.count("|") == table[0].count("|") for l in table)
-  for key in ("edit_norm", "code_distance", "fda_prior_tv", "shift_tv"):   # the diagnosis
+  for key in ("edit_norm", "code_distance", "fda_prior_tv", "shift_tv",    # the diagnosis
+              "edit_nn_distance"):
     assert len(m["cdc_mmpg"]["per_device"][key + "_ood"]) == 2, key
   # Variants, controls and forward-only rivals: no label, no device backward pass; only the
   # cloud-side refinement and the two-expert rows (a second FDA) may cost cloud FLOPs.
@@ -72,11 +74,33 @@ def test_smoke_run_of_the_real_entry_point(clean_run):
     assert m[name]["cloud_flops"] == 0 or name in (
         "cdc_mmpg_cloud_tent", "cdc_mmpg_routed", "cdc_mmpg_ensemble"), name
   assert m["foa"]["device_flops"] > m["lame"]["device_flops"] > 0
+  # the cloud's backpropagation through uploaded samples has its own column
+  ct = m["cdc_mmpg_cloud_tent"]
+  cfg_json = json.loads((workdir / "config.json").read_text())
+  assert ct["cloud_backward_passes"] == (cfg_json["cdc_robust"]["cloud_samples"]
+                                         * ct["selected_hparams"]["steps"])
+  assert all(m[n]["cloud_backward_passes"] == 0 for n in METHODS - {"cdc_mmpg_cloud_tent"})
+  # the data-matched control: trained on meta devices, nothing on the device
+  g = m["global_meta"]
+  assert g["device_flops"] == 0 and g["uplink_bytes"] == 0 and g["downlink_bytes"] > 0
+  assert g["info"]["meta_devices"] == res["global_meta"]["meta_devices"] > 0
+  # ... and the FDA meta-trained to edit it, a row of its own (0 labels, 0 backward passes)
+  assert "fda_on_global_meta" in res and m["cdc_mmpg_on_global_meta"]["uplink_bytes"] > 0
+  # the robustness variants are chosen on the validation OOD devices, reported beside test
+  assert res["num_val_ood_devices"] == 2 and "accuracy_val_ood" in m["cdc_mmpg"]["metrics"]
+  assert m["cdc_mmpg_em2"]["selected_on"] == "val_ood"
+  assert m["cdc_mmpg_mean_edit"]["selected_on"] == m["cdc_mmpg"]["selected_on"] == "validation"
+  assert res["ood_choice"]["row"] in res["ood_choice"]["candidates"]
+  # every row against the references, with intervals, in results.json and report.md
+  assert set(res["differences"]) >= {"global", "global_meta", "fta_k5", "best_rival"}
+  mean, lo, hi = res["differences"]["global"]["cdc_mmpg"]["test"]
+  assert lo <= mean <= hi
   assert "fda_wide" in res and "Beyond the training shifts" in (workdir / "report.md").read_text()
   assert res["fda"]["steps"] == 24
   report = (workdir / "report.md").read_text()
   assert "Oracle − global margin" in report and "| fta_k5 |" in report
   assert "## Diagnosis: cdc_mmpg on devices near and far from meta-training" in report
+  assert "## Differences with paired 95% intervals" in report and "## What each row saw" in report
   for f in ("config.json", "metrics.jsonl", "per_device_accuracy.png", "accuracy_vs_uplink.png",
             "gain_vs_code_distance.png"):
     assert (workdir / f).exists(), f

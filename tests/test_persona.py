@@ -245,10 +245,12 @@ def test_device_path_of_duet_and_persona_runs_no_backward_pass(setup, no_backwar
   cfg, task, model, params, fam = setup
   methods, dev = _methods(setup)
   names = [m.name for m in methods]
-  assert names == ["duet", "persona_single", "persona", "persona_dynamic"]
+  # the paper's min-edit assignment as a row of its own beside validation's choice
+  assert names == ["duet", "persona_single", "persona", "persona_min_edit", "persona_dynamic"]
+  assert {h["assignment"] for h in methods[3].grid} == {"min_edit"}
   down = [m.cost(m.grid[0]).downlink_bytes for m in methods]
   floats = fam.layers.floats() * 4
-  assert down == [floats, floats, floats + 4, 2 * floats + 4]   # layers | id + residual
+  assert down == [floats, floats, floats + 4, floats + 4, 2 * floats + 4]   # layers | id + residual
   for m in methods:
     c = m.cost(m.grid[0])
     assert c.device_backward_passes == 0 and c.labels_used_per_device == 0

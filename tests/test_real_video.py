@@ -203,6 +203,7 @@ def test_the_main_job_runs_on_each_fixture(fixtures, data_root, tmp_path, name):
   # Compiling is most of this test's time: the families' own tests cover every row; here the
   # data path end to end (global model, FTA and oracle, meta-training, CDC-MMPG, report).
   c.method_families = ("baselines", "cdc_mmpg")
+  c.fda.bases = ("global",)             # no global_meta family here: nothing to edit on top of
   c.baselines.include = ("global", "fta", "oracle")
   c.adr.update(dict(k_sweep=(2,), ablations=()))
   c.cdc_robust.variants = ()

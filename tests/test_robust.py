@@ -27,8 +27,9 @@ VARIANT_HP = {"cdc_mmpg_em2": {"scale": 1.0, "smoothing": 2.0},
               "cdc_mmpg_routed_em2": {"sharpness": 2.0, "scale": 1.0, "smoothing": 2.0},
               "cdc_mmpg_ensemble": {},
               "cdc_mmpg_mean_edit": {}, "cdc_mmpg_nearest_edit": {},
-              "t3a": {"filter_k": 2}, "lame": {"knn": 3, "bound_lambda": 1.0},
-              "foa": {"std_init": 0.1, "stat_weight": 1.0}}
+              "cdc_mmpg_noisy_mean_edit": {"scale": 1.0},
+              "t3a": {"filter_k": 2, "bias": "zero"}, "lame": {"knn": 3, "bound_lambda": 1.0},
+              "foa": {"std_init": 0.1, "stat_weight": 1.0, "iterations": 2, "shift": 1.0}}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,10 @@ def test_cloud_refinement_with_zero_steps_is_the_plain_fda_edit(smoke_config, ta
   c0, c3 = (ms["cdc_mmpg_cloud_tent"].cost({"lr": 1e-2, "steps": s}) for s in (0, 3))
   base = ms["cdc_mmpg"].cost({})
   assert c0.cloud_flops == 0 and c3.cloud_flops > 0 and c0.downlink_bytes == base.downlink_bytes
+  # its backpropagation on the cloud, through the device's uploaded samples, is counted apart
+  m = smoke_config.cdc_robust.cloud_samples
+  assert (c0.cloud_backward_passes, c3.cloud_backward_passes) == (0, 3 * m)
+  assert c3.device_backward_passes == 0
   assert c3.downlink_bytes > base.downlink_bytes and c0.uplink_bytes > base.uplink_bytes
 
 
@@ -182,14 +187,20 @@ def test_controls_mean_edit_and_nearest_reference_device():
                              0.25 * a[0] @ b[0], rtol=1e-5)
 
 
-def _t3a_reference(z, w, b, filter_k):
-  """T3A as the official code writes it, in plain numpy loops."""
+def _t3a_reference(z, w, b, filter_k, groups=None, asked=None):
+  """T3A as the official code writes it, in plain numpy loops; with `groups` each support is
+  pseudo-labelled (and its entropy taken) within its group: a class's own, a sample's asked."""
   supports = np.concatenate([w.T, z])
   logits = supports @ w + b
+  if groups is not None:
+    of_class = np.concatenate([[g] * (hi - lo) for g, (lo, hi) in enumerate(groups)])
+    group = np.concatenate([of_class, asked])
+    for i in range(len(supports)):
+      logits[i, of_class != group[i]] = -np.inf
   labels = logits.argmax(1)
   p = np.exp(logits - logits.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
-  ent = -(p * np.log(p)).sum(1)
+  ent = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(1)
   out = np.zeros_like(w)
   for c in range(w.shape[1]):
     idx = sorted(np.flatnonzero(labels == c), key=lambda i: (ent[i], i))
@@ -204,6 +215,40 @@ def test_t3a_equals_a_plain_numpy_reference(filter_k):
   z, w, b = rng.normal(size=(20, 6)), rng.normal(size=(6, 4)), rng.normal(size=4)
   got = tta.t3a_kernel(jnp.asarray(z), jnp.asarray(w), jnp.asarray(b), filter_k)
   np.testing.assert_allclose(got, _t3a_reference(z, w, b, filter_k), atol=1e-5)
+
+
+@pytest.mark.parametrize("filter_k", [0, 2])
+def test_t3a_pseudo_labels_within_the_asked_group(filter_k):
+  """QA's shared vocabulary: a sample asked a digit question only joins digit prototypes."""
+  rng = np.random.default_rng(10 + filter_k)
+  groups = ((0, 4), (4, 6))
+  z, w, b = rng.normal(size=(20, 6)), rng.normal(size=(6, 6)), rng.normal(size=6)
+  asked = rng.integers(0, 2, 20)
+  allowed = tta.group_mask(groups, jnp.asarray(asked), 6)
+  got = tta.t3a_kernel(jnp.asarray(z), jnp.asarray(w), jnp.asarray(b), filter_k, allowed)
+  np.testing.assert_allclose(got, _t3a_reference(z, w, b, filter_k, groups, asked), atol=1e-5)
+  # ... and differs from pseudo-labelling over the whole vocabulary
+  assert not np.allclose(got, _t3a_reference(z, w, b, filter_k), atol=1e-3)
+
+
+def test_foa_activation_shift_is_the_shifted_last_layer_input(smoke_config, task, fda_setup):  # noqa: F811
+  """FOA's back-to-source shift as a bias edit: the scores are those of the last layer's input
+  moved by shift x (source mean - the device's context mean); the discrepancy is 0 at the
+  source's own statistics and sums the layers."""
+  model, params, *_ = fda_setup
+  dev = _device(task, model, params, smoke_config, with_labels=None)
+  context = dev["context"]
+  layers = task.activation_layers(model, params, context)
+  assert len(layers) == 2                     # QA: fusion output and head hidden layer
+  source = [tta.feature_stats(a) for a in layers]
+  assert float(tta.discrepancy(layers, source)) == 0.0
+  mu_s = source[-1][0] + 0.3
+  shifted = tta.activation_shift(task, model, params, context, (mu_s, None), 0.5)
+  z = task.classifier_features(model, params, context)
+  flat = P.flatten(params)
+  kernel, bias = flat["answer_head/out/kernel"], flat["answer_head/out/bias"]
+  want = (z + 0.5 * (mu_s - z.mean(0))) @ kernel + bias
+  np.testing.assert_allclose(task.scores(model, shifted, context), want, atol=1e-4)
 
 
 def test_lame_knn_affinity_and_its_fixed_point():
@@ -254,27 +299,38 @@ def test_wide_meta_shifts_never_draw_the_ood_only_ranges(smoke_config, task):
   rng = np.random.default_rng(0)
   x = np.array([md.uniform(rng, ((0.0, 1.0), (3.0, 4.0))) for _ in range(2000)])
   assert not np.any((x > 1.0) & (x < 3.0)) and 0.4 < np.mean(x > 3.0) < 0.6
-  wide = task.with_data(smoke_config.cdc_robust.wide_data.to_dict())
-  assert wide.config.data.shift.rotation == ((0.0, 45.0), (70.0, 85.0))
-  assert task.config.data.shift.rotation == (0.0, 45.0)          # the task is unchanged
+  # `wide` by its stated rule: the named families' training ranges x the factor
+  wide = task.with_data(cdc_robust.wide_data(smoke_config))
+  assert wide.config.data.shift.clutter_alpha == ((0.0, 0.9),)
+  assert np.isclose(wide.config.data.shift.invert_prob, 0.45)
+  assert task.config.data.shift.clutter_alpha == (0.0, 0.6)      # the task is unchanged
+  # the guard: no value only a held-out group shows, continuous or discrete, test OOD
+  # (rotation, noise, clutter fragments) or validation OOD (stroke thickness)
   for bad in ({"shift": {"rotation": (0.0, 60.0)}}, {"shift": {"noise": ((0.0, 0.4),)}},
+              {"shift": {"clutter_fragments": 4}}, {"shift": {"thickness": (-1, 0, 1, 2, 3)}},
               {"seed": 3}, {"shift": {"warp": (0.0, 1.0)}}):
     with pytest.raises(config_errors.ConfigError):
       task.with_data(bad)
+  # the same rule over the held-out groups' families is refused, naming the group
+  for families, group in ((("rotation",), "test_ood"), (("thickness",), "val_ood")):
+    c = with_value(with_value(smoke_config, "cdc_robust.variants", ("wide",)),
+                   "cdc_robust.wide_rule.families", families)
+    with pytest.raises(config_errors.ConfigError, match=group):
+      config_checks.check(c)
 
 
 def test_wide_mix_draws_a_share_of_meta_devices_from_the_wide_ranges(smoke_config, task):
   c = with_value(smoke_config, "cdc_robust.variants", ("wide_mix",))
   overrides = cdc_robust.wide_overrides(c)["wide_mix"]
   cfg = lambda t: t.config.data.to_dict()
-  blur = lambda t, i: float(md.device_shift(cfg(t), "meta", i)["blur"])
   rot = lambda t, i: float(md.device_shift(cfg(t), "meta", i)["rotation"])
   ids = range(40)
   none = task.with_data(dict(overrides, meta_wide=dict(overrides["meta_wide"], fraction=0.0)))
   assert [rot(none, i) for i in ids] == [rot(task, i) for i in ids]  # fraction 0: training's
   mixed = task.with_data(overrides)                                 # fraction 0.5
-  wide = [blur(mixed, i) > 0 for i in ids]
-  assert 10 <= sum(wide) <= 30                       # training devices have no blur at all
+  # which meta devices draw from the wide ranges: their own RNG stream (nothing else moves)
+  wide = [md._rng(cfg(mixed), "meta", i, md.META_MIX_CODE).random() < 0.5 for i in ids]
+  assert 10 <= sum(wide) <= 30
   # a device drawn from training's ranges is exactly the training draw
   assert all(rot(mixed, i) == rot(task, i) for i, w in zip(ids, wide) if not w)
   for bad in ({"meta_wide": {"fraction": 0.5, "shift": {"rotation": (0.0, 60.0)}}},

@@ -187,6 +187,8 @@ def test_a_task_defined_outside_the_package_runs_through_the_real_main_job(smoke
   assert {"global", "fta_k5", "tent", "prior_em", "oracle", "cdc_mmpg"} <= set(res["methods"])
   assert "qb_norm" not in res["methods"]                  # the toy ranks no gallery
   assert {"cdc_mmpg_em2", "cdc_mmpg_nearest_edit"} <= set(res["methods"])   # variants too
+  # the data-matched control and the FDA that edits it, on a task that knows nothing of them
+  assert {"global_meta", "cdc_mmpg_on_global_meta"} <= set(res["methods"])
   assert "t3a" not in res["methods"]                      # no classifier_features
   on_disk = json.loads((tmp_path / "w" / "results.json").read_text())
   assert on_disk["methods"]["cdc_mmpg"]["device_backward_passes"] == 0
@@ -324,6 +326,21 @@ def test_retrieval_ranks_count_same_content_videos_as_hits():
   assert float(m["r1"]) == 0.0 and float(m["r5"]) == 1.0 and float(m["median_rank"]) == 2.0
   m = video_retrieval.retrieval_metrics(jnp.eye(3), jnp.arange(3), jnp.arange(3))
   assert float(m["r1"]) == 1.0 and float(m["median_rank"]) == 1.0
+
+
+def test_retrieval_ties_count_against_the_query():
+  """A constant scorer ranks every match last (R@1 = 0, median rank = the gallery's size),
+  as seqrec's ranking does; one tie with the best match costs a place; NaN ranks last."""
+  n = 8
+  m = video_retrieval.retrieval_metrics(jnp.zeros((n, n)), jnp.arange(n), jnp.arange(n))
+  assert float(m["r1"]) == 0.0 and float(m["r5"]) == 0.0 and float(m["median_rank"]) == n
+  tie = jnp.array([[0.5, 0.5, 0.1]])               # the match (video 0) tied with video 1
+  assert video_retrieval.hit_ranks(tie, jnp.array([0]), jnp.array([0, 1, 2])).tolist() == [1]
+  nan = jnp.array([[jnp.nan, 0.2, 0.1]])
+  assert video_retrieval.hit_ranks(nan, jnp.array([0]), jnp.array([0, 1, 2])).tolist() == [2]
+  from mmpg_jax import rec_metrics        # the same rule for the recommendation metrics
+  r = rec_metrics.ranking(np.zeros((1, 5)), np.array([[1, 0, 0, 0, 0]]), ks=(1,))
+  assert float(r["hr@1"][0]) == 0.0
 
 
 def test_info_nce_treats_duplicate_captions_as_positives():

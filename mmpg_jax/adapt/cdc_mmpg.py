@@ -6,6 +6,7 @@ ablations: other anchor selectors and a K sweep. Its report section (`report_lin
 where the gain comes from. The robustness variants built on the same FDA are a family of their
 own (cdc_robust.py).
 """
+import dataclasses
 import functools
 import os
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mmpg_jax import adr
+from mmpg_jax import adr, costs
 from mmpg_jax import params as P
 from mmpg_jax import report_format as rf
 from mmpg_jax.config_errors import need, positive
@@ -24,7 +25,8 @@ from mmpg_jax.fda import stage as fda_stage
 from mmpg_jax.methods import Method
 
 # The per-device diagnoses of the cdc_mmpg row kept device by device in results.json.
-DIAGNOSIS = ("edit_norm", "code_distance", "fda_prior_tv", "device_prior_tv", "shift_tv")
+DIAGNOSIS = ("edit_norm", "code_distance", "edit_nn_distance", "edit_nn_spread", "fda_prior_tv",
+             "device_prior_tv", "shift_tv")
 
 
 def diagnostics(task, params, fda, fda_params, cfg, summary, reference):
@@ -52,6 +54,9 @@ def diagnostics(task, params, fda, fda_params, cfg, summary, reference):
     out = {"edit_norm": jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in
                                      zip(jax.tree.leaves(merged), jax.tree.leaves(params)))),
            "code_distance": reference_lib.code_distance(reference, aux["code"])[0]}
+    nn, spread = reference_lib.edit_distance(
+        reference, reference_lib.applied_vector(edit, params, cfg.fda.clip))
+    out.update(edit_nn_distance=nn, edit_nn_spread=spread)
     if with_prior:
       truth = task.query_label_prior(dev)
       out["fda_prior_tv"] = tv(aux["prior_ratio"], truth)
@@ -70,6 +75,14 @@ def validate_config(cfg, task, model, abstract_params) -> None:
               "fda.rank", "fda.clip", "fda.checkpoint_every", "fda.eval_every",
               "fda.log_every", "fda.reference_devices"):
     positive(cfg, key)
+  bases = tuple(cfg.fda.get("bases", ("global",)))
+  fams = tuple(cfg.method_families)
+  need(set(bases) <= {"global", "global_meta"} and "global" in bases, "fda.bases", bases,
+       "('global',) or ('global', 'global_meta'): the bases the FDA learns to edit")
+  need("global_meta" not in bases or ("global_meta" in fams and fams.index("global_meta")
+                                      < fams.index("cdc_mmpg")),
+       "fda.bases", bases, "'global_meta' edits the data-matched control: list the "
+       "'global_meta' family before 'cdc_mmpg' in method_families, or drop it from fda.bases")
   need(cfg.fda.meta_devices >= cfg.fda.devices_per_step, "fda.meta_devices",
                      cfg.fda.meta_devices, f"at least fda.devices_per_step "
                      f"({cfg.fda.devices_per_step}) meta devices, one step's batch")
@@ -104,27 +117,66 @@ def validate_config(cfg, task, model, abstract_params) -> None:
 
 
 def build(ctx):
-  """Meta-trains (or resumes, or reloads) the FDA (stage `fda`), then its methods."""
+  """Meta-trains (or resumes, or reloads) the FDA (stage `fda`), then its methods; with
+  `fda.bases` holding "global_meta", a second FDA meta-trained to edit the data-matched
+  control instead of the global model (stage `fda_on_global_meta`) and its row."""
   task, model, params, cfg = ctx.task, ctx.model, ctx.params, ctx.config
   fda, summary = round_trip.fda_and_summary(task, model, params, cfg, ctx.source_prior)
   fda_params, fda_summary = fda_stage.train_fda(task, model, fda, params, cfg, ctx.val,
                                                 ctx.workdir, ctx.metrics, summary)
   logging.info("FDA ready (%s)", fda_summary)
   ctx.extra["fda"] = {**fda_summary, "params": P.tree_size(fda_params)}
-  return make_methods(ctx, fda, fda_params, summary)
+  methods = make_methods(ctx, fda, fda_params, summary)
+  if "global_meta" in tuple(cfg.fda.get("bases", ())):
+    methods.append(on_global_meta(ctx, fda, summary))
+  return methods
 
 
-def make_methods(ctx, fda, fda_params, summary=None):
+def on_global_meta(ctx, fda, summary):
+  """`cdc_mmpg_on_global_meta`: the FDA meta-trained (same recipe, same meta devices) to edit
+  the data-matched control `global_meta` (the global model's dynamic leaves trained on those
+  meta devices, the rate validation prefers) rather than the global model: what a user who
+  has the meta data would deploy. The device holds global_meta's model (its dynamic leaves
+  downloaded once) and runs cdc_mmpg's round trip on it."""
+  task, model, cfg = ctx.task, ctx.model, ctx.config
+  need("global_meta_selected" in ctx.shared, "fda.bases", tuple(cfg.fda.bases),
+       "'global_meta' needs the global_meta family listed before cdc_mmpg in method_families")
+  rate, base = ctx.shared["global_meta_selected"]
+  fp, summ = fda_stage.train_fda(task, model, fda, base, cfg, ctx.val, ctx.workdir,
+                                 ctx.metrics, summary, stage="fda_on_global_meta")
+  logging.info("FDA on global_meta ready (%s)", summ)
+  ctx.extra["fda_on_global_meta"] = {**summ, "global_meta_lr": rate}
+  sub = dataclasses.replace(ctx, params=base, cost_model=costs.CostModel(task, model, base))
+  plain = make_methods(sub, fda, fp, summary, variants=(("cdc_mmpg", cfg.adr.selector,
+                                                          cfg.adr.k),))[0]
+
+  def adapt(params, dev, hp):
+    del params                   # the device's model is global_meta's, not the global one
+    return plain.adapt(base, dev, hp)
+
+  return dataclasses.replace(
+      plain, name="cdc_mmpg_on_global_meta", adapt=adapt, diagnostics={},
+      per_device_diagnostics=(),
+      info=dict(plain.info, base=f"global_meta (lr {rate})",
+                meta_devices=int(cfg.fda.meta_devices),
+                note="the FDA edits the data-matched control global_meta (trained on the same "
+                     "meta devices), not the global model"))
+
+
+def make_methods(ctx, fda, fda_params, summary=None, variants=None):
   """cdc_mmpg (selector cfg.adr.selector, K = cfg.adr.k) and the ablations in cfg.adr (other
-  selectors, a K sweep), for a given FDA and its parameters."""
+  selectors, a K sweep), for a given FDA and its parameters; `variants` ((name, selector, K),
+  ...) builds those rows only."""
   task, model, params, cfg, cm = ctx.task, ctx.model, ctx.params, ctx.config, ctx.cost_model
   ac = cfg.adr
   anchor_dims = task.anchor_dims(model, params)
   n_el = task.num_elements(model, params, cfg.data.context_size)
   primary = next(iter(anchor_dims))
-  variants = [("cdc_mmpg", ac.selector, ac.k)]
-  variants += [(f"cdc_mmpg_{'all_frames' if s == 'all' else s}", s, ac.k) for s in ac.ablations]
-  variants += [(f"cdc_mmpg_k{k}", ac.selector, k) for k in ac.k_sweep if k != ac.k]
+  if variants is None:
+    variants = [("cdc_mmpg", ac.selector, ac.k)]
+    variants += [(f"cdc_mmpg_{'all_frames' if s == 'all' else s}", s, ac.k)
+                 for s in ac.ablations]
+    variants += [(f"cdc_mmpg_k{k}", ac.selector, k) for k in ac.k_sweep if k != ac.k]
   reference = reference_lib.shared(ctx, fda, fda_params, summary)
   cost_of = round_trip.cost_fns(task, model, params, cfg, cm, fda, fda_params, summary)
   methods = []
@@ -141,7 +193,8 @@ def make_methods(ctx, fda, fda_params, summary=None):
     diags = {"anchor_mmd2" + ("" if m == primary else f"_{m}"): functools.partial(
         round_trip.anchor_mmd, task=task, selector=selector, k=k, seed=cfg.seed, modality=m)
              for m in anchor_dims}
-    info = {"selector": selector, "k": kk[primary]}
+    info = {"selector": selector, "k": kk[primary], "meta_devices": int(cfg.fda.meta_devices),
+            "shifts": "training"}
     info.update(task.anchor_info(cfg))
     info.update({f"k_{m}": kk[m] for m in kk if m != primary})
     if name == "cdc_mmpg":
@@ -162,7 +215,8 @@ def diagnosis_lines(results, task) -> list:
     return []
   sel = task.selection_metric
   has_prior = "fda_prior_tv" in m["per_device"]
-  header = ("| group | edit norm | code distance | "
+  header = ("| group | edit norm | code distance | nearest training edit / spacing | "
+            "devices below 1 | nearest training edit / spread | "
             + ("FDA prior TV | device prior TV | true shift TV | " if has_prior else "")
             + "cdc_mmpg gain | fta_k5 gain | corr(cdc gain, distance) | "
               "corr(cdc gain − fta_k5 gain, distance) |")
@@ -176,7 +230,11 @@ def diagnosis_lines(results, task) -> list:
               "FDA's anchor-EM prior and of the device's own EM summary, beside the true shift "
               "(source prior vs truth)" if has_prior else "")
            + f". corr: Pearson correlation over devices of the gain in {sel.name} over global "
-             "with the code distance.", "",
+             "with the code distance. Memorisation (does the FDA hand out its training "
+             "devices' edits?): the distance of each device's applied edit to the nearest "
+             "meta-training device's, in units of the training edits' own nearest-neighbour "
+             "spacing ('devices below 1': as close to a training edit as training edits are to "
+             "each other) and of their spread (RMS distance to their mean edit).", "",
            header, "|" + "---|" * (header.count("|") - 1)]
   for grp, sfx in rf.SUFFIX.items():
     pd = m["per_device"]
@@ -189,7 +247,9 @@ def diagnosis_lines(results, task) -> list:
                       if a is not None and len(a) > 2 and a.std() > 0 and dist.std() > 0
                       else float("nan"))
     mean = lambda k: float(np.mean(pd[k + sfx])) if k + sfx in pd else float("nan")
-    row = (f"| {grp} | {mean('edit_norm'):.3f} | {dist.mean():.2f} | "
+    nn = np.asarray(pd.get("edit_nn_distance" + sfx, [np.nan]))
+    row = (f"| {grp} | {mean('edit_norm'):.3f} | {dist.mean():.2f} | {nn.mean():.2f} | "
+           f"{100 * np.mean(nn < 1):.0f}% | {mean('edit_nn_spread'):.2f} | "
            + (f"{mean('fda_prior_tv'):.3f} | {mean('device_prior_tv'):.3f} | "
               f"{mean('shift_tv'):.3f} | " if has_prior else "")
            + f"{rf.fmt(sel, cdc.mean())} | "

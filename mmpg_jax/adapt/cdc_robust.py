@@ -19,9 +19,11 @@ Variants
               model, and ships the edit plus the refined leaves. The gradient steps are the
               cloud's (reported as cloud FLOPs per device); the device only merges.
   wide        the same FDA meta-trained (stage `fda_wide`) over a wider shift distribution,
-              `wide_data` (config.data overrides: unions of intervals beyond the training
-              ranges), refused if it would draw a value only the OOD group shows
-              (task.check_meta_data); the device side is plain cdc_mmpg's.
+              `wide_data(cfg)`: the training ranges of the families `wide_rule.families`
+              widened by `wide_rule.factor`, a rule stated up front that reads the training
+              ranges only; refused if it would draw a value only a held-out group (test OOD,
+              validation OOD) shows (task.check_meta_data, discrete keys included); the
+              device side is plain cdc_mmpg's.
   wide_mix    the same over a mixture (stage `fda_wide_mix`): a share `wide_mix_fraction` of
               the meta devices draws from `wide_data`'s ranges, the rest from the training
               ones, so meta-training still sees in-distribution devices as often as those.
@@ -45,6 +47,10 @@ Controls (does the FDA condition on the device?)
                 every device: no upload.
   nearest_edit  the edit of the reference meta device nearest to the upload in the FDA's code
                 space: a lookup table over meta-training's devices.
+  noisy_mean_edit  the mean edit plus Gaussian noise of the reference edits' own per-element
+                spread (x `noise_scales`, chosen on validation), drawn per device: does a
+                generated edit beat a random perturbation of the training edits' mean at
+                their scale (the memorisation control of weight generators)? No upload.
 """
 import jax
 import jax.numpy as jnp
@@ -56,14 +62,34 @@ from mmpg_jax import params as P
 from mmpg_jax.adapt import cdc_robust_report as robust_report
 from mmpg_jax.adapt import router as router_lib
 from mmpg_jax.config_errors import need, positive
+from mmpg_jax.data import moving_digits as md
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
 from mmpg_jax.methods import Method, grid
 
+CONTROLS = ("mean_edit", "noisy_mean_edit", "nearest_edit")
 VARIANTS = ("em2", "gate", "cloud_tent", "wide", "wide_mix", "wide_text", "routed", "routed_em2",
-            "ensemble", "mean_edit", "nearest_edit")
+            "ensemble", "mean_edit", "nearest_edit", "noisy_mean_edit")
+
+
+def seen_devices(cfg, name) -> int:
+  """Meta devices behind a variant's row: its FDA's pool (a wide variant's FDA is its own,
+  trained from scratch), or both FDAs' and the router's."""
+  n = int(cfg.fda.meta_devices)
+  if name in ("routed", "routed_em2", "ensemble"):
+    return 2 * n + int(cfg.cdc_robust.router.meta_devices)
+  return n
+
+
+def seen_shifts(name) -> str:
+  """Which shift families a variant's meta-training drew from."""
+  if name in ("wide", "wide_text"):
+    return "wide_data" + (" + caption noise" if name == "wide_text" else "")
+  if name in ("wide_mix", "routed", "routed_em2", "ensemble"):
+    return "training + wide_data (mixture)"
+  return "training"
 
 
 def mix_overrides(cfg) -> dict:
@@ -71,18 +97,27 @@ def mix_overrides(cfg) -> dict:
   drawn from `wide_data`'s shift ranges, the rest from training's (`wide_mix`, the router)."""
   rc = cfg.cdc_robust
   return {"meta_wide": {"fraction": float(rc.wide_mix_fraction),
-                        "shift": rc.wide_data.to_dict().get("shift", {})}}
+                        "shift": wide_data(cfg)["shift"]}}
+
+
+def wide_data(cfg) -> dict:
+  """config.data overrides of the wide variants, by the stated rule `cdc_robust.wide_rule`:
+  the training ranges of the named shift families widened by its factor
+  (moving_digits.widen). The rule reads the training ranges only; the task's guard refuses it
+  if it would draw a value only a held-out group (test OOD, validation OOD) shows."""
+  rule = cfg.cdc_robust.wide_rule
+  return {"shift": md.widen(cfg.data.shift, float(rule.factor), tuple(rule.families))}
 
 
 def wide_overrides(cfg) -> dict:
   """{variant: config.data overrides} of the variants that meta-train their own FDA."""
   rc, out = cfg.cdc_robust, {}
   if "wide" in rc.variants:
-    out["wide"] = rc.wide_data.to_dict()
+    out["wide"] = wide_data(cfg)
   if "wide_mix" in rc.variants:
     out["wide_mix"] = mix_overrides(cfg)
   if "wide_text" in rc.variants:
-    out["wide_text"] = {**rc.wide_data.to_dict(), "caption_noise": rc.caption_noise.to_dict()}
+    out["wide_text"] = {**wide_data(cfg), "caption_noise": rc.caption_noise.to_dict()}
   return out
 
 
@@ -136,6 +171,12 @@ def validate_config(cfg, task, model, abstract_params) -> None:
     positive(cfg, key)
   need(rc.cloud_samples <= cfg.data.context_size, "cdc_robust.cloud_samples",
        rc.cloud_samples, f"at most the {cfg.data.context_size} context samples a device has")
+  if set(rc.variants) & {"wide", "wide_mix", "wide_text", "routed"}:
+    rule = rc.wide_rule
+    need(float(rule.factor) > 0, "cdc_robust.wide_rule.factor", rule.factor, "a factor > 0")
+    known = set(cfg.data.shift)
+    need(set(rule.families) <= known, "cdc_robust.wide_rule.families", rule.families,
+         f"shift keys of data.shift: {sorted(known)}")
   for overrides in wide_overrides(cfg).values():
     task.check_meta_data(overrides)
   for v in ("routed_em2", "ensemble"):
@@ -154,7 +195,7 @@ def validate_config(cfg, task, model, abstract_params) -> None:
     need(rc.router.meta_devices >= cfg.fda.devices_per_step, "cdc_robust.router.meta_devices",
          rc.router.meta_devices, f"at least fda.devices_per_step ({cfg.fda.devices_per_step}) "
          "meta devices, the router's batch")
-  for key in ("gate_temperatures", "em2_scales"):
+  for key in ("gate_temperatures", "em2_scales", "noise_scales"):
     need(all(x >= 0 for x in rc[key]), f"cdc_robust.{key}", rc[key], "values must be >= 0")
   need(all(isinstance(s, int) and s >= 0 for s in rc.cloud_steps), "cdc_robust.cloud_steps",
        rc.cloud_steps, "integers >= 0 (0 = the plain FDA edit)")
@@ -293,6 +334,8 @@ def make_methods(ctx, fda, fda_params, summary, other_fda_params):
         if hp["steps"]:
           c.downlink_bytes += refined_bytes
           c.cloud_flops += hp["steps"] * cm.step(m, rc.cloud_leaves, "entropy", "adam")
+          # backpropagation, on the cloud, through features the device uploaded
+          c.cloud_backward_passes += m * hp["steps"]
         return c
       hps = grid(lr=tuple(rc.cloud_learning_rates), steps=tuple(rc.cloud_steps))
 
@@ -330,6 +373,25 @@ def make_methods(ctx, fda, fda_params, summary, other_fda_params):
         return costs.DeviceCost(downlink_bytes=float(down), device_flops=merge)
       hps = ({},)
 
+    elif name == "noisy_mean_edit":
+      applied = reference["applied"]
+      centre, spread = applied.mean(0), applied.std(0)
+      paths = tuple(P.edit_leaves(jax.tree.map(lambda x: x[0], reference["edits"])))
+      down = float(applied.shape[1] * dbytes)
+      merge = cm.merge(jax.eval_shape(lambda: reference_lib.unflatten_applied(
+          centre, params, paths)))
+
+      def adapt(params, dev, hp, centre=centre, spread=spread, paths=paths):
+        # the device's own key, folded apart from its random anchor selectors' stream
+        key = jax.random.fold_in(round_trip.device_key(cfg.seed, dev), 17)
+        noise = jax.random.normal(key, centre.shape)
+        vec = centre + hp["scale"] * spread * noise
+        return P.apply_edit(params, reference_lib.unflatten_applied(vec, params, paths), clip)
+
+      def cost(hp, down=down, merge=merge):
+        return costs.DeviceCost(downlink_bytes=down, device_flops=merge)
+      hps = grid(scale=tuple(rc.noise_scales))
+
     elif name == "nearest_edit":
       def adapt(params, dev, hp):
         i = reference_lib.code_distance(reference, upload_and_generate(params, dev)[1]["code"])[1]
@@ -337,11 +399,16 @@ def make_methods(ctx, fda, fda_params, summary, other_fda_params):
       cost = base_cost
       hps = ({},)
 
-    uses = () if name == "mean_edit" else (task.context_role,)
-    methods.append(Method(row, hps, adapt, cost, uses=uses,
+    uses = () if name in ("mean_edit", "noisy_mean_edit") else (task.context_role,)
+    # a robustness variant's choices (its grid, and whether to use it at all) are made on
+    # the validation OOD devices; the controls are chosen on validation like cdc_mmpg
+    select_on = "validation" if name in CONTROLS else "val_ood"
+    methods.append(Method(row, hps, adapt, cost, uses=uses, select_on=select_on,
                           diagnostics=diags, per_device_diagnostics=tuple(diags),
                           info={"variant": name, "reference_devices":
-                                int(reference["codes"].shape[0])}))
+                                int(reference["codes"].shape[0]),
+                                "meta_devices": seen_devices(cfg, name),
+                                "shifts": seen_shifts(name)}))
   return methods
 
 

@@ -10,7 +10,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpg_jax import adr, meta_train
+from mmpg_jax import params as P
 from mmpg_jax.fda import round_trip
+
+
+def applied_vector(edit, params, clip):
+  """One edit as the change it makes: every edited leaf materialised and clipped, flattened
+  and concatenated (leaf paths in sorted order) -> [D]. Edits of different ranks or factor
+  signs that make the same change give the same vector."""
+  flat = P.flatten(params)
+  leaves = P.edit_leaves(edit)
+  return jnp.concatenate([jnp.clip(P.materialize(leaves[p], flat[p].shape), -clip, clip).ravel()
+                          for p in sorted(leaves)])
+
+
+def unflatten_applied(vec, params, paths):
+  """The inverse of applied_vector for the leaves `paths`: {path: full delta} as an edit."""
+  flat = P.flatten(params)
+  out, i = {}, 0
+  for p in sorted(paths):
+    n = int(np.prod(flat[p].shape))
+    out[p] = vec[i:i + n].reshape(flat[p].shape)
+    i += n
+  return P.unflatten(out)
+
+
+def nearest_spacing(x):
+  """Median distance of each row of x [R, D] to its nearest other row (1.0 for one row)."""
+  if len(x) < 2:
+    return jnp.float32(1.0)
+  d = jnp.sqrt(jnp.maximum(adr._sq_dists(x, x), 0.0)) + jnp.eye(len(x)) * 1e30
+  return jnp.median(d.min(1))
 
 
 def reference_set(task, model, params, fda, fda_params, cfg, summary):
@@ -34,9 +64,24 @@ def reference_set(task, model, params, fda, fda_params, cfg, summary):
     return jax.vmap(one)(pool_ctx, ids)
 
   edits, ref = generate(pool[task.context_role], jnp.asarray(ids, jnp.int32))
-  d = jnp.sqrt(jnp.maximum(adr._sq_dists(ref, ref), 0.0)) + jnp.eye(len(ids)) * 1e30
-  spacing = jnp.median(d.min(1)) if len(ids) > 1 else jnp.float32(1.0)
-  return {"codes": ref, "edits": edits, "spacing": spacing}
+  # The edits as the changes they make (applied: materialised, clipped): the yardstick of
+  # memorisation (how near a generated edit lies to a training device's) and of the noisy
+  # mean-edit control's scale.
+  applied = jax.jit(jax.vmap(lambda e: applied_vector(e, params, fc.clip)))(edits)
+  return {"codes": ref, "edits": edits, "spacing": nearest_spacing(ref),
+          "applied": applied, "edit_spacing": nearest_spacing(applied),
+          "edit_spread": jnp.sqrt(jnp.mean(jnp.sum(jnp.square(
+              applied - applied.mean(0)), -1)))}
+
+
+def edit_distance(reference, vec):
+  """(distance of an applied edit vector to the nearest reference device's, in units of the
+  reference edits' own nearest-neighbour spacing; the same distance over their spread, the
+  RMS distance of a reference edit to their mean)."""
+  d = jnp.sqrt(jnp.maximum(jnp.min(jnp.sum(jnp.square(reference["applied"] - vec), -1)), 0.0))
+  tiny = 1e-12        # identical training edits (a fresh FDA's zeros): no yardstick
+  return (d / jnp.maximum(reference["edit_spacing"], tiny),
+          d / jnp.maximum(reference["edit_spread"], tiny))
 
 
 def code_distance(reference, code):

@@ -167,6 +167,10 @@ class VideoLMM(nn.Module):
     return self.answer_head(self.fusion(video, jnp.broadcast_to(q_codes, video.shape[:2]
                                                                 + q_codes.shape[1:])))
 
+  def fused_features(self, frame_emb, q_code, mask=None):
+    """The fusion's output: the answer head's input (FOA reads its statistics)."""
+    return self.fusion(self.temporal(frame_emb, mask), q_code)
+
   def answer_head_features(self, frame_emb, q_code, mask=None):
     """The input of the answer head's last layer (logits = it @ out/kernel + out/bias)."""
     return self.answer_head.features(self.fusion(self.temporal(frame_emb, mask), q_code))

@@ -63,8 +63,8 @@ class VideoTask(Task):
                      else pipeline.prepare(self.config.data))
     return self._bench
 
-  def meta_devices(self, indices, query_size):
-    roles = {"context": self.config.data.context_size, "query": query_size}
+  def meta_devices(self, indices, query_size, context_size=None):
+    roles = {"context": context_size or self.config.data.context_size, "query": query_size}
     if self.features:
       bench = self.prepare_data()
       return stack([bench.meta_device(int(i), roles) for i in indices])

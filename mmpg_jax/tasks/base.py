@@ -127,6 +127,17 @@ class Task:
     """[n, G, A] posteriors of every label group on each context sample (forward only)."""
     raise NotImplementedError(f"task {self.name!r} has no label groups")
 
+  def activation_layers(self, model, params, feats):
+    """[[n, H_l], ...] the activations whose statistics FOA matches to the source's: every
+    layer between the static encoders and the scores a search can move (default: the last
+    layer's input, `classifier_features`)."""
+    return [self.classifier_features(model, params, feats)]
+
+  def asked_groups(self, feats):
+    """[n] the label group (index into `label_groups`) asked of each sample of a role, or None
+    where the task does not say (one group)."""
+    return None
+
   def asked_posteriors(self, model, params, dev):
     """[n, A] posteriors of what was actually asked of each context sample."""
     raise NotImplementedError(f"task {self.name!r} has no label groups")
@@ -144,9 +155,11 @@ class Task:
     """Paragraphs report.md states before the table (e.g. how a metric counts hits)."""
     return []
 
-  # Optional capability: `bank_scores(model, params, dev)` -> [n_bank, n_gallery], the
-  # device's own unlabelled queries scored against its gallery, for tasks whose scores rank a
-  # gallery; querybank normalisation (baselines.qb_norm) is built only for such tasks.
+  # Optional capability, for tasks whose scores rank a gallery: `training_queries(model,
+  # params, n, seed)` -> [n, D] codes of the cloud's own training queries and
+  # `gallery_scores(model, params, codes, dev)` -> [n, n_gallery] against the device's gallery;
+  # querybank normalisation and dual softmax (baselines.qb_norm, dsl) are built only for such
+  # tasks.
   # Optional capability: `classifier_features(model, params, feats)` -> [n, H] and the attribute
   # `classifier_layer` (a layer path with `kernel` [H, A] and `bias` [A]) for tasks whose scores
   # are a linear classifier of features, scores = features @ kernel + bias; the forward-only
@@ -161,8 +174,9 @@ class Task:
     return None
 
   # ---- meta-training (cloud only) ------------------------------------------------------------
-  def meta_devices(self, indices, query_size: int) -> dict:
-    """Fresh, fully labelled meta devices (numpy, stacked): the cloud's view."""
+  def meta_devices(self, indices, query_size: int, context_size: int | None = None) -> dict:
+    """Fresh, fully labelled meta devices (numpy, stacked): the cloud's view. `context_size`
+    (default: the data config's) renders fewer context samples; the query is unchanged."""
     raise NotImplementedError
 
   def meta_windows_per_stream(self) -> int:

@@ -135,9 +135,9 @@ class Task(_Base):
             f"over {cfg.data.num_test_devices} devices × {d.windows} windows."]
 
   # ---- meta-training -------------------------------------------------------------------------
-  def meta_devices(self, indices, query_size):
+  def meta_devices(self, indices, query_size, context_size=None):
     cfg = pipeline_cfg(self.config.data)
-    roles = {"context": cfg["context_size"], "query": query_size}
+    roles = {"context": context_size or cfg["context_size"], "query": query_size}
     return stack([dd.meta_window(cfg, int(i), roles) for i in indices])
 
   def meta_windows_per_stream(self) -> int:
@@ -169,6 +169,7 @@ class Task(_Base):
       need(0.0 <= dr[key] <= 1.0, f"data.drift.{key}", dr[key], "a probability or rate in [0, 1]")
     for key in ("rotation_step", "noise_step", "blur_step", "clutter_strength_step"):
       need(dr[key] >= 0.0, f"data.drift.{key}", dr[key], "a step size >= 0")
+    pipeline.check_held_out_families(d)
 
   def check_meta_data(self, overrides):
     need("meta_wide" not in overrides, "cdc_robust.variants", "wide_mix",

@@ -210,10 +210,11 @@ class Task(_Base):
         f"its state between slices."]
 
   # ---- meta-training (cloud only): the warm users' training positions ------------------------
-  def meta_devices(self, indices, query_size):
+  def meta_devices(self, indices, query_size, context_size=None):
     """Meta device i: training position order[i] (a seeded permutation of the cloud's
     positions, so the first N are spread over users): its click window as the context, its
-    1 + train_negatives candidates as the labelled query (`query_size` does not apply)."""
+    1 + train_negatives candidates as the labelled query (`query_size` and `context_size` do
+    not apply)."""
     src = self.prepare_data().global_source()
     order = np.random.default_rng([int(self.config.data.seed), 5]).permutation(len(src))
     ex = [src[int(order[int(i) % len(src)])] for i in indices]

@@ -111,6 +111,12 @@ class Task(_video.VideoTask):
     return model.apply({"params": params}, feats["frames"], feats["q"], feats.get("frame_mask"),
                        method=model.answer_head_features)
 
+  def activation_layers(self, model, params, feats):
+    """The fusion's output and the answer head's hidden layer (the last layer's input)."""
+    fused = model.apply({"params": params}, feats["frames"], feats["q"], feats.get("frame_mask"),
+                        method=model.fused_features)
+    return [fused, self.classifier_features(model, params, feats)]
+
   def label_posteriors(self, model, params, dev):
     """Every question type asked of each context video: [n, Q, A]. Forward passes only.
     Real datasets have no question types: the asked questions' posteriors, [n, 1, A]."""
@@ -118,6 +124,15 @@ class Task(_video.VideoTask):
       return self.asked_posteriors(model, params, dev)[:, None]
     return jax.nn.softmax(model.apply({"params": params}, dev["context"]["frames"],
                                       dev["type_q"], method=model.answers_for_questions))
+
+  def example_labels(self, n):
+    # a role's encoded features carry each sample's question type (encode_split)
+    return {"answer": jnp.zeros((n,), jnp.int32), "qtype": jnp.zeros((n,), jnp.int32)}
+
+  def asked_groups(self, feats):
+    # the question type asked of each sample indexes label_groups (moving digits: digit,
+    # direction); one group on real video
+    return feats["qtype"] if len(self.label_groups) > 1 else None
 
   def asked_posteriors(self, model, params, dev):
     return jax.nn.softmax(self.scores(model, params, dev["context"]))

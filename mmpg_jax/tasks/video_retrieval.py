@@ -25,6 +25,7 @@ device's gallery is its query videos from the 1k-A test pairs.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmpg_jax import models
 from mmpg_jax.data import moving_digits as md
@@ -45,10 +46,13 @@ def info_nce(logits, content):
 
 
 def hit_ranks(scores, query_content, gallery_content):
-  """For each query (row), how many non-matching gallery items score above its best match."""
+  """For each query (row), how many non-matching gallery items score at least as high as its
+  best match. Ties count against the query (every ranking metric of the codebase does so), so
+  a constant scorer ranks every match last, not first; a non-finite match score ranks last."""
   same = query_content[:, None] == gallery_content[None, :]
   best = jnp.max(jnp.where(same, scores, -jnp.inf), axis=-1, keepdims=True)
-  return jnp.sum((scores > best) & ~same, axis=-1)
+  above = (scores >= best) | ~jnp.isfinite(best)
+  return jnp.sum(above & ~same, axis=-1)
 
 
 def retrieval_metrics(scores, query_content, gallery_content):
@@ -109,12 +113,27 @@ class Task(_video.VideoTask):
     lp = jax.nn.log_softmax(self.scores(model, params, feats), -1)
     return -(jnp.exp(lp) * lp).sum(-1).mean()
 
-  def bank_scores(self, model, params, dev):
-    """The device's own unlabelled query texts (context) against its gallery (query videos):
-    the query bank of querybank normalisation, [n_bank, n_gallery]."""
+  def training_queries(self, model, params, n: int, seed: int):
+    """[n, Dt] the text codes of n of the cloud's own training captions (seeded draw without
+    replacement from global_train): the query bank of querybank normalisation, encoded once in
+    the cloud by the static text encoder."""
+    src = self.prepare_data().global_source()
+    if len(src) < n:
+      raise ValueError(f"baselines.qb_norm.bank_size={n} exceeds the {len(src)} training "
+                       "captions of global_train; lower it")
+    idx = np.random.default_rng([seed, 31]).choice(len(src), n, replace=False)
+    first = src[int(idx[0])]
+    if "caption" not in first:
+      raise ValueError("this dataset's training examples carry no tokenised caption; "
+                       "querybank normalisation needs the cloud's training queries")
+    captions = np.stack([np.asarray(src[int(i)]["caption"]) for i in idx])
+    return model.apply({"params": params}, jnp.asarray(captions), method=model.encode_text)
+
+  def gallery_scores(self, model, params, text, dev):
+    """Text codes [n, Dt] against the device's gallery (its query videos): [n, n_gallery]."""
     gallery = dev[self.query_role]
-    return model.apply({"params": params}, gallery["frames"], dev[self.context_role]["text"],
-                       gallery.get("frame_mask"), method=model.similarity_from_features)
+    return model.apply({"params": params}, gallery["frames"], text, gallery.get("frame_mask"),
+                       method=model.similarity_from_features)
 
   def anchor_elements(self, context):
     return {"video": _video.frame_elements(context["frames"], context.get("frame_mask")),

@@ -32,7 +32,8 @@ def _info(fam):
   mod = task.anchor_modalities[0]
   return {"real_time_elements": task.num_elements(fam.ctx.model, fam.ctx.params,
                                                   cfg.data.context_size)[mod],
-          "adaptive_layers": list(fam.layers.paths)}
+          "adaptive_layers": list(fam.layers.paths),
+          "meta_devices": int(cfg.persona.meta_devices), "shifts": "training"}
 
 
 def duet_method(fam, gen_params, name="duet"):
@@ -82,9 +83,22 @@ def make_methods(fam, gen_params, ed_params, protos):
   """duet, persona_single, persona and persona_dynamic from trained networks; protos: {K:
   prototype set} for the K values validation chooses among."""
   pc = fam.cfg
-  methods = [duet_method(fam, gen_params), single_method(fam, ed_params, pc.epsilon),
-             persona_method(fam, ed_params, protos)]
-  static = methods[-1]
+  duet = duet_method(fam, gen_params)
+  duet = dataclasses.replace(duet, info=dict(duet.info, note=(
+      "heads trained (the released code's never train: duet_frozen_heads); the backbone is "
+      "the frozen global model, each head's offset starting at its layer's weights")))
+  static = persona_method(fam, ed_params, protos)
+  static = dataclasses.replace(static, info=dict(static.info, note=(
+      "K and the assignment chosen on validation: nearest (k-means of the Stage-A code, ours) "
+      "or min_edit (the paper's dynamic inference, also its own row)")))
+  methods = [duet, single_method(fam, ed_params, pc.epsilon), static]
+  if "min_edit" in pc.assignment and len(pc.assignment) > 1:
+    # the paper's rule as a row of its own, beside validation's choice
+    methods.append(dataclasses.replace(
+        static, name="persona_min_edit",
+        grid=grid(assignment=("min_edit",), prototypes=tuple(sorted(protos))),
+        info=dict(static.info, note="the paper's dynamic inference: the prototype whose "
+                                    "editor needs the smallest sample edit")))
   spacing = {k: median_spacing(p["centres"]) for k, p in protos.items()}
 
   def init(hp, device_ids):
