@@ -6,10 +6,10 @@ adapts once per window and the report gives accuracy per window position. The tr
 baseline, test-time-adaptation and CDC-MMPG settings start from the video QA config (loaded,
 not copied); what differs is set here.
 
-Default: the headline rows (no K sweep, one anchor ablation, LAME as the forward-only rival,
-Persona at K = 2 without its ablation stages), 446 s on this 2-core CPU machine (seed 0,
-2026-12-06, data prepared; building it adds ~15 s: global model 57 s, CDC-MMPG 131 s with
-12,288 meta windows, Persona/DUET 204 s, evaluation of 14 methods 37 s):
+Default: the headline rows (no K sweep, one anchor ablation, T3A/LAME/FOA, the data-matched
+control global_meta and the FDA that edits it, Persona at K = 2, DUET's released form beside
+ours), 949-1,028 s on this 2-core CPU machine with a second run beside it (seed 0-2,
+2026-12-07; the earlier headline, without the controls and rivals, took 446 s alone):
   python -m mmpg_jax.main --config=configs/digits_persona.py --workdir=runs/digits
 Study: every row (K sweep, both anchor ablations, T3A/LAME/FOA, Persona's K grid and its
 ablations: ten meta-trained stages), ~12.5 min (742 s measured on the machine of 2026-11-23):
@@ -18,10 +18,11 @@ Smoke (the study's code path, tiny), about 1.5 min:
   python -m mmpg_jax.main --config=configs/digits_persona.py:smoke --workdir=/tmp/smoke_d
 
 Expected result of the default run (seed 0, this machine, accuracy in %, test / OOD): global
-61.8 / 25.0, fta_k5 69.2 / 39.2, lame 68.3 / 27.6, cdc_mmpg 77.5 / 37.2, duet 78.7 / 39.9,
-persona 78.5 / 37.5, persona_dynamic 78.5 / 37.7, oracle 80.0 / 55.5; with Persona's K grid
-(2, 5, 8) validation picks K = 2 and every row is the same (634 s). The 3-seed study table is in
-docs/results.md "Results: drifting digits". The smoke run only checks that every stage runs end
+61.8 / 26.2, fta_k5 68.4 / 39.7, lame 68.2 / 27.8, global_meta 68.2 / 31.0, cdc_mmpg 77.0 /
+37.1, cdc_mmpg_on_global_meta 77.8 / 37.7, duet 77.5 / 40.7, persona 77.6 / 40.0,
+duet_frozen_heads 66.2 / 27.2, persona_min_edit 62.4 / 30.3, oracle 79.8 / 56.7. The 3-seed
+table with paired intervals is in docs/results.md "Comparisons a reviewer can trust". The
+smoke run only checks that every stage runs end
 to end; its numbers mean nothing.
 """
 import os

@@ -4,10 +4,10 @@ The same benchmark's videos, with captions phrased per device (the OOD group wit
 never used in training); the same main job, methods and protocol as the QA config, which this
 one starts from (data, training and CDC-MMPG settings are shared; only what differs is set).
 
-Default: the headline rows (moving_digits_qa.headline, with retrieval's validation-selected
-robustness variant, cloud_tent, and the QA default's 4,096-device meta pool), 595 s on this
-2-core CPU machine (seed 0, 2026-12-06, data prepared: global model 153 s, the cdc_mmpg family
-301 s, cdc_robust 20 s, evaluation of 10 methods 94 s):
+Default: the headline rows (moving_digits_qa.headline, with retrieval's robustness variant,
+cloud_tent, chosen on validation OOD devices; QB-Norm and dual softmax as the rivals; the
+data-matched control global_meta and the FDA that edits it), 654 s on this 2-core CPU machine
+(seed 2, 2026-12-07, mostly alone; 1,040-1,070 s with a second run beside it):
   python -m mmpg_jax.main --config=configs/moving_digits_retrieval.py --workdir=runs/retrieval
 Study: every row (two more FDAs and the router of the robustness variants), 1,781 s on the
 machine of 2026-11-30:
@@ -19,10 +19,12 @@ Opt-in `cdc_mmpg_wide_text` (text-side domain randomisation; one more FDA, ~10 m
                                  "ensemble","mean_edit","noisy_mean_edit","nearest_edit")'
 
 Expected result of the default run (seed 0, this machine, 30 test / 20 OOD devices, R@1 in
-%): test global 82.1, fta_k5 81.1, qb_norm 83.1, cdc_mmpg 91.3, cdc_mmpg_cloud_tent 91.7,
-oracle 89.6, with 0 labels and 0 device backward passes for every cdc_mmpg row; OOD global
-54.5, qb_norm 59.1, cdc_mmpg 59.5, cdc_mmpg_cloud_tent 60.6, oracle 86.0. The study's 3-seed
-table is in docs/results.md. The smoke run only checks that every stage runs end to end.
+%, ties counted against the query): test global 78.4, fta_k5 78.8, qb_norm 77.7, dsl 80.2,
+global_meta 90.5, cdc_mmpg 88.2, cdc_mmpg_on_global_meta 91.9, oracle 89.9, with 0 labels and 0
+device backward passes for every cdc_mmpg row; OOD global 51.1, dsl 55.6, global_meta 38.6,
+cdc_mmpg 45.6, cdc_mmpg_cloud_tent (validation OOD's choice) 44.5, oracle 81.9. The 3-seed
+table with paired intervals is in docs/results.md. The smoke run only checks that every stage
+runs end to end.
 """
 import os
 

@@ -162,8 +162,9 @@ def ood_choice_lines(results, sel) -> list:
     return []
   plain = results["methods"].get("cdc_mmpg", {}).get("metrics", {}).get(sel.name + "_ood")
   return [f"**Out of distribution, as validation chooses:** among {', '.join(c['candidates'])} "
-          f"(each grid chosen on the {results['num_val_ood_devices']} validation OOD devices, "
-          f"a shift family disjoint from the test OOD group's), validation OOD ranks "
+          f"(each robustness variant's grid chosen on the {results['num_val_ood_devices']} "
+          f"validation OOD devices, a shift family disjoint from the test OOD group's), "
+          f"validation OOD ranks "
           f"**{c['row']}** first ({rf.fmt(sel, c['val_ood'])}); its test OOD {sel.name} is "
           f"**{rf.fmt(sel, c['test_ood'])}** (plain cdc_mmpg {rf.fmt(sel, plain)}). That is the "
           "figure to quote for out-of-distribution devices; any other row's test OOD figure "
