@@ -62,7 +62,6 @@ from mmpg_jax import params as P
 from mmpg_jax.adapt import cdc_robust_report as robust_report
 from mmpg_jax.adapt import router as router_lib
 from mmpg_jax.config_errors import need, positive
-from mmpg_jax.data import moving_digits as md
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
@@ -96,17 +95,17 @@ def mix_overrides(cfg) -> dict:
   """config.data overrides of the mixture: a share `wide_mix_fraction` of the meta devices
   drawn from `wide_data`'s shift ranges, the rest from training's (`wide_mix`, the router)."""
   rc = cfg.cdc_robust
-  return {"meta_wide": {"fraction": float(rc.wide_mix_fraction),
-                        "shift": wide_data(cfg)["shift"]}}
+  return {"meta_wide": {"fraction": float(rc.wide_mix_fraction), **wide_data(cfg)}}
 
 
 def wide_data(cfg) -> dict:
-  """config.data overrides of the wide variants, by the stated rule `cdc_robust.wide_rule`:
-  the training ranges of the named shift families widened by its factor
-  (moving_digits.widen). The rule reads the training ranges only; the task's guard refuses it
-  if it would draw a value only a held-out group (test OOD, validation OOD) shows."""
+  """config.data overrides of the wide variants: the stated rule `cdc_robust.wide_rule` (the
+  training ranges of the named shift families widened by its factor), which the task's data
+  layer turns into ranges (`task.with_data`). The rule reads the training ranges only; the
+  task's guard refuses it if it would draw a value only a held-out group (test OOD,
+  validation OOD) shows."""
   rule = cfg.cdc_robust.wide_rule
-  return {"shift": md.widen(cfg.data.shift, float(rule.factor), tuple(rule.families))}
+  return {"widen": {"factor": float(rule.factor), "families": tuple(rule.families)}}
 
 
 def wide_overrides(cfg) -> dict:

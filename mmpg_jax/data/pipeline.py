@@ -170,6 +170,23 @@ class MetaDeviceSampler:
     return _stack([self.device(step * n + j) for j in range(n)])
 
 
+def resolve_widen(data_cfg, overrides) -> dict:
+  """Overrides carrying a stated widening rule, {"widen": {"factor", "families"}} (at the top:
+  every meta device; inside "meta_wide": its share), with the rule turned into data.shift
+  ranges by `moving_digits.widen`: the data layer owns what widening a shift means."""
+  def one(o):
+    o = dict(o)
+    rule = o.pop("widen", None)
+    if rule is not None:
+      o["shift"] = {**dict(o.get("shift", {})),
+                    **md.widen(data_cfg.shift, float(rule["factor"]), tuple(rule["families"]))}
+    return o
+  out = one(overrides)
+  if "meta_wide" in out:
+    out["meta_wide"] = one(out["meta_wide"])
+  return out
+
+
 def check_meta_shift(data_cfg, overrides) -> None:
   """Meta-training may draw from a wider shift distribution than the evaluation devices —
   `overrides['shift']` (every meta device) or `overrides['meta_wide']` = {'fraction', 'shift'}
@@ -177,6 +194,7 @@ def check_meta_shift(data_cfg, overrides) -> None:
   held-out group (test OOD, validation OOD) shows: for each continuous shift, no interval of
   the meta ranges may meet a held-out range outside the training ranges; for each discrete
   one, no held-out value training lacks."""
+  overrides = resolve_widen(data_cfg, overrides)
   unknown = set(overrides) - {"shift", "meta_wide", "caption_noise"}
   need(not unknown, "cdc_robust.wide_data", dict(overrides),
        "only data.shift (or meta_wide, caption_noise) may change for meta-training (not "

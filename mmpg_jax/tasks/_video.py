@@ -77,6 +77,9 @@ class VideoTask(Task):
     else:
       pipeline.validate_data_config(cfg)
 
+  def resolve_meta_data(self, overrides):
+    return pipeline.resolve_widen(self.config.data, overrides)
+
   def check_meta_data(self, overrides):
     if self.features:
       return super().check_meta_data(overrides)    # no shift parameters to widen

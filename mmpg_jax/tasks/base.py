@@ -196,6 +196,7 @@ class Task:
     """This task with `config.data` updated by the nested dict `overrides`: e.g. the wider
     shift distribution a variant's meta-training draws from (cdc_robust `wide`). The task's
     `check_meta_data` refuses overrides it cannot honour."""
+    overrides = self.resolve_meta_data(overrides)
     self.check_meta_data(overrides)
     cfg = copy.deepcopy(self.config)
 
@@ -208,6 +209,11 @@ class Task:
     with cfg.unlocked():
       update(cfg.data, overrides)
     return type(self)(cfg)
+
+  def resolve_meta_data(self, overrides) -> dict:
+    """`overrides` with any rule the task's data layer states (e.g. a shift widening rule)
+    turned into plain config.data values (default: as they are)."""
+    return overrides
 
   def check_meta_data(self, overrides) -> None:
     """Raises ConfigError if meta-training data with these `config.data`

@@ -171,6 +171,9 @@ class Task(_Base):
       need(dr[key] >= 0.0, f"data.drift.{key}", dr[key], "a step size >= 0")
     pipeline.check_held_out_families(d)
 
+  def resolve_meta_data(self, overrides):
+    return pipeline.resolve_widen(self.config.data, overrides)
+
   def check_meta_data(self, overrides):
     need("meta_wide" not in overrides, "cdc_robust.variants", "wide_mix",
          "drifting digits draws meta streams from one shift distribution (no mixture); use "
