@@ -115,8 +115,12 @@ def get_config(arg: str = ""):
   # Leaves an edit (or on-device fine-tuning) may change; the encoders stay static.
   c.dynamic_leaves = ("temporal/.*", "fusion/.*", "answer_head/.*")
 
+  # schedule: "cosine" (warmup, then decay to 0) or "constant" (warmup, then held); eval_every
+  # > 0 scores the global model on the validation devices every that many steps and keeps the
+  # best (0: the last step's model)
   c.train = mlc.ConfigDict(dict(
       num_steps=1500, batch_size=64, learning_rate=2e-3, warmup_steps=50, weight_decay=1e-4,
+      schedule="cosine", eval_every=0,
       log_every=100, checkpoint_every=250, keep_checkpoints=2))
 
   # Which baselines the family builds (a task may lack what one needs: seqrec has no

@@ -25,6 +25,12 @@ def validate(cfg, task=None) -> None:
               "data.num_val_devices", "data.num_test_devices", "data.num_global_devices",
               "eval.device_chunk"):
     positive(cfg, key)
+  tc = cfg.train
+  need(tc.get("schedule", "cosine") in ("cosine", "constant"), "train.schedule",
+       tc.get("schedule"), "'cosine' (decay to 0) or 'constant' (held after warmup)")
+  need(isinstance(tc.get("eval_every", 0), int) and tc.get("eval_every", 0) >= 0,
+       "train.eval_every", tc.get("eval_every"),
+       "an integer >= 0 (steps between validation scores; 0 keeps the last step's model)")
   d = cfg.data
   if task is not None:
     need(d.get("name") in task.datasets, "data.name", d.get("name"),

@@ -41,7 +41,7 @@ def run(config, workdir: str) -> dict:
   logging.info("data ready in %.1fs", seconds["data"])
 
   t = time.time()
-  params = train.train_global(task, model, config, data, workdir, metrics)
+  params, global_summary = train.train_global(task, model, config, data, workdir, metrics)
   seconds["global_training"] = time.time() - t
   logging.info("global model ready in %.1fs", seconds["global_training"])
 
@@ -60,6 +60,8 @@ def run(config, workdir: str) -> dict:
   ctx = MethodContext(task=task, model=model, params=params, cost_model=cm,
                       config=config, source_prior=task.source_prior(data), val=val,
                       workdir=workdir, metrics=metrics)
+  if global_summary:                 # the global model's validation curve and chosen length
+    ctx.extra["training_curves"] = {"global": global_summary}
   methods = []
   for family in families:
     t = time.time()

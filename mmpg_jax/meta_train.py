@@ -12,7 +12,8 @@ validation devices. This module gives such a stage its parts:
   validator        the mean selection metric on validation devices of any `params_of(net,
                    device)`, signed so that higher is better;
   train_selected   the loop: AdamW, validation at step 0 and every `eval_every` steps, the
-                   best parameters kept, resumed and checkpointed by `train.run_stage`.
+                   best parameters and the validation curve kept, resumed and checkpointed
+                   by `train.run_stage`.
 """
 import concurrent.futures
 import inspect
@@ -106,14 +107,38 @@ def validator(task, model, val_feats, params_of):
   return lambda net: batched(net, sub)
 
 
+def _curve_points(sc) -> int:
+  """Validation points of a selected stage: step 0, every eval_every steps and the last."""
+  return 1 + -(-int(sc.num_steps) // int(sc.eval_every))
+
+
 def selected_state(params0, sc, key: str = "fda_params", what: str = "fda"):
   """(optimiser, the state before step 1) of a validation-selected meta-training stage: the
-  trained parameters under `key`, their optimiser state, and the best-scoring parameters so
-  far (also the restore target of the stage's checkpoints)."""
+  trained parameters under `key`, their optimiser state, the best-scoring parameters so far
+  and the validation curve (step, score; NaN where not yet evaluated), which travels in the
+  checkpoints so a resumed stage reports all of it (also the restore target of the stage's
+  checkpoints)."""
   tx = train.make_optimizer(sc, what)
+  n = _curve_points(sc)
   return tx, {key: params0, "opt_state": tx.init(params0), "step": jnp.int32(0),
               "best_params": params0, "best_score": jnp.float32(-np.inf),
-              "best_step": jnp.int32(0)}
+              "best_step": jnp.int32(0),
+              "curve": {"step": jnp.zeros(n, jnp.int32), "score": jnp.full(n, jnp.nan)}}
+
+
+def _record(state, i: int, step: int, score: float):
+  c = state["curve"]
+  return dict(state, curve={"step": c["step"].at[i].set(step),
+                            "score": c["score"].at[i].set(score)})
+
+
+def curve_of(state, metric: str) -> dict:
+  """The validation curve of a selected stage's state: {'step': [...], metric: [...]} (the
+  score as `validate` signs it: higher is better)."""
+  c = jax.tree.map(np.asarray, state["curve"])
+  done = np.isfinite(c["score"])
+  return {"step": [int(x) for x in c["step"][done]],
+          metric: [round(float(x), 6) for x in c["score"][done]]}
 
 
 def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, workdir,
@@ -132,7 +157,7 @@ def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, 
   def prepare(state, start):
     if start == 0:
       s0 = float(validate(state[key]))
-      state = dict(state, best_score=jnp.float32(s0))
+      state = _record(dict(state, best_score=jnp.float32(s0)), 0, 0, s0)
       metrics.write(stage, 0, **{f"val_{metric}": s0})
       logging.info("%s step 0 (initial parameters) val %s %.4f", stage, metric, s0)
     batch_fn = make_batches()
@@ -142,6 +167,7 @@ def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, 
     if done % sc.eval_every and done != sc.num_steps:
       return state, {}
     score = float(validate(state[key]))
+    state = _record(state, -(-done // int(sc.eval_every)), done, score)
     if score > float(state["best_score"]):
       state = dict(state, best_params=state[key], best_score=jnp.float32(score),
                    best_step=jnp.int32(done))
@@ -152,4 +178,5 @@ def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, 
                           after_step=after_step, keep=cfg.train.keep_checkpoints, hint=hint)
   return state["best_params"], {"best_step": int(state["best_step"]),
                                 f"best_val_{metric}": float(state["best_score"]),
-                                "steps": int(state["step"])}
+                                "steps": int(state["step"]),
+                                "metric": metric, "curve": curve_of(state, metric)}

@@ -201,6 +201,61 @@ def difference_lines(results, sel) -> list:
           + comparisons.table_lines(diffs, sel) + [""])
 
 
+def curve_lines(results) -> list:
+  """The validation curves of the stages that recorded one (the global model with
+  `train.eval_every`, DUET's generator): where each stopped and why."""
+  curves = results.get("training_curves") or {}
+  if not curves:
+    return []
+  lines = ["## Validation curves", "",
+           "Each stage scored on the validation devices as it trains; the step it keeps is the "
+           "best-scoring one (test devices are never read for this). "
+           "validation_curves.png plots them.", "",
+           "| stage | metric | evaluated every | steps | kept step | val at kept step | val at "
+           "last step | curve (step: value) |", "|---|---|---|---|---|---|---|---|"]
+  for stage, c in curves.items():
+    metric, pts = c["metric"], c["curve"]
+    steps, vals = pts["step"], pts[metric]
+    if not steps:
+      continue
+    kept = steps.index(c["best_step"]) if c["best_step"] in steps else int(np.argmax(vals))
+    every = steps[1] - steps[0] if len(steps) > 1 else steps[0]
+    shown = ", ".join(f"{s}: {v:.4f}" for s, v in zip(steps, vals))
+    lines.append(f"| {stage} | {metric} | {every} | {c['steps']} | {steps[kept]} | "
+                 f"{vals[kept]:.4f} | {vals[-1]:.4f} | {shown} |")
+  return lines + [""]
+
+
+def write_curve_plot(workdir: str, results: dict) -> list:
+  curves = {k: c for k, c in (results.get("training_curves") or {}).items() if c["curve"]["step"]}
+  if not curves:
+    return []
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+  for ax, (stage, c) in zip(axes[0], curves.items()):
+    metric, pts = c["metric"], c["curve"]
+    extra = [k for k in pts if k not in ("step", metric) and k.startswith("ndcg@10")]
+    ax.plot(pts["step"], pts[metric], "o-", ms=3, label=f"val {metric}")
+    ax.axvline(c["best_step"], color="k", ls="--", lw=0.8, label=f"kept: step {c['best_step']}")
+    if extra:                         # a second metric on its own axis (recommendation)
+      ax2 = ax.twinx()
+      ax2.plot(pts["step"], pts[extra[0]], "s-", ms=3, color="tab:orange",
+               label=f"val {extra[0]}")
+      ax2.set_ylabel(extra[0])
+      ax2.legend(fontsize=7, loc="lower right")
+    ax.set_title(stage)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "validation_curves.png"), dpi=100)
+  plt.close(fig)
+  return ["validation_curves.png"]
+
+
 def headline_table(results: dict, task) -> list:
   """The compact table the main job prints when it ends: per method the selection metric on
   test and OOD devices, the share of the oracle − global margin it closes, and what a device
@@ -301,6 +356,7 @@ def write_report(workdir: str, results: dict, cfg, task, families=()) -> None:
     lines.append("")
   lines += window_lines(results, task)
   lines += ablation_lines(results, task)
+  lines += curve_lines(results)
   for family in families:
     if hasattr(family, "report_lines"):
       lines += family.report_lines(results, task, workdir)
@@ -349,4 +405,4 @@ def write_plots(workdir: str, results: dict, task) -> list:
   fig.savefig(os.path.join(workdir, f"{sel}_vs_uplink.png"), dpi=100)
   plt.close(fig)
   out = [f"per_device_{sel}.png", f"{sel}_vs_uplink.png"]
-  return out
+  return out + write_curve_plot(workdir, results)

@@ -62,7 +62,7 @@ def restore_run(config, workdir: str):
                               f"cdc_mmpg, so its runs train no FDA to generate edits with.")
   prior = task.source_prior(task.prepare_data())
   _, target = train.initial_state(task, model, config)
-  params = checkpointing.restore_finished(workdir, train.STAGE, target,
-                                          config.train.num_steps)["params"]
+  params = train.final_params(checkpointing.restore_finished(
+      workdir, train.STAGE, target, config.train.num_steps), config)
   fda, summary = round_trip.fda_and_summary(task, model, params, config, prior)
   return task, model, params, fda, fda_stage.load_finished(fda, config, workdir), summary

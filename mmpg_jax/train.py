@@ -6,7 +6,11 @@ function of the step only) and the RNG folded with the step, a NaN/Inf guard, me
 steps/s and ETA, periodic checkpoints, and SIGTERM -> checkpoint -> exit. A run resumed from a
 checkpoint therefore continues exactly where it stopped.
 
-Stage 1 (`train_global`): the task's global loss on the pooled cloud data.
+Stage 1 (`train_global`): the task's global loss on the pooled cloud data. With
+`train.eval_every` > 0 the global model is scored on the validation devices every that many
+steps (and at the last step), the best-scoring parameters are kept (training length chosen on
+validation, never on test) and the validation curve travels in the stage's state, so a resumed
+run reports the whole curve; `eval_every` 0 keeps the last step's model.
 """
 import time
 
@@ -25,14 +29,27 @@ class NonFiniteError(FloatingPointError):
   """A training step produced NaN or Inf."""
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 def make_optimizer(sc, key: str):
-  """AdamW on a warmup-cosine schedule (+ global-norm clipping where `sc.grad_clip` is set).
-  `sc` is a stage config (learning_rate, warmup_steps, num_steps, weight_decay); `key` names
-  it in errors."""
+  """AdamW on a warmup schedule (+ global-norm clipping where `sc.grad_clip` is set): linear
+  warmup, then cosine decay to 0 (`sc.schedule` "cosine", the default) or the peak rate held
+  ("constant", as the official recommendation code's Adam). `sc` is a stage config
+  (learning_rate, warmup_steps, num_steps, weight_decay[, schedule]); `key` names it in
+  errors."""
   if sc.learning_rate <= 0:
     raise ValueError(f"{key}.learning_rate must be > 0, got {sc.learning_rate}")
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, sc.learning_rate, max(1, sc.warmup_steps), max(2, sc.num_steps))
+  kind = sc.get("schedule", "cosine")
+  if kind not in SCHEDULES:
+    raise ValueError(f"{key}.schedule must be one of {SCHEDULES}, got {kind!r}")
+  warmup = max(1, sc.warmup_steps)
+  if kind == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, sc.learning_rate, warmup,
+                                                  max(2, sc.num_steps))
+  else:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, sc.learning_rate, warmup),
+                                     optax.constant_schedule(sc.learning_rate)], [warmup])
   opt = optax.adamw(schedule, weight_decay=sc.weight_decay)
   if sc.get("grad_clip"):
     opt = optax.chain(optax.clip_by_global_norm(sc.grad_clip), opt)
@@ -97,24 +114,114 @@ def run_stage(stage: str, state, sc, *, workdir, metrics, key, prepare, after_st
   return state
 
 
+def device_metrics(task, model, params_of):
+  """`params_of(net, dev) -> device params` -> a jitted `(net, feats) -> {metric: mean over
+  devices}` of every per-device metric the task computes (`task.metric_values`' keys without
+  a leading '_'), one vmap over the devices. The devices are an argument, not a closed-over
+  constant (XLA would otherwise constant-fold per-device work at compile time)."""
+
+  def one(net, dev):
+    query = dev[task.query_role]
+    values = task.metric_values(task.scores(model, params_of(net, dev), query), query)
+    return {k: v for k, v in values.items() if not k.startswith("_")}
+
+  return jax.jit(lambda net, feats: jax.tree.map(
+      jnp.mean, jax.vmap(one, in_axes=(None, 0))(net, feats)))
+
+
+def selects_on_validation(config) -> bool:
+  return int(config.train.get("eval_every", 0) or 0) > 0
+
+
+def _num_evals(tc) -> int:
+  """Validation points of the global stage: every eval_every steps and the last step."""
+  return -(-int(tc.num_steps) // int(tc.eval_every))
+
+
 def initial_state(task, model, config):
-  """(optimiser, stage-1 state before step 1): also the restore target of its checkpoints."""
+  """(optimiser, stage-1 state before step 1): also the restore target of its checkpoints.
+  With validation selection the state also holds the best parameters so far, their step and
+  score, and the validation curve (step and every metric per validation point; NaN where not
+  yet evaluated)."""
   tx = make_optimizer(config.train, "train")
   params = task.init_params(model, config.seed)
-  return tx, {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+  if selects_on_validation(config):
+    n = _num_evals(config.train)
+    names = curve_metrics(task)
+    state.update(best_params=params, best_score=jnp.float32(-np.inf), best_step=jnp.int32(0),
+                 curve={"step": jnp.zeros(n, jnp.int32),
+                        **{k: jnp.full(n, jnp.nan, jnp.float32) for k in names}})
+  return tx, state
 
 
-def train_global(task, model, config, data, workdir, metrics) -> dict:
-  """Trains (or resumes, or reloads a finished) global model; returns its params."""
+def curve_metrics(task) -> tuple:
+  """The per-device metrics a validation curve records: the task's metrics but those pooled
+  over every row (`task.pooled_metrics`, which need all rows' scores)."""
+  pooled = getattr(task, "pooled_metrics", {}) or {}
+  return tuple(m.name for m in task.metrics if m.name not in pooled)
+
+
+def final_params(state, config):
+  """The parameters stage 1 hands on: the validation-best with selection, else the last."""
+  return state["best_params"] if selects_on_validation(config) else state["params"]
+
+
+def curve_summary(state, task) -> dict:
+  """The global stage's validation curve and choice, for results.json and the report."""
+  c = jax.tree.map(np.asarray, state["curve"])
+  done = np.flatnonzero(c["step"] > 0)
+  return {"metric": task.selection_metric.name, "best_step": int(state["best_step"]),
+          "steps": int(state["step"]),
+          "curve": {k: [round(float(x), 6) if k != "step" else int(x) for x in v[done]]
+                    for k, v in c.items()}}
+
+
+def train_global(task, model, config, data, workdir, metrics):
+  """Trains (or resumes, or reloads a finished) global model; returns (its params, summary):
+  the validation-selected params and the curve with `train.eval_every` > 0 (summary {}
+  otherwise)."""
   tc = config.train
   tx, state = initial_state(task, model, config)
+  select = selects_on_validation(config)
+  metric = task.selection_metric
+  sign = 1.0 if metric.higher_is_better else -1.0
+  cache = {}
 
   def prepare(state, start):
     batches = data.global_batches(tc.batch_size, seed=config.seed)
     step_fn = make_train_step(lambda p, b: task.global_loss(model, p, b), tx)
+    if select:
+      cache["val"] = data.devices("validation")
+      cache["score"] = device_metrics(task, model, lambda net, dev: net)
     return state, step_fn, lambda step: batches[step]
 
+  def after_step(state, done):
+    if done % tc.eval_every and done != tc.num_steps:
+      return state, {}
+    params = state["params"]
+    feats = task.encode_split(model, params, cache["val"])
+    feats = {k: v for k, v in feats.items() if k not in (task.support_role, task.oracle_role)}
+    out = cache["score"](params, feats)
+    values = {k: float(out[k]) for k in curve_metrics(task)}
+    i = -(-done // int(tc.eval_every)) - 1
+    curve = dict(state["curve"], step=state["curve"]["step"].at[i].set(done))
+    for k, v in values.items():
+      curve[k] = curve[k].at[i].set(v)
+    state = dict(state, curve=curve)
+    score = sign * values[metric.name]
+    if score > float(state["best_score"]):
+      state = dict(state, best_params=params, best_score=jnp.float32(score),
+                   best_step=jnp.int32(done))
+    return state, {f"val_{k}": v for k, v in values.items()}
+
   state = run_stage(STAGE, state, tc, workdir=workdir, metrics=metrics,
-                    key=jax.random.key(config.seed), prepare=prepare, keep=tc.keep_checkpoints,
+                    key=jax.random.key(config.seed), prepare=prepare,
+                    after_step=after_step if select else None, keep=tc.keep_checkpoints,
                     hint="Lower train.learning_rate or check the data;")
-  return state["params"]
+  if not select:
+    return state["params"], {}
+  summary = curve_summary(state, task)
+  logging.info("global model: validation %s best at step %d of %d", metric.name,
+               summary["best_step"], summary["steps"])
+  return final_params(state, config), summary

@@ -37,7 +37,8 @@ def test_unwritable_workdir_is_refused(smoke_config, tmp_path):
 def _train(cfg, bench, workdir):
   task = tasks.build(cfg)
   model = task.build_model()
-  return train.train_global(task, model, cfg, bench, str(workdir), MetricsWriter(str(workdir)))
+  return train.train_global(task, model, cfg, bench, str(workdir),
+                            MetricsWriter(str(workdir)))[0]
 
 
 def test_checkpoint_from_a_different_config_is_refused(smoke_config, bench, tmp_path):

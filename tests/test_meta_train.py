@@ -89,3 +89,21 @@ def test_the_router_trains_on_meta_devices_neither_expert_saw(smoke_config, setu
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
           if '"router"' in l and '"grad_norm"' in l]
   assert rows and all(x["grad_norm"] > 0 and np.isfinite(x["task_loss"]) for x in rows)
+
+
+def test_a_selected_stage_records_its_validation_curve_and_resumes_it(smoke_config, setup,
+                                                                       tmp_path):
+  """The curve (step 0, every eval_every, the last) travels in the checkpoints: a stage resumed
+  after a kill reports the same curve, and the kept step is the curve's best."""
+  cfg = smoke_config.copy_and_resolve_references()
+  _, summary = _run(cfg, setup, tmp_path / "a")
+  curve = summary["curve"]
+  every = cfg.fda.eval_every
+  assert curve["step"] == list(range(0, cfg.fda.num_steps + 1, every))
+  scores = curve["accuracy"]
+  assert summary["best_step"] == curve["step"][int(np.argmax(scores))]
+  assert summary["best_val_accuracy"] == pytest.approx(max(scores), abs=1e-6)
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "fda" / str(cfg.fda.num_steps))
+  _, again = _run(cfg, setup, tmp_path / "b")
+  assert again["curve"] == curve

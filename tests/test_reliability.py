@@ -24,7 +24,7 @@ def _train(cfg, bench, workdir):
   task = tasks.build(cfg)
   model = task.build_model()
   return train.train_global(task, model, cfg, bench, str(workdir),
-                            wd.MetricsWriter(str(workdir)))
+                            wd.MetricsWriter(str(workdir)))[0]
 
 
 def _truncate(step_dir):
@@ -147,7 +147,38 @@ def test_a_failing_checkpoint_write_names_the_step_and_keeps_earlier_ones(smoke_
     ("baselines.fta.ks", (5, 50), r"needs k <= data.support_size=10"),
     ("data.frames", 1, r"need at least 2 frames"),
     ("adr.selector", "median", r"known: \('herding'"),
+    ("train.schedule", "linear", r"train.schedule='linear' is invalid: 'cosine'"),
+    ("train.eval_every", -1, r"train.eval_every=-1 is invalid"),
 ])
 def test_invalid_config_values_are_refused_before_any_work(smoke_config, tmp_path, key, value,
                                                            match):
   assert_refused_before_any_work(smoke_config, key, value, match, tmp_path)
+
+
+def test_global_training_length_is_chosen_on_validation_and_resumes(smoke_config, bench,
+                                                                   tmp_path):
+  """train.eval_every > 0: the global model is scored on validation devices every that many
+  steps, the best-scoring parameters are what the stage hands on, and a run killed after a
+  checkpoint resumes to the same curve and the same parameters."""
+  cfg = smoke_config.copy_and_resolve_references()
+  cfg.train.eval_every = 2
+  task = tasks.build(cfg)
+  model = task.build_model()
+  run = lambda w: train.train_global(task, model, cfg, bench, str(w),
+                                     wd.MetricsWriter(str(w)))
+  params, summary = run(tmp_path / "a")
+  sel = task.selection_metric.name
+  curve = summary["curve"]
+  assert curve["step"] == [2, 4, 6] and summary["metric"] == sel
+  assert summary["best_step"] == curve["step"][int(np.argmax(curve[sel]))]
+  # the parameters handed on score the kept step's value on the validation devices
+  feats = task.encode_split(model, params, bench.devices("validation"))
+  feats = {k: v for k, v in feats.items() if k not in (task.support_role, task.oracle_role)}
+  got = train.device_metrics(task, model, lambda net, dev: net)(params, feats)
+  assert float(got[sel]) == pytest.approx(max(curve[sel]), abs=1e-6)
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "global" / "6")
+  again, summary_b = run(tmp_path / "b")
+  assert summary_b["curve"] == curve
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+               params, again)

@@ -102,6 +102,9 @@ def test_an_item_outside_the_vocabulary_is_refused_not_clamped(setup):
     ("baselines.include", ("global", "oracle"), "no oracle data"),
     ("baselines.include", ("global", "tent"), "no unsupervised objective"),
     ("persona.meta_devices", 10 ** 6, "at most the 3851 training positions"),
+    ("data.protocol", "official", "0 under data.protocol='official'"),
+    ("data.protocol", "offical", "'cold_ood' .* or 'official'"),
+    ("model.classifier_form", "hyper", "expected 'dense' .* or 'generated'"),
 ])
 def test_bad_seqrec_configs_are_refused_before_any_work(setup, tmp_path, key, value, match):
   assert_refused_before_any_work(setup[0], key, value, match, tmp_path)
@@ -135,6 +138,37 @@ def test_the_main_job_runs_on_movielens_and_reports_every_method(setup, tmp_path
   assert "MovieLens-100K" in report and "3851 training positions" in report
   assert "## Per window position" in report and "| method (test) | w0 |" in report
   assert json.loads((tmp_path / "run" / "results.json").read_text())["task"] == "seqrec"
+  # training length chosen on validation: the global model's and DUET's curves are reported
+  curves = res["training_curves"]
+  assert set(curves) == {"global", "duet"}
+  assert curves["global"]["curve"]["step"] == list(range(c.train.eval_every,
+                                                         c.train.num_steps + 1,
+                                                         c.train.eval_every))
+  assert set(curves["global"]["curve"]) >= {"step", "uauc", "ndcg@10", "hr@10"}
+  assert curves["duet"]["curve"]["step"][0] == 0
+  assert "## Validation curves" in report and (tmp_path / "run" / "validation_curves.png").exists()
+
+
+def test_the_official_protocol_tests_every_user_warm(cfg, tmp_path):
+  """data.protocol='official' (the `official` variant): no cold group, every user validated
+  and tested, the report saying where the official code chose its epoch."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("seqrec_cfg2",
+                                                f"{ROOT}/configs/seqrec_movielens.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("smoke,official,global_only")
+  c.data.data_dir = str(tmp_path / "data")
+  task = tasks.build(c)
+  f = task.prepared().figures(c.data)
+  assert f["cold_users"] == 0 and f["test_users"] == f["users"] == c.data.max_users
+  res = main.run(c, str(tmp_path / "run"))
+  assert res["num_ood_devices"] == 0 and res["num_eval_devices"] == c.data.max_users
+  assert set(res["methods"]) == {"global"}
+  assert "uauc_ood" not in res["methods"]["global"]["metrics"]
+  report = (tmp_path / "run" / "report.md").read_text()
+  assert "Protocol 'official'" in report and "keeps the epoch that scores best on the test" \
+      in report
 
 
 def test_time_slices_are_equal_and_ordered():
@@ -239,3 +273,21 @@ def test_a_missing_manual_dir_is_refused_before_any_work(cfg, tmp_path):
   with pytest.raises(config_errors.ConfigError, match="must hold train.txt and test.txt"):
     main.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+def test_small_cloud_data_is_batched_from_memory_in_the_same_order(setup, monkeypatch):
+  """A cloud source small enough is read once into arrays; its batches are the streamed ones,
+  batch for batch (so results do not depend on which path ran)."""
+  from mmpg_jax.data import pipeline
+  _, task, _, _ = setup
+  bench = task.prepare_data()
+  fast = bench.global_batches(16, seed=3)
+  monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", 0)
+  slow = bench.global_batches(16, seed=3)
+  assert type(fast).__name__ == "_InMemory" and type(slow).__name__ == "_Checked"
+  n = len(bench.global_source()) // 16
+  for i in (0, 1, n - 1, n, 3 * n + 2):          # epochs reshuffle alike
+    a, b = fast[i], slow[i]
+    assert set(a) == set(b)
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])

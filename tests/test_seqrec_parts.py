@@ -88,3 +88,35 @@ def test_the_official_unmasked_sasrec_lets_padding_in():
   p2 = jax.tree.map(lambda x: x, params)
   p2["item_embed"]["embedding"] = p2["item_embed"]["embedding"].at[0].add(3.0)
   assert not np.allclose(model.apply({"params": p2}, w, method=model.encode_user), u)
+
+
+def test_the_official_duet_model_generates_its_classifier_from_the_window():
+  """classifier_form='generated' (the released meta_sasrec): no classifier parameters; the two
+  layers come from the window's GRU state through fixed heads that are not parameters (so no
+  optimiser can train them), drawn as fmod(N(0, 1), 2) from a fixed key."""
+  from mmpg_jax.models.seqrec import GeneratedClassifier
+  model = SeqRec(num_items=50, dim=8, window=6, heads=2, classifier_form="generated")
+  w = jnp.array([[5, 7, 9, 0, 0, 0], [5, 7, 9, 11, 0, 0]])
+  cand = jnp.array([[1, 2, 3], [1, 2, 3]])
+  params = model.init(jax.random.key(0), w, cand)["params"]
+  assert "classifier" not in params and set(params["generator"]) == {"gru", "code_in",
+                                                                   "code_out"}
+  # every parameter gets a gradient (the generator trains end to end with the backbone)
+  grads = jax.grad(lambda p: model.apply({"params": p}, w, cand).sum())(params)
+  assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads["generator"]))
+  # the user vector is the generated classifier's output: scores are plain dot products
+  u = model.apply({"params": params}, w, method=model.encode_user)
+  t = model.apply({"params": params}, cand, method=model.encode_items)
+  np.testing.assert_allclose(model.apply({"params": params}, w, cand),
+                             jnp.einsum("bd,bnd->bn", u, t), rtol=1e-5, atol=1e-5)
+  # the heads are constants: the same code gives the same layers whatever the init seed
+  gen = GeneratedClassifier(8)
+  h = jax.random.normal(jax.random.key(1), (2, 6, 8))
+  x = jax.random.normal(jax.random.key(2), (2, 8))
+  g1 = gen.init(jax.random.key(3), x, h, jnp.array([2, 3]))["params"]
+  out = gen.apply({"params": g1}, x, h, jnp.array([2, 3]))
+  np.testing.assert_allclose(out, gen.apply({"params": g1}, x, h, jnp.array([2, 3])))
+  assert jax.tree.structure(g1) == jax.tree.structure(
+      gen.init(jax.random.key(4), x, h, jnp.array([2, 3]))["params"])
+  # the read position matters: another last click, another classifier
+  assert not np.allclose(out, gen.apply({"params": g1}, x, h, jnp.array([1, 3])))

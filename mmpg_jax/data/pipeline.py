@@ -8,10 +8,13 @@
 """
 import dataclasses
 import os
+import time
 
 import grain
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from mmpg_jax.config_errors import need
 from mmpg_jax.data import moving_digits as md
@@ -48,14 +51,33 @@ class Benchmark:
       raise _damaged(self.cloud, "opening split global_train", e) from e
 
   def global_batches(self, batch_size: int, seed: int) -> grain.MapDataset:
+    """Batch i of the cloud's training data: a seeded per-epoch shuffle, a function of (seed,
+    i) only. A source of at most IN_MEMORY_BYTES is read once into arrays and batches are
+    gathered from them in the same order (the same batches, without decoding every example
+    again each epoch: for small examples the decoding costs ten times the training step)."""
     src = self.global_source()
     if len(src) < batch_size:
       raise ValueError(f"global_train has {len(src)} examples, fewer than train.batch_size="
                        f"{batch_size}; raise data.num_global_devices or lower the batch size")
+    if _nbytes(src[0]) * len(src) <= IN_MEMORY_BYTES:
+      order = (grain.MapDataset.range(len(src)).shuffle(seed=seed).repeat(None)
+               .batch(batch_size, drop_remainder=True))
+      return _InMemory(order, self._global_arrays(src))
     ds = (grain.MapDataset.source(src).shuffle(seed=seed).repeat(None)
           .map(lambda e: {k: np.asarray(v) for k, v in e.items()})
           .batch(batch_size, drop_remainder=True))
     return _Checked(ds, self.cloud)
+
+  def _global_arrays(self, src) -> dict:
+    t = time.time()
+    try:
+      examples = src.__getitems__(list(range(len(src))))
+    except Exception as e:
+      raise _damaged(self.cloud, "reading split global_train", e) from e
+    arrays = _stack(examples)
+    logging.info("read the %d cloud training examples into memory in %.1fs", len(src),
+                 time.time() - t)
+    return arrays
 
   def devices(self, split: str) -> dict:
     """All devices of a split, stacked: role fields get a leading device axis."""
@@ -82,6 +104,26 @@ class Benchmark:
           src[0], src[n - 1]
         except Exception as e:
           raise _damaged(builder, f"split {split}", e) from e
+
+
+IN_MEMORY_BYTES = 256 * 2 ** 20
+
+
+def _nbytes(example) -> int:
+  if isinstance(example, dict):
+    return sum(_nbytes(v) for v in example.values())
+  return np.asarray(example).nbytes
+
+
+class _InMemory:
+  """Batches gathered from arrays by a grain index order (batch i = arrays[order[i]])."""
+
+  def __init__(self, order, arrays):
+    self._order, self._arrays = order, arrays
+
+  def __getitem__(self, i):
+    idx = np.asarray(self._order[i])
+    return jax.tree.map(lambda a: a[idx], self._arrays)
 
 
 class _Checked:

@@ -107,12 +107,14 @@ class MovielensDevices(_MovielensBase):
                             "support": support})
 
   def _split_generators(self, dl_manager):
-    return {s: self._generate_examples(s) for s in DEVICE_SPLITS}
+    # an empty group (no cold users under the official protocol) is no split at all
+    sizes = self.expected_sizes()
+    return {s: self._generate_examples(s) for s in DEVICE_SPLITS if sizes[s] > 0}
 
   def expected_sizes(self):
     f = prepared(self.builder_config.data).figures(self.builder_config.data)
     return {"validation": f["validation_users"], "test": f["test_users"],
-            "test_ood": f["test_ood_users"]}
+            "test_ood": f["test_ood_users"], "val_ood": 0}
 
   def _generate_examples(self, split):
     cfg = self.builder_config.data

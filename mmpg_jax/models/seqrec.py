@@ -9,6 +9,16 @@ line builds them (docs/methods.md), d = `dim`, a click window of L items.
 The classifier's two Dense layers are what Persona and DUET edit or generate (the official
 `_classifier`, StackedDense(d, [d, d], [Tanh, None])).
 
+`classifier_form="generated"` is the official DUET model itself (the released `meta_sasrec`): no
+classifier parameters; its two layers are generated per click window from the sequence's state,
+s = GRU(h)[len - 1], c = Dense-tanh-Dense(s), W_i = reshape(c A_i + a_i), b_i = c B_i + β_i, and
+the whole model (embeddings, encoder, GRU, MLP) is trained end to end from scratch. The heads
+A, a, B, β are fixed random draws, fmod(N(0, 1), 2), never trained: the released code keeps
+them in plain Python lists, so its optimiser never sees them. Here they are constants drawn
+from a fixed key inside the module (not parameters), which gives the same behaviour. The user
+vector such a model encodes is the generated classifier's output; scoring is then the plain
+dot product.
+
 Padding: windows are left-aligned with trailing 0s and the user vector is read at position
 len - 1 (len = the number of real clicks; an empty window reads position 0), as the official
 code does. The official SASRec passes no attention mask, so real clicks also attend to the
@@ -17,6 +27,7 @@ user vector depends on the real clicks only; `"none"` reproduces the official be
 reads the GRU state at len - 1, which padding after it cannot reach.
 """
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -46,6 +57,37 @@ class Classifier(nn.Module):
     return self.out(jnp.tanh(self.hidden(u)))
 
 
+class GeneratedClassifier(nn.Module):
+  """The official DUET's classifier, generated from the click window (module docstring)."""
+  dim: int
+  layers: int = 2
+  head_seed: int = 0
+
+  @nn.compact
+  def __call__(self, u, h, last):
+    """u [.., d] user vectors, h [.., L, d] the window's embedded clicks, last [..] the index
+    of the last real click -> the generated classifier's output [.., d]."""
+    gru = nn.RNN(nn.GRUCell(self.dim, kernel_init=nn.initializers.xavier_uniform(),
+                            recurrent_kernel_init=nn.initializers.xavier_uniform(), name="gru"))
+    states = gru(h.reshape((-1,) + h.shape[-2:])).reshape(h.shape)
+    s = jnp.take_along_axis(states, last[..., None, None], axis=-2)[..., 0, :]
+    c = nn.Dense(self.dim, name="code_out")(jnp.tanh(nn.Dense(self.dim, name="code_in")(s)))
+    d = self.dim
+    key = jax.random.key(self.head_seed)
+    x = u
+    for i in range(self.layers):
+      ka, kb, kc, kd = jax.random.split(jax.random.fold_in(key, i), 4)
+      draw = lambda k, shape: jnp.fmod(jax.random.normal(k, shape), 2.0)
+      a_mat, a_vec = draw(ka, (d, d * d)), draw(kb, (d * d,))
+      b_mat, b_vec = draw(kc, (d, d)), draw(kd, (d,))
+      w = (c @ a_mat + a_vec).reshape(c.shape[:-1] + (d, d))
+      b = c @ b_mat + b_vec
+      x = jnp.einsum("...i,...io->...o", x, w) + b
+      if i < self.layers - 1:
+        x = jnp.tanh(x)
+    return x
+
+
 class SeqRec(nn.Module):
   num_items: int                     # item ids 1..num_items; 0 is padding
   backbone: str = "sasrec"           # "sasrec" | "gru4rec"
@@ -53,6 +95,7 @@ class SeqRec(nn.Module):
   window: int = 10
   heads: int = 4
   attention_mask: str = "padding"    # "padding" | "none" (the official SASRec)
+  classifier_form: str = "dense"     # "dense" | "generated" (the official DUET model)
 
   def setup(self):
     init = nn.initializers.xavier_uniform()
@@ -68,7 +111,13 @@ class SeqRec(nn.Module):
     else:
       raise ValueError(f"unknown model.backbone {self.backbone!r}; expected 'sasrec' or "
                        f"'gru4rec'")
-    self.classifier = Classifier(self.dim)
+    if self.classifier_form == "dense":
+      self.classifier = Classifier(self.dim)
+    elif self.classifier_form == "generated":
+      self.generator = GeneratedClassifier(self.dim)
+    else:
+      raise ValueError(f"unknown model.classifier_form {self.classifier_form!r}; expected "
+                       f"'dense' or 'generated'")
 
   def _embed(self, window):
     return jnp.tanh(self.seq_trans(self.item_embed(window)
@@ -93,19 +142,26 @@ class SeqRec(nn.Module):
     else:
       out = self.gru(h)
     last = jnp.maximum(real.sum(-1) - 1, 0)
-    return jnp.take_along_axis(out, last[..., None, None], axis=-2)[..., 0, :]
+    u = jnp.take_along_axis(out, last[..., None, None], axis=-2)[..., 0, :]
+    if self.classifier_form == "generated":
+      return self.generator(u, h, last)
+    return u
 
   def encode_items(self, items):
     """[.., n] candidate ids -> t [.., n, d]."""
     return self.target_out(jnp.tanh(self.target_in(self.item_embed(items))))
 
+  def _classify(self, user):
+    # the generated classifier already ran inside encode_user
+    return self.classifier(user) if self.classifier_form == "dense" else user
+
   def score_from_features(self, user, items):
     """The dynamic part: scores [.., n] of candidates t [.., n, d] for user vectors [.., d]."""
-    return jnp.einsum("...d,...nd->...n", self.classifier(user), items)
+    return jnp.einsum("...d,...nd->...n", self._classify(user), items)
 
   def score_rows(self, user, item):
     """The dynamic part row by row: user [.., d], item [.., d] -> scores [..]."""
-    return (self.classifier(user) * item).sum(-1)
+    return (self._classify(user) * item).sum(-1)
 
   def __call__(self, window, candidates):
     return self.score_from_features(self.encode_user(window), self.encode_items(candidates))

@@ -114,6 +114,8 @@ def build(ctx):
                           "prototypes": {f"k{k}": p["summary"] for k, p in protos.items()},
                           "generator_params": P.tree_size(gen_params),
                           "editor_params": P.tree_size(ed_params)}
+  # DUET's validation curve beside the global model's in the report
+  ctx.extra.setdefault("training_curves", {})["duet"] = duet_summary
   methods = make_methods(fam, gen_params, ed_params, {k: protos[k] for k in pc.prototypes})
   # Ablations: learnable vs frozen heads, the clip bound, the number of prototypes.
   if ab.frozen_heads and not pc.freeze_heads:
