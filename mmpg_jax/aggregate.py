@@ -2,6 +2,10 @@ r"""Mean and spread over seeds, and paired intervals: markdown tables from sever
 results.json.
 
   python -m mmpg_jax.aggregate runs/seed0 runs/seed1 runs/seed2 [> table.md]
+      [--metrics uauc,ndcg@10,hr@10,auc]            more metrics, each with its intervals
+      [--rows LABEL=runs/b0,runs/b1,runs/b2 ...]    run i's `global` row from another run
+                                                    on the same data (another backbone, the
+                                                    official DUET model), named LABEL
 
 ± is the sample standard deviation (ddof=1) over runs. The differences table pools every run's
 devices: per device, method − reference (global, global_meta, fta_k5, the run's best
@@ -9,6 +13,7 @@ forward-only rival), with a paired bootstrap 95% interval stratified by run (mmp
 * marks an interval that excludes 0. Runs should come from one machine (name it with the
 table) and vary `seed` and `data.seed` together, so devices and meta pools change too.
 """
+import argparse
 import json
 import os
 import sys
@@ -112,7 +117,76 @@ def window_table(runs, metric) -> list:
   return lines
 
 
+def _data_config(path):
+  f = os.path.join(path, "config.json") if os.path.isdir(path) else None
+  if not f or not os.path.exists(f):
+    return None
+  with open(f) as fh:
+    return json.load(fh).get("data")
+
+
+def add_rows(runs, paths, label: str, others) -> None:
+  """Run i gets `others[i]`'s global row as method `label`. The runs must share their data
+  (the same users in the same order: per-device values are then paired)."""
+  if len(others) != len(runs):
+    raise ValueError(f"--rows {label}: {len(others)} runs for {len(runs)} main runs; pass one "
+                     f"per main run, in the same order")
+  for i, (r, o) in enumerate(zip(runs, others)):
+    a, b = _data_config(paths[i]), _data_config(o)
+    if a is not None and b is not None and a != b:
+      diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+      raise ValueError(f"--rows {label}: {o} was run on other data than {paths[i]} (data keys "
+                       f"{diff} differ): its devices cannot be paired")
+    row = load([o])[0]["methods"]["global"]
+    if len(row["per_device"][selection_metric(r).name]) != len(
+        r["methods"]["global"]["per_device"][selection_metric(r).name]):
+      raise ValueError(f"--rows {label}: {o} has another number of test devices than {paths[i]}")
+    r["methods"][label] = row
+
+
+def metric_table(runs, names) -> list:
+  """Mean ± sample std over runs of each metric (test, and OOD where there is a group), and
+  each per-device metric's paired intervals against the references."""
+  ms = {m.name: m for m in tasks.get(runs[0]["task"]).metrics}
+  unknown = [n for n in names if n not in ms]
+  if unknown:
+    raise ValueError(f"--metrics {unknown}: the task's metrics are {sorted(ms)}")
+  ood = any(r.get("num_ood_devices") for r in runs)
+  cols = [(n, "") for n in names] + ([(n, "_ood") for n in names] if ood else [])
+  head = "| method | " + " | ".join(f"{n}{' OOD' if s else ''}" for n, s in cols) + " |"
+  lines = ["", f"Metrics over {len(runs)} runs (mean ± sample std):", "", head,
+           "|" + "---|" * (len(cols) + 1)]
+  for n in dict.fromkeys(n for r in runs for n in r["methods"]):
+    rs = [r["methods"][n] for r in runs if n in r["methods"]]
+    lines.append(f"| {n} | " + " | ".join(
+        _pm(ms[m], [x["metrics"].get(m + s, np.nan) for x in rs]) for m, s in cols) + " |")
+  for n in names:
+    if n in runs[0]["methods"]["global"]["per_device"]:
+      lines += difference_table(runs, ms[n])
+  return lines
+
+
+def main(argv) -> str:
+  ap = argparse.ArgumentParser(prog="python -m mmpg_jax.aggregate", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("runs", nargs="+", help="workdirs of finished runs (or results.json files)")
+  ap.add_argument("--metrics", default="", help="comma-separated metrics for a second table")
+  ap.add_argument("--rows", action="append", default=[],
+                  help="LABEL=DIR,DIR,...: run i's global row from DIR i, named LABEL")
+  a = ap.parse_args(argv)
+  runs = load(a.runs)
+  for spec in a.rows:
+    label, _, dirs = spec.partition("=")
+    if not label or not dirs:
+      raise ValueError(f"--rows {spec!r}: expected LABEL=DIR,DIR,...")
+    add_rows(runs, a.runs, label, dirs.split(","))
+  out = table(runs)
+  if a.metrics:
+    out += "\n" + "\n".join(metric_table(runs, [m for m in a.metrics.split(",") if m]))
+  return out
+
+
 if __name__ == "__main__":
   if len(sys.argv) < 2:
     sys.exit(__doc__)
-  print(table(load(sys.argv[1:])))
+  print(main(sys.argv[1:]))

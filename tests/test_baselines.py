@@ -111,6 +111,36 @@ def test_aggregate_over_seeds(tmp_path):
     aggregate.load([str(tmp_path / "nope")])
 
 
+def test_aggregate_adds_rows_of_other_runs_and_more_metrics(tmp_path):
+  """--rows: run i's global row from another run on the same data, paired device by device;
+  --metrics: every listed metric with its intervals. Runs on other data are refused."""
+  import json
+  from mmpg_jax import aggregate
+
+  def run(d, uauc, ndcg, data_seed=0):
+    d.mkdir()
+    per = lambda v: {"uauc": [v, v + 0.02, v - 0.02], "ndcg@10": [ndcg] * 3}
+    g = {"metrics": {"uauc": uauc, "ndcg@10": ndcg, "auc": 0.9}, "labels_used_per_device": 0,
+         "device_backward_passes": 0, "uplink_bytes": 0.0, "downlink_bytes": 0.0,
+         "per_device": per(uauc)}
+    (d / "results.json").write_text(json.dumps(
+        {"task": "seqrec", "oracle_global_margin": {}, "num_ood_devices": 0,
+         "methods": {"global": g}}))
+    (d / "config.json").write_text(json.dumps({"data": {"seed": data_seed}}))
+    return str(d)
+
+  main = [run(tmp_path / f"m{i}", 0.80 + i / 100, 0.40) for i in range(2)]
+  other = [run(tmp_path / f"o{i}", 0.85 + i / 100, 0.42) for i in range(2)]
+  t = aggregate.main(main + ["--rows", "gru4rec=" + ",".join(other),
+                             "--metrics", "uauc,ndcg@10,auc"])
+  assert "| gru4rec | 0.8550 ± 0.0071 | 0.4200 ± 0.0000 | 0.9000 ± 0.0000 |" in t
+  assert "Differences in ndcg@10" in t and "| gru4rec | +0.0200 [+0.0200, +0.0200]* |" in t
+  assert "Differences in auc" not in t                # pooled: no per-device values
+  bad = [run(tmp_path / f"x{i}", 0.85, 0.42, data_seed=5) for i in range(2)]
+  with pytest.raises(ValueError, match=r"other data .*\['seed'\]"):
+    aggregate.main(main + ["--rows", "gru4rec=" + ",".join(bad)])
+
+
 def test_querybank_normalisation_is_the_dynamic_inverted_softmax():
   """A hub (gallery item 0, every bank query's first) is marked down for the queries whose
   own first item is in the activation set; a query whose first item no bank query retrieves
