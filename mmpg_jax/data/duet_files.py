@@ -20,7 +20,6 @@ official protocol, and the test targets are the same (a test checks both).
 """
 import os
 
-import numpy as np
 from absl import app, flags
 
 from mmpg_jax.data import movielens as ml
