@@ -25,11 +25,6 @@ from absl import app, flags
 from mmpg_jax.data import movielens as ml
 from mmpg_jax.data import seqrec_text
 
-_OUT = flags.DEFINE_string("out", None, "folder to write train.txt and test.txt into")
-_SEED = flags.DEFINE_integer("seed", 0, "negative sampling seed (data.seed)")
-_MAX_USERS = flags.DEFINE_integer("max_users", 0, "0 = every user; else the first N by raw id")
-
-
 def data_config(seed: int = 0, max_users: int = 0) -> dict:
   """The preprocessing's settings for the official files: every user warm."""
   return {"seed": seed, "min_interactions": 5, "num_cold_users": 0, "max_users": max_users,
@@ -73,13 +68,18 @@ def write(out_dir: str, cfg: dict, prep=None) -> dict:
 
 def main(argv):
   del argv
-  if not _OUT.value:
+  out = flags.FLAGS.out
+  if not out:
     raise app.UsageError("--out=DIR is required")
-  f = write(_OUT.value, data_config(_SEED.value, _MAX_USERS.value))
-  print(f"wrote {_OUT.value}/train.txt ({f['train_targets']:,} targets, {f['train_rows']:,} "
+  f = write(out, data_config(flags.FLAGS.seed, flags.FLAGS.max_users))
+  print(f"wrote {out}/train.txt ({f['train_targets']:,} targets, {f['train_rows']:,} "
         f"rows) and test.txt ({f['test_targets']:,} targets, {f['test_rows']:,} rows): "
         f"{f['users']:,} users, {f['items']:,} items")
 
 
 if __name__ == "__main__":
+  # defined here, not on import: another module's --out (video_fixtures) may share a process
+  flags.DEFINE_string("out", None, "folder to write train.txt and test.txt into")
+  flags.DEFINE_integer("seed", 0, "negative sampling seed (data.seed)")
+  flags.DEFINE_integer("max_users", 0, "0 = every user; else the first N by raw id")
   app.run(main)
