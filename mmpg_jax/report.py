@@ -259,18 +259,26 @@ def write_curve_plot(workdir: str, results: dict) -> list:
 def headline_table(results: dict, task) -> list:
   """The compact table the main job prints when it ends: per method the selection metric on
   test and OOD devices, the share of the oracle − global margin it closes, and what a device
-  pays (labels, backward passes, bytes up and down)."""
+  pays (labels, backward passes, bytes up and down). A run without an oracle, an OOD group
+  (seqrec's official protocol) or a validation OOD group leaves those columns out."""
   sel = task.selection_metric
-  head = (f"| method | {sel.name} test | closed | {sel.name} OOD | OOD closed | val OOD | "
-          "labels | backward passes | cloud backward passes | uplink B | downlink B |")
+  fmt = lambda key: lambda mt: rf.fmt(sel, mt.get(key, float("nan")))
+  share = lambda key: lambda mt: rf.share(mt.get(key, float("nan")))
+  margin = bool(results.get("oracle_global_margin", True))     # no oracle: nothing closed
+  cols = [(f"{sel.name} test", fmt(sel.name))] + ([("closed", share("margin_closed"))]
+                                                   if margin else [])
+  if results.get("num_ood_devices", 1):
+    cols += [(f"{sel.name} OOD", fmt(sel.name + "_ood"))] + (
+        [("OOD closed", share("margin_closed_ood"))] if margin else [])
+  if results.get("num_val_ood_devices", 1):
+    cols += [("val OOD", fmt(sel.name + "_val_ood"))]
+  head = ("| method | " + " | ".join(c for c, _ in cols) + " | labels | backward passes | "
+          "cloud backward passes | uplink B | downlink B |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for name, r in results["methods"].items():
     mt = r["metrics"]
-    get = lambda k: mt.get(k, float("nan"))
-    lines.append(f"| {name} | {rf.fmt(sel, get(sel.name))} | {rf.share(get('margin_closed'))} | "
-                 f"{rf.fmt(sel, get(sel.name + '_ood'))} | "
-                 f"{rf.share(get('margin_closed_ood'))} | "
-                 f"{rf.fmt(sel, get(sel.name + '_val_ood'))} | {r['labels_used_per_device']} | "
+    lines.append(f"| {name} | " + " | ".join(f(mt) for _, f in cols) + " | "
+                 f"{r['labels_used_per_device']} | "
                  f"{r['device_backward_passes']} | {r.get('cloud_backward_passes', 0)} | "
                  f"{r['uplink_bytes']:.0f} | "
                  f"{r['downlink_bytes']:.0f} |")

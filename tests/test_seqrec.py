@@ -169,6 +169,10 @@ def test_the_official_protocol_tests_every_user_warm(cfg, tmp_path):
   report = (tmp_path / "run" / "report.md").read_text()
   assert "Protocol 'official'" in report and "keeps the epoch that scores best on the test" \
       in report
+  # the printed table carries no empty columns: no OOD group, no oracle margin
+  from mmpg_jax import report as report_lib
+  head = report_lib.headline_table(res, task)[0]
+  assert head.startswith("| method | uauc test | labels |") and "OOD" not in head
 
 
 def test_time_slices_are_equal_and_ordered():
