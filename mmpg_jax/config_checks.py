@@ -9,6 +9,7 @@ import jax
 from mmpg_jax import params as P
 from mmpg_jax import tasks
 from mmpg_jax import device
+from mmpg_jax import train
 from mmpg_jax.config_errors import ConfigError, need, positive
 
 
@@ -26,7 +27,7 @@ def validate(cfg, task=None) -> None:
               "eval.device_chunk"):
     positive(cfg, key)
   tc = cfg.train
-  need(tc.get("schedule", "cosine") in ("cosine", "constant"), "train.schedule",
+  need(tc.get("schedule", "cosine") in train.SCHEDULES, "train.schedule",
        tc.get("schedule"), "'cosine' (decay to 0) or 'constant' (held after warmup)")
   need(isinstance(tc.get("eval_every", 0), int) and tc.get("eval_every", 0) >= 0,
        "train.eval_every", tc.get("eval_every"),

@@ -92,53 +92,32 @@ def pool_batch(pool, n_per_step: int, seed: int, step: int, salt: int = 7) -> di
 
 def validator(task, model, val_feats, params_of):
   """`params_of(net, dev) -> device params` -> `validate(net)`: the mean selection metric on
-  validation devices, signed so that higher is better (one jitted vmap over the devices)."""
+  validation devices, signed so that higher is better (`train.device_metrics`)."""
   metric = task.selection_metric
   sign = 1.0 if metric.higher_is_better else -1.0
-
-  def one(net, dev):
-    query = dev[task.query_role]
-    return task.metric_values(task.scores(model, params_of(net, dev), query), query)[metric.name]
-
-  # The validation data is an argument, not a closed-over constant: XLA would otherwise
-  # constant-fold the anchor selection of every device at compile time.
-  batched = jax.jit(lambda net, sub: sign * jax.vmap(one, in_axes=(None, 0))(net, sub).mean())
+  score = train.device_metrics(task, model, params_of, names=(metric.name,))
   sub = {k: v for k, v in val_feats.items() if k not in (task.support_role, task.oracle_role)}
-  return lambda net: batched(net, sub)
-
-
-def _curve_points(sc) -> int:
-  """Validation points of a selected stage: step 0, every eval_every steps and the last."""
-  return 1 + -(-int(sc.num_steps) // int(sc.eval_every))
+  return lambda net: sign * score(net, sub)[metric.name]
 
 
 def selected_state(params0, sc, key: str = "fda_params", what: str = "fda"):
   """(optimiser, the state before step 1) of a validation-selected meta-training stage: the
   trained parameters under `key`, their optimiser state, the best-scoring parameters so far
-  and the validation curve (step, score; NaN where not yet evaluated), which travels in the
-  checkpoints so a resumed stage reports all of it (also the restore target of the stage's
-  checkpoints)."""
+  and the validation curve (step 0 and every validation point; `train.new_curve`), also the
+  restore target of the stage's checkpoints."""
   tx = train.make_optimizer(sc, what)
-  n = _curve_points(sc)
   return tx, {key: params0, "opt_state": tx.init(params0), "step": jnp.int32(0),
               "best_params": params0, "best_score": jnp.float32(-np.inf),
               "best_step": jnp.int32(0),
-              "curve": {"step": jnp.zeros(n, jnp.int32), "score": jnp.full(n, jnp.nan)}}
-
-
-def _record(state, i: int, step: int, score: float):
-  c = state["curve"]
-  return dict(state, curve={"step": c["step"].at[i].set(step),
-                            "score": c["score"].at[i].set(score)})
+              "curve": train.new_curve(1 + train.evaluations(sc.num_steps, sc.eval_every),
+                                       ("score",))}
 
 
 def curve_of(state, metric: str) -> dict:
   """The validation curve of a selected stage's state: {'step': [...], metric: [...]} (the
   score as `validate` signs it: higher is better)."""
-  c = jax.tree.map(np.asarray, state["curve"])
-  done = np.isfinite(c["score"])
-  return {"step": [int(x) for x in c["step"][done]],
-          metric: [round(float(x), 6) for x in c["score"][done]]}
+  c = train.curve_lists(state["curve"])
+  return {"step": c["step"], metric: c["score"]}
 
 
 def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, workdir,
@@ -157,7 +136,8 @@ def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, 
   def prepare(state, start):
     if start == 0:
       s0 = float(validate(state[key]))
-      state = _record(dict(state, best_score=jnp.float32(s0)), 0, 0, s0)
+      state = dict(state, best_score=jnp.float32(s0),
+                   curve=train.record_point(state["curve"], 0, 0, {"score": s0}))
       metrics.write(stage, 0, **{f"val_{metric}": s0})
       logging.info("%s step 0 (initial parameters) val %s %.4f", stage, metric, s0)
     batch_fn = make_batches()
@@ -167,7 +147,8 @@ def train_selected(stage, params0, sc, *, loss_fn, validate, make_batches, cfg, 
     if done % sc.eval_every and done != sc.num_steps:
       return state, {}
     score = float(validate(state[key]))
-    state = _record(state, -(-done // int(sc.eval_every)), done, score)
+    state = dict(state, curve=train.record_point(
+        state["curve"], train.evaluations(done, sc.eval_every), done, {"score": score}))
     if score > float(state["best_score"]):
       state = dict(state, best_params=state[key], best_score=jnp.float32(score),
                    best_step=jnp.int32(done))

@@ -226,7 +226,7 @@ def curve_lines(results) -> list:
   return lines + [""]
 
 
-def write_curve_plot(workdir: str, results: dict) -> list:
+def write_curve_plot(workdir: str, results: dict, task) -> list:
   curves = {k: c for k, c in (results.get("training_curves") or {}).items() if c["curve"]["step"]}
   if not curves:
     return []
@@ -236,10 +236,10 @@ def write_curve_plot(workdir: str, results: dict) -> list:
   fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
   for ax, (stage, c) in zip(axes[0], curves.items()):
     metric, pts = c["metric"], c["curve"]
-    extra = [k for k in pts if k not in ("step", metric) and k.startswith("ndcg@10")]
+    extra = [k for k in (task.curve_metric,) if k in pts and k != metric]
     ax.plot(pts["step"], pts[metric], "o-", ms=3, label=f"val {metric}")
     ax.axvline(c["best_step"], color="k", ls="--", lw=0.8, label=f"kept: step {c['best_step']}")
-    if extra:                         # a second metric on its own axis (recommendation)
+    if extra:                         # the task's second metric, on its own axis
       ax2 = ax.twinx()
       ax2.plot(pts["step"], pts[extra[0]], "s-", ms=3, color="tab:orange",
                label=f"val {extra[0]}")
@@ -413,4 +413,4 @@ def write_plots(workdir: str, results: dict, task) -> list:
   fig.savefig(os.path.join(workdir, f"{sel}_vs_uplink.png"), dpi=100)
   plt.close(fig)
   out = [f"per_device_{sel}.png", f"{sel}_vs_uplink.png"]
-  return out + write_curve_plot(workdir, results)
+  return out + write_curve_plot(workdir, results, task)

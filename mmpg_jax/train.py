@@ -114,16 +114,18 @@ def run_stage(stage: str, state, sc, *, workdir, metrics, key, prepare, after_st
   return state
 
 
-def device_metrics(task, model, params_of):
+def device_metrics(task, model, params_of, names=None):
   """`params_of(net, dev) -> device params` -> a jitted `(net, feats) -> {metric: mean over
-  devices}` of every per-device metric the task computes (`task.metric_values`' keys without
-  a leading '_'), one vmap over the devices. The devices are an argument, not a closed-over
-  constant (XLA would otherwise constant-fold per-device work at compile time)."""
+  devices}` of the per-device metrics `names` (default: every one `task.metric_values`
+  returns, its keys without a leading '_'), one vmap over the devices. The devices are an
+  argument, not a closed-over constant (XLA would otherwise constant-fold per-device work at
+  compile time)."""
 
   def one(net, dev):
     query = dev[task.query_role]
     values = task.metric_values(task.scores(model, params_of(net, dev), query), query)
-    return {k: v for k, v in values.items() if not k.startswith("_")}
+    return {k: v for k, v in values.items()
+            if (k in names if names is not None else not k.startswith("_"))}
 
   return jax.jit(lambda net, feats: jax.tree.map(
       jnp.mean, jax.vmap(one, in_axes=(None, 0))(net, feats)))
@@ -133,25 +135,44 @@ def selects_on_validation(config) -> bool:
   return int(config.train.get("eval_every", 0) or 0) > 0
 
 
-def _num_evals(tc) -> int:
-  """Validation points of the global stage: every eval_every steps and the last step."""
-  return -(-int(tc.num_steps) // int(tc.eval_every))
+def evaluations(num_steps: int, every: int) -> int:
+  """Validation points after step 0: every `every` steps and the last step."""
+  return -(-int(num_steps) // int(every))
+
+
+def new_curve(points: int, names) -> dict:
+  """An empty validation curve for a stage's checkpointed state: 'step' and one array per
+  metric name, NaN until that point is evaluated (a resumed stage reports the whole curve)."""
+  return {"step": jnp.zeros(points, jnp.int32),
+          **{k: jnp.full(points, jnp.nan, jnp.float32) for k in names}}
+
+
+def record_point(curve, i: int, step: int, values: dict) -> dict:
+  out = dict(curve, step=curve["step"].at[i].set(step))
+  for k, v in values.items():
+    out[k] = curve[k].at[i].set(v)
+  return out
+
+
+def curve_lists(curve) -> dict:
+  """The evaluated points of a curve as lists (results.json, the report)."""
+  c = jax.tree.map(np.asarray, curve)
+  done = np.isfinite(c[next(k for k in c if k != "step")])
+  return {k: [int(x) for x in v[done]] if k == "step" else [round(float(x), 6) for x in v[done]]
+          for k, v in c.items()}
 
 
 def initial_state(task, model, config):
   """(optimiser, stage-1 state before step 1): also the restore target of its checkpoints.
   With validation selection the state also holds the best parameters so far, their step and
-  score, and the validation curve (step and every metric per validation point; NaN where not
-  yet evaluated)."""
+  score, and the validation curve (every per-device metric at each validation point)."""
   tx = make_optimizer(config.train, "train")
   params = task.init_params(model, config.seed)
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
   if selects_on_validation(config):
-    n = _num_evals(config.train)
-    names = curve_metrics(task)
     state.update(best_params=params, best_score=jnp.float32(-np.inf), best_step=jnp.int32(0),
-                 curve={"step": jnp.zeros(n, jnp.int32),
-                        **{k: jnp.full(n, jnp.nan, jnp.float32) for k in names}})
+                 curve=new_curve(evaluations(config.train.num_steps, config.train.eval_every),
+                                 curve_metrics(task)))
   return tx, state
 
 
@@ -165,16 +186,6 @@ def curve_metrics(task) -> tuple:
 def final_params(state, config):
   """The parameters stage 1 hands on: the validation-best with selection, else the last."""
   return state["best_params"] if selects_on_validation(config) else state["params"]
-
-
-def curve_summary(state, task) -> dict:
-  """The global stage's validation curve and choice, for results.json and the report."""
-  c = jax.tree.map(np.asarray, state["curve"])
-  done = np.flatnonzero(c["step"] > 0)
-  return {"metric": task.selection_metric.name, "best_step": int(state["best_step"]),
-          "steps": int(state["step"]),
-          "curve": {k: [round(float(x), 6) if k != "step" else int(x) for x in v[done]]
-                    for k, v in c.items()}}
 
 
 def train_global(task, model, config, data, workdir, metrics):
@@ -204,11 +215,8 @@ def train_global(task, model, config, data, workdir, metrics):
     feats = {k: v for k, v in feats.items() if k not in (task.support_role, task.oracle_role)}
     out = cache["score"](params, feats)
     values = {k: float(out[k]) for k in curve_metrics(task)}
-    i = -(-done // int(tc.eval_every)) - 1
-    curve = dict(state["curve"], step=state["curve"]["step"].at[i].set(done))
-    for k, v in values.items():
-      curve[k] = curve[k].at[i].set(v)
-    state = dict(state, curve=curve)
+    state = dict(state, curve=record_point(state["curve"], evaluations(done, tc.eval_every) - 1,
+                                           done, values))
     score = sign * values[metric.name]
     if score > float(state["best_score"]):
       state = dict(state, best_params=params, best_score=jnp.float32(score),
@@ -221,7 +229,8 @@ def train_global(task, model, config, data, workdir, metrics):
                     hint="Lower train.learning_rate or check the data;")
   if not select:
     return state["params"], {}
-  summary = curve_summary(state, task)
+  summary = {"metric": metric.name, "best_step": int(state["best_step"]),
+             "steps": int(state["step"]), "curve": curve_lists(state["curve"])}
   logging.info("global model: validation %s best at step %d of %d", metric.name,
                summary["best_step"], summary["steps"])
   return final_params(state, config), summary

@@ -57,6 +57,9 @@ class Classifier(nn.Module):
     return self.out(jnp.tanh(self.hidden(u)))
 
 
+CLASSIFIER_FORMS = ("dense", "generated")
+
+
 class GeneratedClassifier(nn.Module):
   """The official DUET's classifier, generated from the click window (module docstring)."""
   dim: int

@@ -54,6 +54,8 @@ class Task:
   roles = ("context", "support", "query", "oracle")
   support_role, oracle_role, context_role, query_role = "support", "oracle", "context", "query"
 
+  # A second metric the report plots beside the selection metric on validation curves
+  curve_metric = None
   # What report.md says above its per-window table (tasks whose entries carry `window`).
   window_note = ("Mean {metric} over devices at each position of their streams (window 0 "
                  "first; each window's shift is a drift step, or a jump, from the last).")

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from mmpg_jax import models, rec_metrics
+from mmpg_jax.models import seqrec as seqrec_model
 from mmpg_jax.config_errors import ConfigError, need
 from mmpg_jax.data import movielens as ml
 from mmpg_jax.data import seqrec_text
@@ -59,6 +60,7 @@ class Task(_Base):
   encoder_prefixes = ("item_embed/", "pos_embed/", "seq_trans/", "target_in/", "target_out/",
                       "transformer/", "gru/", "generator/")
   anchor_modalities = ("clicks",)
+  curve_metric = "ndcg@10"
   roles = ("context", "support", "query")
   oracle_role = None
   builders = (tml.MovielensCloud, tml.MovielensDevices)
@@ -255,7 +257,7 @@ class Task(_Base):
     d = cfg.data
     need(d.protocol in PROTOCOLS, "data.protocol", d.protocol,
          "'cold_ood' (cold users held out as the OOD group) or 'official' (every user warm)")
-    need(cfg.model.get("classifier_form", "dense") in ("dense", "generated"),
+    need(cfg.model.get("classifier_form", "dense") in seqrec_model.CLASSIFIER_FORMS,
          "model.classifier_form", cfg.model.get("classifier_form"),
          "expected 'dense' (the classifier a method edits) or 'generated' (the official DUET "
          "model, its classifier generated per click window)")
