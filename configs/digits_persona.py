@@ -117,6 +117,10 @@ def get_config(arg: str = ""):
     c.persona.prototypes = (2,)
   c.global_meta.devices_per_step = 32   # the FDA's 12,288 meta windows, 32 queries each
   c.method_families = ("baselines", "global_meta", "tta", "cdc_mmpg", "cdc_robust", "persona")
+  # When to ask: request policies over the drifting streams, for Persona's edits.
+  c.deploy.policy_method = "persona"
+  c.deploy.methods = (("persona",) if smoke else
+                      ("global_meta", "cdc_mmpg", "cdc_mmpg_on_global_meta", "duet", "persona"))
 
   if smoke:
     c.data.update(dict(num_global_devices=6, global_images_per_device=32, num_val_devices=3,

@@ -217,6 +217,21 @@ def get_config(arg: str = ""):
   c.method_families = ("baselines", "global_meta", "tta", "cdc_mmpg", "cdc_robust")
   c.eval = mlc.ConfigDict(dict(device_chunk=32))
   c.comm_dtype = "float32"              # dtype of what crosses the network
+  # Deployment studies after the evaluation (mmpg_jax/deploy): compressed traffic, label-free
+  # rollback, and (where `policy_method` names a method) request policies over the streams.
+  c.deploy = mlc.ConfigDict(dict(
+      # the traffic/rollback studies' methods (the headline rows that send something; their
+      # ablations and controls are left out for time); () = every method that sends something
+      methods=("global_meta", "cdc_mmpg", "cdc_mmpg_on_global_meta"),
+      encodings=("float32", "float16", "int8", "int4"),   # () = no traffic study
+      codec_tolerance=0.003,            # the default encoding: the smallest within this much
+                                        # of float32's validation score (0.3 points)
+      int8_model=True,                  # also apply each encoding's edit to an int8 model
+      rollback=True,
+      policy_method="",                 # "" = no request-policy study
+      budgets=(0.05, 0.1, 0.2, 0.5),    # request budgets (share of windows) set on validation
+      curve=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),   # budgets the curves are drawn at
+      windows_per_hour=1.0))            # a window's duration, for bytes per device-hour
 
   if smoke:
     c.data.update(dict(num_global_devices=6, global_videos_per_device=16, num_val_devices=3,
@@ -235,6 +250,7 @@ def get_config(arg: str = ""):
     c.tta.foa.update(dict(population=4, iterations=(2,), std_init=(0.1,), stat_weight=(1.0,),
                           shift=(1.0,)))
     c.adr.update(dict(k=2, k_sweep=(2,), ablations=("random", "all")))
+    c.deploy.update(dict(methods=("cdc_mmpg",), encodings=("float32", "int8")))
     c.global_meta.update(dict(learning_rates=(1e-3,), num_steps=4, warmup_steps=1,
                               devices_per_step=4, eval_every=2, log_every=2,
                               checkpoint_every=2))

@@ -104,6 +104,8 @@ def get_config(arg: str = ""):
                               learning_rates=(1e-2,) if smoke else (1e-2, 3e-2, 1e-1, 3e-1),
                               steps=(2,) if smoke else (5, 20)))
   c.method_families = ("baselines", "cdc_mmpg", "persona")
+  c.deploy.policy_method = "persona"     # request policies over the time slices
+  c.deploy.methods = ("persona",) if smoke else ("cdc_mmpg", "duet", "persona")
   # no data-matched control here: seqrec's meta devices are the cloud's own training clicks
   c.fda.bases = ("global",)
   # CDC-MMPG: anchors are the window's click embeddings (10 elements).
@@ -126,6 +128,7 @@ def get_config(arg: str = ""):
     # only the global model: a backbone's own row (GRU4Rec) or the official DUET model
     c.method_families = ("baselines",)
     c.baselines.include = ("global",)
+    c.deploy.update(dict(policy_method="", methods=()))
   if "duet_official" in chosen:
     # The official DUET is a device model of its own (module docstring of models/seqrec.py):
     # its generator runs inside the user encoder, so the run's `global` row is that model and

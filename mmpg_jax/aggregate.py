@@ -12,6 +12,8 @@ devices: per device, method − reference (global, global_meta, fta_k5, the run'
 forward-only rival), with a paired bootstrap 95% interval stratified by run (mmpg_jax.stats);
 * marks an interval that excludes 0. Runs should come from one machine (name it with the
 table) and vary `seed` and `data.seed` together, so devices and meta pools change too.
+Runs with deployment studies also get their request-policy, rollback and traffic tables
+(mmpg_jax.aggregate_deploy).
 """
 import argparse
 import json
@@ -20,7 +22,7 @@ import sys
 
 import numpy as np
 
-from mmpg_jax import comparisons
+from mmpg_jax import aggregate_deploy, comparisons
 from mmpg_jax import stats
 from mmpg_jax import tasks
 
@@ -183,6 +185,9 @@ def main(argv) -> str:
   out = table(runs)
   if a.metrics:
     out += "\n" + "\n".join(metric_table(runs, [m for m in a.metrics.split(",") if m]))
+  deployment = aggregate_deploy.tables(runs)      # where the runs ran the deployment studies
+  if deployment:
+    out += "\n" + "\n".join(deployment)
   return out
 
 

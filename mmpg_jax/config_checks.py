@@ -6,6 +6,7 @@ import importlib
 
 import jax
 
+from mmpg_jax import codec
 from mmpg_jax import params as P
 from mmpg_jax import tasks
 from mmpg_jax import device
@@ -43,6 +44,16 @@ def validate(cfg, task=None) -> None:
        cfg.baselines.fta.ks, f"FTA with k labels needs k <= data.support_size={d.support_size}")
   need(cfg.comm_dtype in ("float32", "float16", "bfloat16"), "comm_dtype", cfg.comm_dtype,
        "use float32, float16 or bfloat16")
+  if "deploy" in cfg:
+    dc = cfg.deploy
+    need(all(e in codec.ENCODINGS for e in dc.encodings)
+         and (not dc.encodings or "float32" in dc.encodings), "deploy.encodings", dc.encodings,
+         f"encodings from {codec.ENCODINGS}, float32 among them (the reference), or ()")
+    need(dc.codec_tolerance >= 0, "deploy.codec_tolerance", dc.codec_tolerance, "a value >= 0")
+    need(all(0 < b <= 1 for b in dc.budgets), "deploy.budgets", dc.budgets,
+         "request shares in (0, 1]")
+    need(all(0 <= b <= 1 for b in dc.curve), "deploy.curve", dc.curve, "shares in [0, 1]")
+    need(dc.windows_per_hour > 0, "deploy.windows_per_hour", dc.windows_per_hour, "a value > 0")
 
 
 def method_family(name: str):

@@ -1,7 +1,16 @@
-"""Device cost accounting: FLOPs from XLA's cost analysis of the compiled device-side code.
+"""Device cost accounting: FLOPs and peak memory from XLA's analyses of the compiled
+device-side code.
 
 XLA counts a loop body once whatever its trip count, so costs are composed explicitly:
 encoding the inputs once + `steps` x one gradient step + the forward passes a method needs.
+Each measured program's FLOPs come back as `Flops`, a float that also carries the program's
+working set: the memory it needs beyond its inputs (XLA's memory analysis: temporaries +
+outputs - outputs aliased to inputs). Summing or scaling FLOPs keeps the largest working set of
+the programs summed (they run one after another), so a method's `DeviceCost(device_flops=...)`
+knows its largest working set without any family saying so. A device's peak memory is then its
+resident model plus the largest working set of anything it runs, inference included
+(`DeviceCost.with_device_memory`). The model is counted once whether a program takes it as an
+argument or closes over it as a constant.
 """
 import dataclasses
 
@@ -13,11 +22,53 @@ from mmpg_jax import params as P
 from mmpg_jax import adr, device
 
 
-def flops(fn, *args) -> float:
-  ca = jax.jit(fn).lower(*args).compile().cost_analysis()
+class Flops(float):
+  """A FLOP count that remembers the largest working set (bytes) of the programs it counts:
+  arithmetic with numbers gives a Flops whose working set is the largest of its operands'
+  (programs run one after another, so their working sets do not add)."""
+
+  def __new__(cls, value=0.0, working: float = 0.0):
+    out = super().__new__(cls, value)
+    out.working = float(working)
+    return out
+
+  def _op(self, other, result):
+    return Flops(result, max(self.working, getattr(other, "working", 0.0)))
+
+  def __add__(self, o):
+    return self._op(o, float(self) + float(o))
+
+  __radd__ = __add__
+
+  def __sub__(self, o):
+    return self._op(o, float(self) - float(o))
+
+  def __rsub__(self, o):
+    return self._op(o, float(o) - float(self))
+
+  def __mul__(self, o):
+    return self._op(o, float(self) * float(o))
+
+  __rmul__ = __mul__
+
+  def __reduce__(self):
+    return (Flops, (float(self), self.working))
+
+
+def working_bytes(compiled) -> float:
+  """XLA's memory analysis of a compiled program: what it allocates beyond its inputs."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return 0.0
+  return float(m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def flops(fn, *args) -> Flops:
+  compiled = jax.jit(fn).lower(*args).compile()
+  ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else {}
-  return float((ca or {}).get("flops", 0.0))
+  return Flops((ca or {}).get("flops", 0.0), working_bytes(compiled))
 
 
 @dataclasses.dataclass
@@ -26,13 +77,26 @@ class DeviceCost:
   downlink_bytes: float = 0.0
   device_backward_passes: int = 0          # per-sample backward passes (samples x steps)
   device_flops: float = 0.0                # adaptation FLOPs on the device (not inference)
+  # the largest working set of the adaptation's device programs (bytes; from the Flops they
+  # were counted with), then, set by the main job, the device's peak memory: the resident model
+  # + the largest working set of adaptation and inference (`with_device_memory`)
+  device_peak_bytes: float = 0.0
   labels_used_per_device: int = 0
   cloud_flops: float = 0.0                 # per-device compute in the cloud beyond generation
   cloud_backward_passes: int = 0           # per-sample backward passes the cloud runs on the
                                            # device's uploaded data (samples x steps)
 
   def as_dict(self):
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    d["device_peak_bytes"] = max(float(self.device_peak_bytes),
+                                 getattr(self.device_flops, "working", 0.0))
+    return {k: (float(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+  def with_device_memory(self, model_bytes: float, inference_working: float) -> "DeviceCost":
+    """The device's peak memory: its resident model + the largest working set of what it runs
+    (the adaptation's programs and inference)."""
+    working = max(self.as_dict()["device_peak_bytes"], float(inference_working))
+    return dataclasses.replace(self, device_peak_bytes=float(model_bytes) + working)
 
 
 class CostModel:
@@ -120,7 +184,12 @@ class CostModel:
 
 
 def inference_flops_per_sample(cost_model) -> float:
-  return (cost_model.encode(1) + cost_model.forward(1))
+  return float(cost_model.encode(1) + cost_model.forward(1))
+
+
+def inference_working_bytes(cost_model, n: int) -> float:
+  """The working set of inference on a batch of n samples (encode, then the dynamic part)."""
+  return (cost_model.encode(n) + cost_model.forward(n)).working
 
 
 def dtype_bytes(name: str) -> int:

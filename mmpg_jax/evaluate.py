@@ -14,7 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from mmpg_jax import costs
+from mmpg_jax.methods import Method
 from mmpg_jax.tasks.base import pad_to
+
+# The device model as it is: what a device runs before (or instead of) any edit.
+UNCHANGED = Method("unchanged", ({},), lambda params, dev, hp: params,
+                   lambda hp: costs.DeviceCost())
 
 
 def _split_hp(hp):
@@ -43,7 +49,7 @@ class Evaluator:
     self.chunk = device_chunk
     self._compiled = {}
 
-  def _sub(self, roles, feats):
+  def sub(self, roles, feats):
     """Only the given roles of a device split (+ every per-device constant)."""
     return {k: v for k, v in feats.items() if k in roles or k not in self.task.roles}
 
@@ -59,7 +65,11 @@ class Evaluator:
                               {**dict(static), **traced})
       self._compiled[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, None)))
     fn = self._compiled[key]
-    return self._chunked(lambda part: fn(params, part, traced), self._sub(set(method.uses) | {self.task.query_role}, feats))
+    return self.chunked(lambda part: fn(params, part, traced), self.sub(set(method.uses) | {self.task.query_role}, feats))
+
+  def identity_metrics(self, params, feats) -> dict:
+    """{metric: [num devices]} of the device model `params` with no adaptation."""
+    return self.per_device_metrics(UNCHANGED, params, feats, {})
 
   def stream_metrics(self, method, params, feats, hp) -> dict:
     """A stateful method (Method.stream) on a split: the cloud serves every entry of window
@@ -81,7 +91,7 @@ class Evaluator:
           jax.jit(jax.vmap(one, in_axes=(None, 0, None, None))),
           jax.jit(lambda state, reports, t: method.stream.refine(state, reports, full(t))))
     fn, refine = self._compiled[key]
-    sub = self._sub(set(method.uses) | {self.task.query_role}, feats)
+    sub = self.sub(set(method.uses) | {self.task.query_role}, feats)
     n = len(sub["device_id"])
     pos = np.asarray(sub["window"]) if "window" in sub else np.zeros(n, np.int32)
     state = method.stream.init(full(traced), np.unique(np.asarray(sub["device_id"])))
@@ -89,13 +99,13 @@ class Evaluator:
     for t in np.unique(pos):
       idx = np.flatnonzero(pos == t)
       part = jax.tree.map(lambda x: np.asarray(x)[idx], sub)
-      values, reports = self._chunked(lambda p: fn(params, p, traced, state), part)
+      values, reports = self.chunked(lambda p: fn(params, p, traced, state), part)
       state = refine(state, reports, traced)
       for k, v in values.items():
         out.setdefault(k, np.zeros((n,) + v.shape[1:], v.dtype))[idx] = v
     return out
 
-  def _chunked(self, fn, sub):
+  def chunked(self, fn, sub):
     """fn over fixed-size chunks of devices (padded), so every split compiles once."""
     nd = len(sub["device_id"])
     out = []
@@ -112,8 +122,8 @@ class Evaluator:
         self._compiled[key] = jax.jit(jax.vmap(fn))
       # Diagnostics may read the labelled query (to compare with the truth); they never feed
       # back into adaptation or selection.
-      values = self._chunked(self._compiled[key],
-                             self._sub(set(method.uses) | {self.task.query_role}, feats))
+      values = self.chunked(self._compiled[key],
+                             self.sub(set(method.uses) | {self.task.query_role}, feats))
       # A diagnostic may return several named values from one computation.
       out.update(values if isinstance(values, dict) else {name: values})
     return out

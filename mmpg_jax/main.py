@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmpg_jax import config_checks, costs, evaluate, preemption, report, train
+from mmpg_jax import config_checks, costs, deploy, evaluate, preemption, report, train
 from mmpg_jax import params as P
 from mmpg_jax import workdir as wd
 from mmpg_jax.methods import MethodContext
@@ -69,16 +69,25 @@ def run(config, workdir: str) -> dict:
     seconds[f"family_{family.__name__.rsplit('.', 1)[-1]}"] = time.time() - t
     logging.info("method family %s ready in %.1fs", family.__name__, time.time() - t)
   t = time.time()
-  evals = evaluate.Evaluator(task, model, config.eval.device_chunk).run(methods, params, val,
-                                                                       groups)
+  evaluator = evaluate.Evaluator(task, model, config.eval.device_chunk)
+  evals = evaluator.run(methods, params, val, groups)
   seconds["evaluation"] = time.time() - t
   logging.info("evaluated %d methods in %.1fs", len(methods), seconds["evaluation"])
-  method_costs = {m.name: m.cost(evals[m.name]["hp"]) for m in methods}
+  # a device answers one query at a time; adaptation programs run as the method runs them
+  # (a context window, a gradient step's batch, at once)
+  inference = costs.inference_working_bytes(cm, 1)
+  method_costs = {m.name: m.cost(evals[m.name]["hp"]).with_device_memory(
+      P.tree_bytes(params), inference) for m in methods}
   method_info = {m.name: m.info for m in methods}
+  t = time.time()
+  deployment = deploy.run(evaluator, task, model, params, config, methods, method_costs, evals,
+                          val, groups)
+  seconds["deployment"] = time.time() - t
 
   # Nothing time- or host-dependent goes into results.json: the same seed gives the same bytes.
   extra = {"device_model_bytes": P.tree_bytes(params), **ctx.extra,
-           "device_inference_flops_per_sample": costs.inference_flops_per_sample(cm)}
+           "device_inference_flops_per_sample": costs.inference_flops_per_sample(cm),
+           **({"deployment": deployment} if deployment else {})}
   results = report.build_results(
       config, task, evals, method_costs, extra, method_info,
       {m.name: m.per_device_diagnostics for m in methods})

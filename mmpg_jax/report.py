@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from mmpg_jax import comparisons
+from mmpg_jax import comparisons, report_deploy
 from mmpg_jax import report_format as rf
 from mmpg_jax import stats
 from mmpg_jax import workdir as wd
@@ -83,6 +83,7 @@ def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
             if ids else {}),
          "oracle_global_margin": margin,
          **extra, "methods": methods}
+  out["frontier"] = report_deploy.frontier(out, task, int(cfg.data.query_size))
   out["best_rival"] = comparisons.best_rival(out, sel.name)
   choice = comparisons.ood_choice(out, sel.name)
   if choice:
@@ -365,6 +366,7 @@ def write_report(workdir: str, results: dict, cfg, task, families=()) -> None:
   lines += window_lines(results, task)
   lines += ablation_lines(results, task)
   lines += curve_lines(results)
+  lines += report_deploy.lines(results, task)
   for family in families:
     if hasattr(family, "report_lines"):
       lines += family.report_lines(results, task, workdir)
@@ -413,4 +415,5 @@ def write_plots(workdir: str, results: dict, task) -> list:
   fig.savefig(os.path.join(workdir, f"{sel}_vs_uplink.png"), dpi=100)
   plt.close(fig)
   out = [f"per_device_{sel}.png", f"{sel}_vs_uplink.png"]
-  return out + write_curve_plot(workdir, results, task)
+  return out + write_curve_plot(workdir, results, task) + report_deploy.write_plots(
+      workdir, results, task)

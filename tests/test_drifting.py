@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmpg_jax import main, tasks
+from mmpg_jax import aggregate, main, tasks
 from mmpg_jax.data import drifting_digits as dd
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
@@ -162,3 +162,24 @@ def test_the_main_job_runs_on_drifting_digits_and_reports_every_window(cfg, data
   assert "## Per window position" in report and "| method (test) | w0 |" in report
   assert "## Ablations" in report and m["persona_k1"]["info"]["ablation"] == "1 prototypes"
   assert json.loads((tmp_path / "run" / "results.json").read_text())["windows_per_device"] == w
+  # when to ask: every policy's curve over the streams, its share of requests set on validation
+  rp = res["deployment"]["request_policies"]
+  assert rp["method"] == "persona" and rp["windows"] == w
+  points = {(p["policy"], p["budget"]): p for p in rp["points"]}
+  assert points[("always", None)]["rate"]["test"] == 1.0
+  assert points[("never", None)]["rate"]["test"] == 0.0
+  assert points[("never", None)]["metric"]["test"]["accuracy"] == pytest.approx(
+      m["global"]["metrics"]["accuracy"])
+  assert points[("always", None)]["metric"]["test"]["accuracy"] == pytest.approx(
+      m["persona"]["metrics"]["accuracy"])
+  for policy in ("every_k", "drift", "learned"):
+    assert points[(policy, 0.0)]["rate"]["test"] == 0.0
+    assert points[(policy, 1.0)]["rate"]["validation"] == 1.0
+  assert set(rp["kept_share"]) == {str(b) for b in cfg.deploy.budgets}
+  assert "## Request policies: when a device asks" in report
+  assert (tmp_path / "run" / "request_policies.png").exists()
+  # over seeds: aggregate pools the kept shares and averages the rollback and traffic rows
+  out = aggregate.main([str(tmp_path / "run"), str(tmp_path / "run")])
+  assert "Request policies for `persona`'s edits over 2 runs" in out
+  assert "Label-free rollback over 2 runs" in out and "Compressed traffic over 2 runs" in out
+  assert "| persona | int8 | float32 |" in out and "| persona | int8 | int8 |" in out

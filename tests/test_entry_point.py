@@ -106,6 +106,27 @@ def test_smoke_run_of_the_real_entry_point(clean_run):
     assert (workdir / f).exists(), f
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any(r["stage"] == "global" and "steps_per_s" in r for r in rows)
+  # the accuracy-cost frontier over every method, with each method's peak device memory
+  # (the resident model + the largest working set; inference's is every method's floor)
+  assert m["global"]["device_peak_bytes"] > res["device_model_bytes"]
+  assert all(r["device_peak_bytes"] >= m["global"]["device_peak_bytes"] for r in m.values())
+  fro = res["frontier"]
+  assert set(fro) == {"device_flops", "bytes_per_request", "device_peak_bytes"}
+  for axis in fro.values():
+    assert set(axis) == {"test", "test_ood"} and {p["method"] for p in axis["test"]} == METHODS
+    assert any(p["pareto"] for p in axis["test"])
+  # deployment: the configured encodings of cdc_mmpg's traffic, on a float and an int8 model
+  tr = res["deployment"]["traffic"]["cdc_mmpg"]
+  assert [(r["encoding"], r["int8_model"]) for r in tr["rows"]] == [
+      ("float32", False), ("int8", False), ("float32", True), ("int8", True)]
+  f32, i8 = tr["rows"][0], tr["rows"][1]
+  assert f32["bytes"] == m["cdc_mmpg"]["uplink_bytes"] + m["cdc_mmpg"]["downlink_bytes"]
+  assert i8["bytes"] < f32["bytes"] / 3 and tr["selected"] in ("float32", "int8")
+  assert set(res["deployment"]["rollback"]["cdc_mmpg"]["groups"]) == {
+      "validation", "test", "test_ood", "val_ood"}
+  for section in ("## Accuracy–cost frontier", "## Compressed traffic", "## Label-free rollback"):
+    assert section in report, section
+  assert (workdir / "frontier.png").exists()
 
 
 def test_sigterm_and_repeated_sigkill_end_exactly_like_an_uninterrupted_run(

@@ -20,7 +20,7 @@ FLOORS = (
     ("mmpg_jax.workdir", 0), ("mmpg_jax.kmeans", 0), ("mmpg_jax.rec_metrics", 0),
     ("mmpg_jax.checkpointing", 0), ("mmpg_jax.config_loader", 0), ("mmpg_jax.edit_shards", 0),
     ("mmpg_jax.report_format", 0), ("mmpg_jax.upload", 0), ("mmpg_jax.stats", 0),
-    ("mmpg_jax.comparisons", 0),
+    ("mmpg_jax.comparisons", 0), ("mmpg_jax.codec", 0), ("mmpg_jax.frontier", 0),
     # 1 data, models and the device primitives every method uses
     ("mmpg_jax.data", 1), ("mmpg_jax.models", 1), ("mmpg_jax.device", 1), ("mmpg_jax.adr", 1),
     # 2 tasks, and device costs measured on a task's model
@@ -28,13 +28,16 @@ FLOORS = (
     # 3 what every method and stage is written against
     ("mmpg_jax.methods", 3), ("mmpg_jax.train", 3), ("mmpg_jax.meta_train", 3),
     ("mmpg_jax.evaluate", 3), ("mmpg_jax.simulate", 3), ("mmpg_jax.config_checks", 3),
-    # 4 hypernetwork libraries shared by several method families
-    ("mmpg_jax.fda", 4),
+    # 4 hypernetwork libraries shared by several method families; the deployment studies run
+    # on any family's methods (written against Method and the evaluator, never a family)
+    ("mmpg_jax.fda", 4), ("mmpg_jax.deploy", 4),
     # 5 method families (a family never imports another: see test below)
     ("mmpg_jax.adapt", 5),
     # 6 run level: the report, reading a finished run, the entry points
-    ("mmpg_jax.report", 6), ("mmpg_jax.runs", 6), ("mmpg_jax.main", 6),
+    ("mmpg_jax.report_deploy", 6), ("mmpg_jax.report", 6), ("mmpg_jax.runs", 6),
+    ("mmpg_jax.main", 6),
     ("mmpg_jax.generate", 6), ("mmpg_jax.bench", 6), ("mmpg_jax.aggregate", 6),
+    ("mmpg_jax.aggregate_deploy", 6),
     ("mmpg_jax", 0),                     # the package's own __init__
 )
 # Method families: modules under adapt/ (a package counts as one family).

@@ -147,6 +147,13 @@ def test_the_main_job_runs_on_movielens_and_reports_every_method(setup, tmp_path
   assert set(curves["global"]["curve"]) >= {"step", "uauc", "ndcg@10", "hr@10"}
   assert curves["duet"]["curve"]["step"][0] == 0
   assert "## Validation curves" in report and (tmp_path / "run" / "validation_curves.png").exists()
+  # a user is served once: a policy decides which users ask (one window position each)
+  rp = res["deployment"]["request_policies"]
+  assert rp["windows"] == 1 and rp["method"] == "persona"
+  assert rp["metrics"] == ["uauc", "ndcg@10"]
+  assert len(rp["kept_share"]["0.1"]["drift"]["test"]["ndcg@10"]) == 3   # share, interval
+  assert set(res["deployment"]["rollback"]) == set(res["deployment"]["traffic"]) - {
+      "_int8_model_unedited"} == {"persona"}
 
 
 def test_the_official_protocol_tests_every_user_warm(cfg, tmp_path):

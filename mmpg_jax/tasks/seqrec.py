@@ -194,6 +194,17 @@ class Task(_Base):
   pooled_metrics = {"auc": lambda v: rec_metrics.auc(np.ravel(v["_scores"]),
                                                      np.ravel(v["_labels"]))}
 
+  # The label-free check before swapping in an edit (deploy.rollback) reads the slate of
+  # candidates the device is about to rank (never which one is clicked): its context holds
+  # click embeddings only, no rows to score.
+  check_role = "query"
+
+  def entropy(self, model, params, feats):
+    """Mean binary entropy of the click probabilities of a role's rows (no labels read)."""
+    p = jax.nn.sigmoid(self.scores(model, params, feats))
+    p = jnp.clip(p, 1e-7, 1.0 - 1e-7)
+    return -(p * jnp.log(p) + (1.0 - p) * jnp.log1p(-p)).mean()
+
   def loss(self, model, params, feats):
     w = feats["weight"]
     return (_bce(self.scores(model, params, feats), feats["label"]) * w).sum() / jnp.maximum(

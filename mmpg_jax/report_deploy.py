@@ -1,0 +1,239 @@
+"""report.md's deployment sections and figures: the accuracy-cost frontier of every method, and
+the deployment studies (compressed traffic, label-free rollback, request policies)."""
+import os
+
+import numpy as np
+
+from mmpg_jax import frontier as fr
+from mmpg_jax import report_format as rf
+
+# cost axis -> (label, what it measures)
+AXES = {
+    "device_flops": ("device FLOPs per window", "the adaptation's FLOPs plus inference on the "
+                     "window's query samples (XLA cost analysis)"),
+    "bytes_per_request": ("bytes per request (up + down)", "uplink + downlink bytes at the "
+                          "run's comm_dtype"),
+    "device_peak_bytes": ("peak device memory (bytes)", "the resident device model plus the "
+                          "largest working set (XLA's memory analysis: temporaries + outputs) "
+                          "of the programs a method runs: inference on one sample, and each "
+                          "adaptation program as the method runs it (a context window, a "
+                          "gradient step's batch, a merge)"),
+}
+GROUPS = (("test", ""), ("test_ood", "_ood"))
+
+
+def frontier(results, task, queries_per_window: int) -> dict:
+  """{axis: {group: [{method, cost, value, pareto}]}} over every method of the run."""
+  sel = task.selection_metric
+  infer = results["device_inference_flops_per_sample"] * queries_per_window
+  out = {}
+  for axis in AXES:
+    out[axis] = {}
+    for grp, sfx in GROUPS:
+      pts = {}
+      for name, r in results["methods"].items():
+        v = r["metrics"].get(sel.name + sfx)
+        if v is None:
+          continue
+        cost = {"device_flops": r["device_flops"] + infer,
+                "bytes_per_request": r["uplink_bytes"] + r["downlink_bytes"],
+                "device_peak_bytes": r.get("device_peak_bytes", float("nan"))}[axis]
+        pts[name] = (cost, v)
+      if pts:
+        out[axis][grp] = fr.frontier(pts, sel.higher_is_better)
+  return out
+
+
+def frontier_lines(results, task) -> list:
+  fro = results.get("frontier") or {}
+  if not fro:
+    return []
+  sel = task.selection_metric
+  lines = ["## Accuracy–cost frontier", "",
+           f"Test {sel.name} of every method against what a device pays; a method is on the "
+           "Pareto frontier (★) when no other method costs no more and scores no less, better "
+           "in one. frontier.png plots them, test and OOD side by side.", ""]
+  for axis, (label, what) in AXES.items():
+    per = fro.get(axis, {})
+    if "test" not in per:
+      continue
+    on = {g: {p["method"] for p in pts if p["pareto"]} for g, pts in per.items()}
+    lines += [f"**{label}**: {what}.", "",
+              "| method | cost | " + " | ".join(f"{sel.name} {g}" for g in per) + " |",
+              "|---|---|" + "---|" * len(per)]
+    for p in per["test"]:
+      cells = []
+      for g, pts in per.items():
+        q = next((x for x in pts if x["method"] == p["method"]), None)
+        cells.append("–" if q is None else
+                     rf.fmt(sel, q["value"]) + (" ★" if q["method"] in on[g] else ""))
+      lines.append(f"| {p['method']} | {p['cost']:.3g} | " + " | ".join(cells) + " |")
+    lines.append("")
+  return lines
+
+
+def _pct(x):
+  return "–" if x is None or not np.isfinite(x) else f"{100 * x + 0.0:.1f}%"
+
+
+def traffic_lines(dep, task) -> list:
+  tr = dep.get("traffic") or {}
+  methods = {k: v for k, v in tr.items() if not k.startswith("_")}
+  if not methods:
+    return []
+  sel = task.selection_metric
+  groups = list(next(iter(methods.values()))["rows"][0]["groups"])
+  lines = ["## Compressed traffic", "",
+           "Each method's uplink (the context features it uploads from) and downlink (each "
+           "leaf's change under its edit) through float16, int8 or int4 with one float16 scale "
+           "per row, on the float device model and on an int8 one (every weight int8, per-row "
+           f"scales). Δ is the change in {sel.name} against the float32 round trip on the float "
+           "model. The selected encoding (✓) is the smallest whose validation score is within "
+           "the tolerance of float32's.", ""]
+  unedited = tr.get("_int8_model_unedited")
+  if unedited:
+    lines += [f"The int8 device model without any edit: validation "
+              f"{rf.fmt(sel, unedited['validation'])}, "
+              + ", ".join(f"{g} {rf.fmt(sel, v)}" for g, v in unedited["groups"].items())
+              + ".", ""]
+  lines += ["| method | encoding | device model | uplink B | downlink B | validation | "
+            + " | ".join(f"{g} | Δ {g}" for g in groups) + " |",
+            "|---|---|---|---|---|---|" + "---|---|" * len(groups)]
+  for name, t in methods.items():
+    ref = next(r for r in t["rows"] if r["encoding"] == "float32" and not r["int8_model"])
+    for r in t["rows"]:
+      mark = " ✓" if r["encoding"] == t["selected"] and not r["int8_model"] else ""
+      cells = " | ".join(f"{rf.fmt(sel, r['groups'][g])} | "
+                         f"{rf.fmt(sel, r['groups'][g] - ref['groups'][g])}" for g in groups)
+      lines.append(f"| {name} | {r['encoding']}{mark} | "
+                   f"{'int8' if r['int8_model'] else 'float32'} | {r['uplink_bytes']:.0f} | "
+                   f"{r['downlink_bytes']:.0f} | {rf.fmt(sel, r['validation'])} | {cells} |")
+  return lines + [""]
+
+
+def rollback_lines(dep, task) -> list:
+  rbk = dep.get("rollback") or {}
+  if not rbk:
+    return []
+  sel = task.selection_metric
+  lines = ["## Label-free rollback", "",
+           "Before swapping in an edit the device compares the edited model's prediction "
+           "entropy on its own unlabelled data with its current model's, and keeps the current "
+           "model where the entropy rises by more than a threshold chosen on validation devices "
+           "(∞: never roll back). Harmed: the edit scores below the unedited model on the "
+           "device (labels read only for this column and the check's precision/recall).", "",
+           f"| method | threshold | group | harmed before | harmed after | rolled back | "
+           f"precision | recall | {sel.name} edited | after check | unedited |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for name, r in rbk.items():
+    for g, s in r["groups"].items():
+      lines.append(f"| {name} | {r['threshold']:.3g} | {g} | {_pct(s['harmed_before'])} | "
+                   f"{_pct(s['harmed_after'])} | {_pct(s['rolled_back'])} | "
+                   f"{_pct(s['precision'])} | {_pct(s['recall'])} | "
+                   f"{rf.fmt(sel, s['metric_edited'])} | {rf.fmt(sel, s['metric_after'])} | "
+                   f"{rf.fmt(sel, s['metric_unedited'])} |")
+  return lines + [""]
+
+
+def policy_lines(dep, task) -> list:
+  rp = dep.get("request_policies")
+  if not rp:
+    return []
+  ms = {m.name: m for m in task.metrics}
+  names = rp["metrics"]
+  groups = [g for g in rp["points"][0]["rate"] if g != "validation"]
+  up, down = rp["bytes_per_request"]["uplink"], rp["bytes_per_request"]["downlink"]
+  lines = ["## Request policies: when a device asks", "",
+           f"Edits of `{rp['method']}` ({up:.0f} B up, {down:.0f} B down per request) over "
+           f"{rp['windows']} window position(s). A device starts on the global model; at each "
+           "window its policy decides from label-free features whether to request a new edit; "
+           "otherwise it keeps the last one. Thresholds (and every_k's k) are set on validation "
+           "streams for each request budget; the learned policy's gain predictor is fitted on "
+           f"validation streams too. Bytes per device-hour at {rp['windows_per_hour']:g} "
+           "window(s) an hour. request_policies.png plots the curves.", "",
+           "| policy | budget | parameter | " + " | ".join(
+               f"requests {g} | " + " | ".join(f"{k} {g}" for k in names) for g in groups)
+           + " | up B/device-hour test | down B/device-hour test |",
+           "|---|---|---|" + "---|" * (len(groups) * (1 + len(names))) + "---|---|"]
+  for p in rp["points"]:
+    b = "–" if p["budget"] is None else f"{100 * p['budget']:.0f}%"
+    par = "–" if p["param"] is None else f"{p['param']:.4g}"
+    cells = " | ".join(f"{_pct(p['rate'][g])} | " + " | ".join(
+        rf.fmt(ms[k], p["metric"][g][k]) for k in names) for g in groups)
+    bh = p["bytes_per_device_hour"]["test"]
+    lines.append(f"| {p['policy']} | {b} | {par} | {cells} | {bh['uplink']:.0f} | "
+                 f"{bh['downlink']:.0f} |")
+  lines += ["", "Share of the always-ask gain over `never` kept at each budget ((policy − "
+            "never) / (always − never), bootstrap 95% interval over devices; undefined where "
+            "always-ask gains nothing):", "",
+            "| budget | policy | " + " | ".join(f"{k} {g}" for g in groups for k in names)
+            + " |", "|---|---|" + "---|" * (len(groups) * len(names))]
+  for budget, per in rp["kept_share"].items():
+    for policy, by_group in per.items():
+      lines.append(f"| {100 * float(budget):.0f}% | {policy} | " + " | ".join(
+          "{} [{}, {}]".format(*(_pct(x) for x in by_group[g][k]))
+          for g in groups for k in names) + " |")
+  return lines + [""]
+
+
+def lines(results, task) -> list:
+  dep = results.get("deployment") or {}
+  return (frontier_lines(results, task) + traffic_lines(dep, task) + rollback_lines(dep, task)
+          + policy_lines(dep, task))
+
+
+def write_plots(workdir: str, results: dict, task) -> list:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  sel = task.selection_metric.name
+  out = []
+  fro = results.get("frontier") or {}
+  if fro:
+    groups = [g for g, _ in GROUPS if g in fro["device_flops"]]
+    fig, axes = plt.subplots(len(groups), len(AXES), figsize=(5 * len(AXES), 3.8 * len(groups)),
+                             squeeze=False)
+    for i, g in enumerate(groups):
+      for j, axis in enumerate(AXES):
+        ax, pts = axes[i][j], fro[axis][g]
+        xs = [max(p["cost"], 1.0) for p in pts]
+        ax.scatter(xs, [p["value"] for p in pts], s=14, color="tab:blue")
+        on = sorted((max(p["cost"], 1.0), p["value"], p["method"]) for p in pts if p["pareto"])
+        ax.step([x for x, _, _ in on], [v for _, v, _ in on], where="post", color="tab:red",
+                lw=1.2, label="Pareto frontier")
+        for x, v, n in on:
+          ax.annotate(n, (x, v), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(AXES[axis][0] + " (0 at 1)")
+        ax.set_ylabel(f"{sel} {g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "frontier.png"), dpi=100)
+    plt.close(fig)
+    out.append("frontier.png")
+  rp = (results.get("deployment") or {}).get("request_policies")
+  if rp:
+    groups = [g for g in rp["points"][0]["rate"] if g != "validation"]
+    names = rp["metrics"]
+    fig, axes = plt.subplots(len(names), len(groups),
+                             figsize=(5.5 * len(groups), 4 * len(names)), squeeze=False)
+    for i, k in enumerate(names):
+      for ax, g in zip(axes[i], groups):
+        for policy in ("every_k", "drift", "learned"):
+          pts = sorted((p["rate"][g], p["metric"][g][k]) for p in rp["points"]
+                       if p["policy"] == policy)
+          ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=3, label=policy)
+        for policy, style in (("always", "--"), ("never", ":")):
+          p = next(p for p in rp["points"] if p["policy"] == policy)
+          ax.axhline(p["metric"][g][k], color="k", ls=style, lw=0.8, label=policy)
+        ax.set_xlabel("share of windows that request")
+        ax.set_ylabel(f"{k} {g}")
+        ax.set_title(f"{rp['method']}: {g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "request_policies.png"), dpi=100)
+    plt.close(fig)
+    out.append("request_policies.png")
+  return out
