@@ -66,19 +66,27 @@ def rollback_table(runs) -> list:
   if not rbs:
     return []
   sel = tasks.get(runs[0]["task"]).metrics[0]
+  first = next(iter(rbs[0].values()))
+  names = list(first["groups"]["test"]["auroc"])
   lines = ["", f"Label-free rollback over {len(rbs)} runs (mean ± sample std over runs; % of "
-           "devices, or of the rolled-back devices for precision):", "",
-           f"| method | group | harmed before | harmed after | rolled back | precision | recall "
-           f"| {sel.name} edited | after check | unedited |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "devices, or of the rolled-back devices for precision; the check each run chose on "
+           "validation):", "",
+           "| method | checks chosen | group | harmed before | harmed after | rolled back | "
+           "precision | recall | " + " | ".join(f"AUROC {n}" for n in names)
+           + f" | {sel.name} edited | after check | unedited |",
+           "|---|---|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
   for name in rbs[0]:
+    chosen = ", ".join(rb[name]["check"] for rb in rbs if name in rb)
     for g in rbs[0][name]["groups"]:
       s = [rb[name]["groups"][g] for rb in rbs if name in rb]
       col = lambda k: _pm([x[k] for x in s], 100.0, 1)
-      lines.append(f"| {name} | {g} | {col('harmed_before')} | {col('harmed_after')} | "
-                   f"{col('rolled_back')} | {col('precision')} | {col('recall')} | "
-                   + " | ".join(_metric_pm(sel, [x[k] for x in s]) for k in
-                                ("metric_edited", "metric_after", "metric_unedited")) + " |")
+      lines.append(f"| {name} | {chosen} | {g} | {col('harmed_before')} | "
+                   f"{col('harmed_after')} | {col('rolled_back')} | {col('precision')} | "
+                   f"{col('recall')} | "
+                   + " | ".join(_pm([x["auroc"][n] for x in s], 100.0, 1) for n in names)
+                   + " | " + " | ".join(_metric_pm(sel, [x[k] for x in s]) for k in
+                                        ("metric_edited", "metric_after", "metric_unedited"))
+                   + " |")
   return lines
 
 

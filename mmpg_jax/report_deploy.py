@@ -116,20 +116,28 @@ def rollback_lines(dep, task) -> list:
   if not rbk:
     return []
   sel = task.selection_metric
+  names = list(next(iter(rbk.values()))["groups"]["test"]["auroc"])
   lines = ["## Label-free rollback", "",
-           "Before swapping in an edit the device compares the edited model's prediction "
-           "entropy on its own unlabelled data with its current model's, and keeps the current "
-           "model where the entropy rises by more than a threshold chosen on validation devices "
-           "(∞: never roll back). Harmed: the edit scores below the unedited model on the "
-           "device (labels read only for this column and the check's precision/recall).", "",
-           f"| method | threshold | group | harmed before | harmed after | rolled back | "
-           f"precision | recall | {sel.name} edited | after check | unedited |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Before swapping in an edit the device runs the edited and its current model forward "
+           "on its own unlabelled data and keeps the current model where the check's score "
+           "exceeds a threshold: `entropy_rise` (the edited model's prediction entropy minus "
+           "the current one's) or `disagreement` (the share of top predictions the edit "
+           "changes). The check and its threshold are chosen on validation devices (`never`: "
+           "no check beat keeping every edit). Harmed: the edit scores below the unedited model "
+           "on the device; labels are read only for that column, the chosen check's "
+           "precision/recall and each check's AUROC at spotting harmed devices (50% = "
+           "chance).", "",
+           "| method | check > threshold | group | harmed before | harmed after | rolled back | "
+           "precision | recall | " + " | ".join(f"AUROC {n}" for n in names)
+           + f" | {sel.name} edited | after check | unedited |",
+           "|---|---|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
   for name, r in rbk.items():
+    rule = "never" if r["check"] == "never" else f"{r['check']} > {r['threshold']:.3g}"
     for g, s in r["groups"].items():
-      lines.append(f"| {name} | {r['threshold']:.3g} | {g} | {_pct(s['harmed_before'])} | "
+      lines.append(f"| {name} | {rule} | {g} | {_pct(s['harmed_before'])} | "
                    f"{_pct(s['harmed_after'])} | {_pct(s['rolled_back'])} | "
                    f"{_pct(s['precision'])} | {_pct(s['recall'])} | "
+                   + " | ".join(_pct(s["auroc"][n]) for n in names) + " | "
                    f"{rf.fmt(sel, s['metric_edited'])} | {rf.fmt(sel, s['metric_after'])} | "
                    f"{rf.fmt(sel, s['metric_unedited'])} |")
   return lines + [""]

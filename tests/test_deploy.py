@@ -162,17 +162,23 @@ def test_a_planted_harmful_edit_is_rolled_back_and_a_helpful_one_kept():
   val, test = linear_devices(30, 0), linear_devices(21, 1)
   out = deploy.rollback_study(ev, task, params, [m], {"planted": {"hp": {}}}, val,
                               {"test": test})["planted"]
+  assert out["check"] in rb.checks(task) == ("entropy_rise", "disagreement")
   assert np.isfinite(out["threshold"])
   t = out["groups"]["test"]
+  assert t["auroc"]["entropy_rise"] == 1.0 and t["auroc"]["disagreement"] == 1.0
   assert t["harmed_before"] == pytest.approx(7 / 21)
   assert t["harmed_after"] == 0.0 and t["precision"] == 1.0 and t["recall"] == 1.0
   assert t["rolled_back"] == pytest.approx(7 / 21)
   assert t["metric_after"] > t["metric_edited"]
 
 
-def test_the_threshold_is_never_when_no_edit_hurts():
-  s = np.array([0.1, 0.5, 0.9])
-  assert rb.choose(s, np.array([0.9, 0.9, 0.9]), np.array([0.5, 0.5, 0.5])) == float("inf")
+def test_no_check_is_chosen_when_no_edit_hurts():
+  s = {"entropy_rise": np.array([0.1, 0.5, 0.9]), "disagreement": np.array([0.0, 0.2, 0.1])}
+  assert rb.choose(s, np.array([0.9, 0.9, 0.9]), np.array([0.5, 0.5, 0.5])) == (
+      rb.NEVER, float("inf"))
+  summary = rb.summary(s, np.array([0.9, 0.9, 0.9]), np.array([0.5, 0.5, 0.5]), rb.NEVER,
+                       float("inf"))
+  assert summary["rolled_back"] == 0.0 and summary["harmed_after"] == 0.0
 
 
 # ---- traffic ----------------------------------------------------------------------------------

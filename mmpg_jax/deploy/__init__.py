@@ -3,7 +3,8 @@
 - traffic: every method that sends something, its uplink and downlink in float32 / float16 /
   int8 / int4 (per-row scales), on a float and an int8 device model; the default encoding is
   the smallest within `codec_tolerance` of float32 on validation (deploy.traffic);
-- rollback: a label-free check a device runs before swapping in an edit (deploy.rollback);
+- rollback: a label-free check a device runs before swapping in an edit, the check and its
+  threshold chosen on validation (deploy.rollback);
 - request policies (stream tasks): when a device asks for a new edit of `policy_method`
   (always, never, every_k, a drift trigger, a learned gain predictor), at request budgets
   chosen on validation streams (deploy.policies, deploy.streams).
@@ -20,7 +21,6 @@ from mmpg_jax import codec
 from mmpg_jax.deploy import policies as pol
 from mmpg_jax.deploy import rollback as rb
 from mmpg_jax.deploy import streams, traffic
-from mmpg_jax.tasks.base import Task
 
 
 def studied(methods, costs_, cfg) -> list:
@@ -79,10 +79,6 @@ def traffic_study(ev, task, model, params, cfg, methods, costs_, evals, val, gro
   return out
 
 
-def has_entropy(task) -> bool:
-  return type(task).entropy is not Task.entropy
-
-
 def rollback_study(ev, task, params, methods, evals, val, groups) -> dict:
   out = {}
   split = {"validation": val, **groups}
@@ -95,10 +91,11 @@ def rollback_study(ev, task, params, methods, evals, val, groups) -> dict:
     s = {g: score(params, f) for g, f in split.items()}
     edited = {g: _selection(task, ev.per_device_metrics(m, params, f, hp))
               for g, f in split.items()}
-    th = rb.choose(s["validation"], edited["validation"], base["validation"])
-    out[m.name] = {"threshold": th, "groups": {g: rb.summary(s[g], edited[g], base[g], th)
-                                               for g in split}}
-    logging.info("rollback %s: threshold %.4g, test harmed %.3f -> %.3f (%.1fs)", m.name, th,
+    check, th = rb.choose(s["validation"], edited["validation"], base["validation"])
+    out[m.name] = {"check": check, "threshold": th,
+                   "groups": {g: rb.summary(s[g], edited[g], base[g], check, th)
+                              for g in split}}
+    logging.info("rollback %s: %s > %.4g, test harmed %.3f -> %.3f (%.1fs)", m.name, check, th,
                  out[m.name]["groups"]["test"]["harmed_before"],
                  out[m.name]["groups"]["test"]["harmed_after"], time.time() - t0)
     _progress("rollback study", i, len(methods), t_all)
@@ -187,7 +184,7 @@ def run(ev, task, model, params, cfg, methods, costs_, evals, val, groups) -> di
   if dc.encodings:
     out["traffic"] = traffic_study(ev, task, model, params, cfg, chosen, costs_, evals, val,
                                    groups)
-  if dc.rollback and has_entropy(task):
+  if dc.rollback:
     out["rollback"] = rollback_study(ev, task, params, chosen, evals, val, groups)
   if dc.policy_method:
     by_name = {m.name: m for m in methods}
