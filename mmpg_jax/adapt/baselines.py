@@ -189,9 +189,10 @@ def validate_config(cfg, task, model, abstract_params) -> None:
        f"a subset of {KNOWN} that holds 'global' (every report is relative to it)")
   need("oracle" not in inc or task.oracle_role is not None, "baselines.include", inc,
        f"task {task.name!r} has no oracle data; leave 'oracle' out")
-  need("tent" not in inc or type(task).entropy is not Task.entropy, "baselines.include", inc,
-       f"task {task.name!r} has no unsupervised objective (Task.entropy) for TENT; leave "
-       f"'tent' out")
+  need("tent" not in inc or (type(task).entropy is not Task.entropy and task.context_scored),
+       "baselines.include", inc,
+       f"task {task.name!r} has no unsupervised objective (Task.entropy) on its context for "
+       f"TENT; leave 'tent' out")
 
 
 def build(ctx):

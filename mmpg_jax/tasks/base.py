@@ -56,6 +56,9 @@ class Task:
 
   # A second metric the report plots beside the selection metric on validation curves
   curve_metric = None
+  # The context role holds samples the model scores (TENT minimises its entropy there); a task
+  # whose context is only anchor elements (seqrec's click embeddings) sets False.
+  context_scored = True
   # What report.md says above its per-window table (tasks whose entries carry `window`).
   window_note = ("Mean {metric} over devices at each position of their streams (window 0 "
                  "first; each window's shift is a drift step, or a jump, from the last).")

@@ -198,6 +198,7 @@ class Task(_Base):
   # candidates the device is about to rank (never which one is clicked): its context holds
   # click embeddings only, no rows to score.
   check_role = "query"
+  context_scored = False
 
   def entropy(self, model, params, feats):
     """Mean binary entropy of the click probabilities of a role's rows (no labels read)."""
