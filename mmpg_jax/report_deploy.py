@@ -171,10 +171,19 @@ def policy_lines(dep, task) -> list:
     bh = p["bytes_per_device_hour"]["test"]
     lines.append(f"| {p['policy']} | {b} | {par} | {cells} | {bh['uplink']:.0f} | "
                  f"{bh['downlink']:.0f} |")
-  lines += ["", "Share of the always-ask gain over `never` kept at each budget ((policy − "
-            "never) / (always − never), bootstrap 95% interval over devices; undefined where "
-            "always-ask gains nothing):", "",
-            "| budget | policy | " + " | ".join(f"{k} {g}" for g in groups for k in names)
+  gain = rp.get("always_gain", {})
+  weak = {(g, k) for g in groups for k in names
+          if g in gain and not gain[g][k][1] > 0}     # the always-ask gain's interval reaches 0
+  lines += ["", "Always-ask minus never (paired over devices, bootstrap 95% interval): "
+            + "; ".join(f"{k} {g} {rf.fmt(ms[k], gain[g][k][0])} [{rf.fmt(ms[k], gain[g][k][1])}, "
+                        f"{rf.fmt(ms[k], gain[g][k][2])}]" for g in groups for k in names
+                        if g in gain) + ".", "",
+            "Share of the always-ask gain over `never` kept at each budget ((policy − "
+            "never) / (always − never), bootstrap 95% interval over devices). † marks a column "
+            "whose always-ask gain is not above 0: there the share is a ratio of noise and "
+            "means nothing.", "",
+            "| budget | policy | " + " | ".join(
+                f"{k} {g}" + (" †" if (g, k) in weak else "") for g in groups for k in names)
             + " |", "|---|---|" + "---|" * (len(groups) * len(names))]
   for budget, per in rp["kept_share"].items():
     for policy, by_group in per.items():

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from absl import logging
 
-from mmpg_jax import codec
+from mmpg_jax import codec, stats
 from mmpg_jax.deploy import policies as pol
 from mmpg_jax.deploy import rollback as rb
 from mmpg_jax.deploy import streams, traffic
@@ -152,7 +152,20 @@ def policy_study(ev, task, params, cfg, method, cost, hp, val, groups) -> dict:
          "learned_weights": [float(w) for w in weights],
          "windows": int(arrays["test"]["base"].shape[1]), "points": points}
   out["kept_share"] = kept_shares([out], list(groups), dc.budgets)
+  out["always_gain"] = always_gain([out], list(groups))
   return out
+
+
+def always_gain(runs, groups) -> dict:
+  """{group: {metric: [mean, low, high]}}: always-ask minus never, paired per device with a
+  bootstrap interval (runs as strata). A kept share means something only where this interval
+  lies above 0."""
+  def per_device(rp, policy, g, k):
+    p = next(p for p in rp["points"] if p["policy"] == policy)
+    return np.asarray(p["per_device"][g][k])
+  return {g: {k: list(stats.paired_bootstrap(
+      [per_device(rp, "always", g, k) - per_device(rp, "never", g, k) for rp in runs]))
+      for k in runs[0]["metrics"]} for g in groups}
 
 
 def kept_shares(runs, groups, budgets) -> dict:
