@@ -22,25 +22,34 @@ AXES = {
 GROUPS = (("test", ""), ("test_ood", "_ood"))
 
 
+# The oracle (many labels and backward passes: the upper bound, not a method) is drawn as a
+# reference line, not a point that could sit on the frontier.
+REFERENCE = "oracle"
+
+
 def frontier(results, task, queries_per_window: int) -> dict:
-  """{axis: {group: [{method, cost, value, pareto}]}} over every method of the run."""
+  """{axis: {group: [{method, cost, value, pareto, labels}]}} over every method of the run but
+  the oracle (its value under "reference")."""
   sel = task.selection_metric
   infer = results["device_inference_flops_per_sample"] * queries_per_window
-  out = {}
+  m = results["methods"]
+  out = {"reference": {grp: m[REFERENCE]["metrics"].get(sel.name + sfx)
+                       for grp, sfx in GROUPS if REFERENCE in m}}
   for axis in AXES:
     out[axis] = {}
     for grp, sfx in GROUPS:
       pts = {}
-      for name, r in results["methods"].items():
+      for name, r in m.items():
         v = r["metrics"].get(sel.name + sfx)
-        if v is None:
+        if v is None or name == REFERENCE:
           continue
         cost = {"device_flops": r["device_flops"] + infer,
                 "bytes_per_request": r["uplink_bytes"] + r["downlink_bytes"],
                 "device_peak_bytes": r.get("device_peak_bytes", float("nan"))}[axis]
         pts[name] = (cost, v)
       if pts:
-        out[axis][grp] = fr.frontier(pts, sel.higher_is_better)
+        out[axis][grp] = [dict(p, labels=m[p["method"]]["labels_used_per_device"])
+                          for p in fr.frontier(pts, sel.higher_is_better)]
   return out
 
 
@@ -49,10 +58,14 @@ def frontier_lines(results, task) -> list:
   if not fro:
     return []
   sel = task.selection_metric
+  ref = fro.get("reference", {})
   lines = ["## Accuracy–cost frontier", "",
            f"Test {sel.name} of every method against what a device pays; a method is on the "
            "Pareto frontier (★) when no other method costs no more and scores no less, better "
-           "in one. frontier.png plots them, test and OOD side by side.", ""]
+           "in one. frontier.png plots them, test and OOD side by side (× marks a method that "
+           "reads labels on the device)."
+           + (f" The oracle ({', '.join(f'{g} {rf.fmt(sel, v)}' for g, v in ref.items())}) "
+              "is the upper bound, drawn as a line, not a point." if ref else ""), ""]
   for axis, (label, what) in AXES.items():
     per = fro.get(axis, {})
     if "test" not in per:
@@ -208,13 +221,19 @@ def write_plots(workdir: str, results: dict, task) -> list:
   fro = results.get("frontier") or {}
   if fro:
     groups = [g for g, _ in GROUPS if g in fro["device_flops"]]
+    ref = fro.get("reference", {})
     fig, axes = plt.subplots(len(groups), len(AXES), figsize=(5 * len(AXES), 3.8 * len(groups)),
                              squeeze=False)
     for i, g in enumerate(groups):
       for j, axis in enumerate(AXES):
         ax, pts = axes[i][j], fro[axis][g]
-        xs = [max(p["cost"], 1.0) for p in pts]
-        ax.scatter(xs, [p["value"] for p in pts], s=14, color="tab:blue")
+        for labelled, marker in ((False, "o"), (True, "x")):
+          sub = [p for p in pts if (p["labels"] > 0) == labelled]
+          ax.scatter([max(p["cost"], 1.0) for p in sub], [p["value"] for p in sub], s=14,
+                     marker=marker, color="tab:blue",
+                     label="reads labels" if labelled and sub else None)
+        if ref.get(g) is not None:
+          ax.axhline(ref[g], color="k", ls="--", lw=0.8, label="oracle")
         on = sorted((max(p["cost"], 1.0), p["value"], p["method"]) for p in pts if p["pareto"])
         ax.step([x for x, _, _ in on], [v for _, v, _ in on], where="post", color="tab:red",
                 lw=1.2, label="Pareto frontier")
