@@ -68,6 +68,7 @@ def run(config, workdir: str) -> dict:
     methods += family.build(ctx)
     seconds[f"family_{family.__name__.rsplit('.', 1)[-1]}"] = time.time() - t
     logging.info("method family %s ready in %.1fs", family.__name__, time.time() - t)
+  deploy.check_names(methods, config)       # before the evaluation's minutes
   t = time.time()
   evaluator = evaluate.Evaluator(task, model, config.eval.device_chunk)
   evals = evaluator.run(methods, params, val, groups)

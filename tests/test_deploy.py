@@ -244,3 +244,14 @@ def test_bad_deploy_configs_are_refused_before_any_work(smoke_config, key, value
                                                         tmp_path):
   from conftest import assert_refused_before_any_work
   assert_refused_before_any_work(smoke_config, key, value, match, tmp_path)
+
+
+def test_deploy_names_the_run_does_not_build_are_refused_before_the_evaluation():
+  cfg = type("C", (), {})()
+  m = Method("persona", ({},), lambda p, d, hp: p, lambda hp: costs.DeviceCost())
+  stream = dataclasses.replace(m, name="persona_dynamic", stream=object())
+  for methods, policy, match in (([m], "persnoa", "persnoa"),
+                                 ([m, stream], "persona_dynamic", "stream method")):
+    cfg.deploy = type("D", (), {"methods": ("persona",), "policy_method": policy})()
+    with pytest.raises(ValueError, match=match):
+      deploy.check_names(methods, cfg)

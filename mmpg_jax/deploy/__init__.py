@@ -23,15 +23,26 @@ from mmpg_jax.deploy import rollback as rb
 from mmpg_jax.deploy import streams, traffic
 
 
+def check_names(methods, cfg) -> None:
+  """Refuses (before the evaluation) deploy.methods / deploy.policy_method naming a method the
+  run does not build, or a stream method as the policies' method."""
+  dc, by_name = cfg.deploy, {m.name: m for m in methods}
+  unknown = [n for n in tuple(dc.methods) + ((dc.policy_method,) if dc.policy_method else ())
+             if n not in by_name]
+  if unknown:
+    raise ValueError(f"config.deploy.methods/policy_method name {unknown}, which this run does "
+                     f"not build; built: {sorted(by_name)}")
+  if dc.policy_method and by_name[dc.policy_method].stream is not None:
+    raise ValueError(f"config.deploy.policy_method={dc.policy_method!r} keeps cloud state "
+                     f"across windows (a stream method); request policies replay one device's "
+                     f"edits, so pick a method whose edit depends on the request alone")
+
+
 def studied(methods, costs_, cfg) -> list:
   """The methods the traffic and rollback studies cover: config.deploy.methods, or every
   method that sends something (a stream method, whose state lives in the cloud, excepted)."""
-  named = tuple(cfg.deploy.methods)
   by_name = {m.name: m for m in methods}
-  unknown = [n for n in named if n not in by_name]
-  if unknown:
-    raise ValueError(f"config.deploy.methods names {unknown}, which this run does not build; "
-                     f"built: {sorted(by_name)}")
+  named = tuple(cfg.deploy.methods)
   pick = [by_name[n] for n in named] if named else methods
   return [m for m in pick if m.stream is None and traffic.sends(costs_[m.name])]
 
@@ -192,6 +203,7 @@ def run(ev, task, model, params, cfg, methods, costs_, evals, val, groups) -> di
   """The deployment studies the config asks for -> results.json's `deployment`."""
   dc = cfg.deploy
   out = {}
+  check_names(methods, cfg)
   chosen = studied(methods, costs_, cfg)
   t0 = time.time()
   if dc.encodings:
@@ -200,15 +212,7 @@ def run(ev, task, model, params, cfg, methods, costs_, evals, val, groups) -> di
   if dc.rollback:
     out["rollback"] = rollback_study(ev, task, params, chosen, evals, val, groups)
   if dc.policy_method:
-    by_name = {m.name: m for m in methods}
-    if dc.policy_method not in by_name:
-      raise ValueError(f"config.deploy.policy_method={dc.policy_method!r} is not a method of "
-                       f"this run; built: {sorted(by_name)}")
-    m = by_name[dc.policy_method]
-    if m.stream is not None:
-      raise ValueError(f"config.deploy.policy_method={m.name!r} keeps cloud state across "
-                       f"windows (a stream method); request policies replay one device's "
-                       f"edits, so pick a method whose edit depends on the request alone")
+    m = next(m for m in methods if m.name == dc.policy_method)
     out["request_policies"] = policy_study(ev, task, params, cfg, m, costs_[m.name],
                                            evals[m.name]["hp"], val, groups)
   logging.info("deployment studies done in %.1fs", time.time() - t0)
