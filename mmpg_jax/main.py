@@ -1,6 +1,8 @@
 r"""The main job: task -> data -> global model -> method families -> evaluate -> report.
 
   python -m mmpg_jax.main --config=configs/<experiment>.py[:smoke] --workdir=DIR
+  python -m mmpg_jax.main --config=... --workdir=DIR --deploy_only   # the deployment studies
+                                                       # of a finished run again (config.deploy)
 
 It knows no task and no method family by name: `config.task` picks the task (mmpg_jax.tasks)
 and `config.method_families` the modules under mmpg_jax/adapt/ whose `build(ctx)` return the
@@ -15,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mmpg_jax import config_checks, costs, deploy, evaluate, preemption, report, train
+from mmpg_jax import report_deploy
 from mmpg_jax import params as P
 from mmpg_jax import workdir as wd
 from mmpg_jax.methods import MethodContext
@@ -22,11 +25,15 @@ from mmpg_jax.methods import MethodContext
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go")
+_DEPLOY_ONLY = flags.DEFINE_bool(
+    "deploy_only", False, "rerun only the deployment studies and the frontier of a finished "
+    "run (its results.json), with this config's deploy block and the hyper-parameters the "
+    "run selected: no method is evaluated again")
 
 
-def run(config, workdir: str) -> dict:
-  """Runs every stage; returns the results dict (also written to WORKDIR/results.json)."""
-  t_start = time.time()
+def build(config, workdir: str, seconds: dict):
+  """Every stage up to the methods (data, global model, encoded evaluation devices, method
+  families): (task, model, params, families, methods, ctx, groups). Finished stages resume."""
   # Everything a config can get wrong fails here, before the workdir is touched.
   task, model, families = config_checks.check(config)
 
@@ -34,7 +41,6 @@ def run(config, workdir: str) -> dict:
   wd.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   metrics = wd.MetricsWriter(workdir)
 
-  seconds = {}                       # stage wall times -> metrics.jsonl (never results.json)
   t = time.time()
   data = task.prepare_data()
   seconds["data"] = time.time() - t
@@ -69,16 +75,32 @@ def run(config, workdir: str) -> dict:
     seconds[f"family_{family.__name__.rsplit('.', 1)[-1]}"] = time.time() - t
     logging.info("method family %s ready in %.1fs", family.__name__, time.time() - t)
   deploy.check_names(methods, config)       # before the evaluation's minutes
+  return task, model, params, families, methods, ctx, groups
+
+
+def device_costs(methods, evals, ctx, config) -> dict:
+  """{name: DeviceCost} at each method's selected hyper-parameters, with the device's peak
+  memory (its resident model + the largest working set of what it runs)."""
+  # a device answers one query at a time; adaptation programs run as the method runs them
+  # (a context window, a gradient step's batch, at once)
+  inference = costs.inference_working_bytes(ctx.cost_model, 1)
+  return {m.name: m.cost(evals[m.name]["hp"]).with_device_memory(P.tree_bytes(ctx.params),
+                                                                   inference)
+          for m in methods}
+
+
+def run(config, workdir: str) -> dict:
+  """Runs every stage; returns the results dict (also written to WORKDIR/results.json)."""
+  t_start = time.time()
+  seconds = {}                       # stage wall times -> metrics.jsonl (never results.json)
+  task, model, params, families, methods, ctx, groups = build(config, workdir, seconds)
+  workdir, metrics, val, cm = ctx.workdir, ctx.metrics, ctx.val, ctx.cost_model
   t = time.time()
   evaluator = evaluate.Evaluator(task, model, config.eval.device_chunk)
   evals = evaluator.run(methods, params, val, groups)
   seconds["evaluation"] = time.time() - t
   logging.info("evaluated %d methods in %.1fs", len(methods), seconds["evaluation"])
-  # a device answers one query at a time; adaptation programs run as the method runs them
-  # (a context window, a gradient step's batch, at once)
-  inference = costs.inference_working_bytes(cm, 1)
-  method_costs = {m.name: m.cost(evals[m.name]["hp"]).with_device_memory(
-      P.tree_bytes(params), inference) for m in methods}
+  method_costs = device_costs(methods, evals, ctx, config)
   method_info = {m.name: m.info for m in methods}
   t = time.time()
   deployment = deploy.run(evaluator, task, model, params, config, methods, method_costs, evals,
@@ -102,6 +124,41 @@ def run(config, workdir: str) -> dict:
   return results
 
 
+def redeploy(config, workdir: str) -> dict:
+  """The deployment studies (config.deploy) and the frontier of a finished run, again: the
+  stages resume from their checkpoints, each method keeps the hyper-parameters the run's
+  results.json selected, and results.json and report.md are rewritten with the new studies."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: --deploy_only reruns the deployment "
+                            f"studies of a finished run; run the main job on {workdir} first")
+  with open(path) as f:
+    results = json.load(f)
+  seconds = {}
+  task, model, params, families, methods, ctx, groups = build(config, workdir, seconds)
+  evals = {}
+  for m in methods:
+    row = results["methods"].get(m.name)
+    if row is None or row["selected_hparams"] not in list(m.grid):
+      raise ValueError(f"{path} does not hold method {m.name!r} at a setting of its grid: the "
+                       f"run was made with another config; rerun the main job instead")
+    evals[m.name] = {"hp": row["selected_hparams"]}
+  method_costs = device_costs(methods, evals, ctx, config)
+  for name, c in method_costs.items():
+    results["methods"][name].update(c.as_dict())
+  t = time.time()
+  deployment = deploy.run(evaluate.Evaluator(task, model, config.eval.device_chunk), task,
+                          model, params, config, methods, method_costs, evals, ctx.val, groups)
+  results.pop("deployment", None)
+  if deployment:
+    results["deployment"] = deployment
+  results["frontier"] = report_deploy.frontier(results, task, int(config.data.query_size))
+  report.write_report(ctx.workdir, results, config, task, families)
+  ctx.metrics.write("deploy_only", 0, deployment_seconds=time.time() - t)
+  logging.info("rewrote %s/results.json and report.md with new deployment studies", workdir)
+  return results
+
+
 def main(argv):
   wd.quiet_library_logs()
   if len(argv) > 1:
@@ -110,7 +167,7 @@ def main(argv):
   if os.environ.get("MMPG_DISTRIBUTED"):
     jax.distributed.initialize()   # multi-host TPU: JAX's runtime finds the coordinator
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    (redeploy if _DEPLOY_ONLY.value else run)(_CONFIG.value, _WORKDIR.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     raise

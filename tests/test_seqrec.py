@@ -152,6 +152,20 @@ def test_the_main_job_runs_on_movielens_and_reports_every_method(setup, tmp_path
   assert rp["windows"] == 1 and rp["method"] == "persona"
   assert rp["metrics"] == ["uauc", "ndcg@10"]
   assert len(rp["kept_share"]["0.1"]["drift"]["test"]["ndcg@10"]) == 3   # share, interval
+  # the deployment studies again on the finished run, with another deploy block: nothing is
+  # evaluated again, every method's figures stay, the studies follow the new config
+  c2 = c.copy_and_resolve_references()
+  c2.deploy.update(dict(encodings=("float32", "int4"), int8_model=False, budgets=(0.3,)))
+  again = main.redeploy(c2, str(tmp_path / "run"))
+  assert [r["encoding"] for r in again["deployment"]["traffic"]["persona"]["rows"]] == [
+      "float32", "int4"]
+  assert set(again["deployment"]["request_policies"]["kept_share"]) == {"0.3"}
+  for name, r in res["methods"].items():
+    assert again["methods"][name]["metrics"] == r["metrics"], name
+  assert json.loads((tmp_path / "run" / "results.json").read_text())["deployment"] == json.loads(
+      json.dumps(again["deployment"]))
+  with pytest.raises(FileNotFoundError, match="deploy_only reruns"):
+    main.redeploy(c2, str(tmp_path / "nothing_here"))
   assert set(res["deployment"]["rollback"]) == set(res["deployment"]["traffic"]) - {
       "_int8_model_unedited"} == {"persona"}
 
