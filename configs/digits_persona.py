@@ -9,7 +9,9 @@ not copied); what differs is set here.
 Default: the headline rows (no K sweep, one anchor ablation, T3A/LAME/FOA, the data-matched
 control global_meta and the FDA that edits it, Persona at K = 2, DUET's released form beside
 ours), 949-1,028 s on this 2-core CPU machine with a second run beside it (seed 0-2,
-2026-12-07; the earlier headline, without the controls and rivals, took 446 s alone):
+2026-12-07; the earlier headline, without the controls and rivals, took 446 s alone), plus
+the deployment studies (traffic and rollback for the five headline edit rows, request
+policies for Persona): 90-97 s with a second run beside it:
   python -m mmpg_jax.main --config=configs/digits_persona.py --workdir=runs/digits
 Study: every row (K sweep, both anchor ablations, T3A/LAME/FOA, Persona's K grid and its
 ablations: ten meta-trained stages), ~12.5 min (742 s measured on the machine of 2026-11-23):

@@ -4,7 +4,9 @@ Default (the README's main job): the headline rows (`headline` below), 486 s on 
 CPU VM (seed 0, 2026-12-07, data prepared; global model 65 s (the cloud data batched from
 memory), global_meta 52 s, the cdc_mmpg family 255 s with its two FDAs (editing the global
 model and global_meta) and their 4,096-device meta pools, cdc_robust 11 s, evaluation of 17
-methods 82 s; 650 s on another VM of the same size):
+methods 82 s; 650 s on another VM of the same size), plus the deployment studies (traffic
+and rollback for global_meta, cdc_mmpg, cdc_mmpg_on_global_meta): 87 s measured with a second
+run beside it (2026-12-07):
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py --workdir=runs/default
 Study: every row (every FTA budget, ADR selector and K, robustness variant, rival) with exact
 herding, 1,054 s here before the FDA's stacked layout (global model 142 s, cdc_mmpg 301 s,

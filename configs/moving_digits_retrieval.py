@@ -7,7 +7,8 @@ one starts from (data, training and CDC-MMPG settings are shared; only what diff
 Default: the headline rows (moving_digits_qa.headline, with retrieval's robustness variant,
 cloud_tent, chosen on validation OOD devices; QB-Norm and dual softmax as the rivals; the
 data-matched control global_meta and the FDA that edits it), 654 s on this 2-core CPU machine
-(seed 2, 2026-12-07, mostly alone; 1,040-1,070 s with a second run beside it):
+(seed 2, 2026-12-07, mostly alone; 1,040-1,070 s with a second run beside it), plus the
+deployment studies: 43 s with a second run beside it (seed 0, 2026-12-07):
   python -m mmpg_jax.main --config=configs/moving_digits_retrieval.py --workdir=runs/retrieval
 Study: every row (two more FDAs and the router of the robustness variants), 1,781 s on the
 machine of 2026-11-30:

@@ -6,7 +6,9 @@ GRU4Rec instead of SASRec.
 
 Default, ~4 min on 2 CPU cores (229 s measured, data prepared; preparing it adds ~10 s):
 global model 64 s (16 epochs scored on the validation users, the best kept; it was 339 s for
-900 larger steps), FDA 22 s, DUET and Persona 98 s, evaluation 41 s:
+900 larger steps), FDA 22 s, DUET and Persona 98 s, evaluation 41 s; plus the deployment
+studies (traffic and rollback for cdc_mmpg, duet, persona; request policies for persona),
+74-97 s measured with a second run beside it (2026-12-07):
   python -m mmpg_jax.main --config=configs/seqrec_movielens.py --workdir=runs/seqrec
 Variants (comma-separated after the colon):
   official       every user warm and tested at its last click, as the official scripts
