@@ -5,8 +5,8 @@ CPU VM (seed 0, 2026-12-07, data prepared; global model 65 s (the cloud data bat
 memory), global_meta 52 s, the cdc_mmpg family 255 s with its two FDAs (editing the global
 model and global_meta) and their 4,096-device meta pools, cdc_robust 11 s, evaluation of 17
 methods 82 s; 650 s on another VM of the same size), plus the deployment studies (traffic
-and rollback for global_meta, cdc_mmpg, cdc_mmpg_on_global_meta): 87 s measured with a second
-run beside it (2026-12-07):
+and rollback for global_meta, cdc_mmpg, cdc_mmpg_on_global_meta): 553 s in all, the studies
+50 s of it, measured alone on the same VM (2026-12-07; 87 s with a second run beside it):
   python -m mmpg_jax.main --config=configs/moving_digits_qa.py --workdir=runs/default
 Study: every row (every FTA budget, ADR selector and K, robustness variant, rival) with exact
 herding, 1,054 s here before the FDA's stacked layout (global model 142 s, cdc_mmpg 301 s,
