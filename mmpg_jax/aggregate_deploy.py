@@ -4,7 +4,7 @@ rollback and compressed traffic, as mean ± sample std over runs. `python -m mmp
 appends these tables when its runs have a `deployment`."""
 import numpy as np
 
-from mmpg_jax import deploy, stats, tasks
+from mmpg_jax import deploy, report_deploy, stats, tasks
 
 
 def _ms(run):
@@ -17,10 +17,6 @@ def _pm(xs, scale=1.0, decimals=2) -> str:
     return "–"
   sd = stats.sample_std(xs)
   return f"{np.nanmean(xs):.{decimals}f} ± " + (f"{sd:.{decimals}f}" if np.isfinite(sd) else "–")
-
-
-def _fmt(metric, x) -> str:
-  return f"{(100.0 if metric.percent else 1.0) * x:.{metric.decimals}f}"
 
 
 def _metric_pm(metric, xs) -> str:
@@ -47,19 +43,14 @@ def policy_tables(runs) -> list:
     lines.append(f"| {p['policy']} | {b} | {cells} |")
   budgets = [float(b) for b in rps[0]["kept_share"]]
   pooled = deploy.kept_shares(rps, groups, budgets)
-  gain = deploy.always_gain(rps, groups)
-  weak = {(g, k) for g in groups for k in names if not gain[g][k][1] > 0}
+  gain_text, header = report_deploy.kept_share_header(deploy.always_gain(rps, groups), groups,
+                                                      names, ms)
   lines += ["", "Always-ask minus never, pooled over the runs (paired per device, 95% bootstrap "
-            "interval stratified by run): " + "; ".join(
-                f"{k} {g} {_fmt(ms[k], gain[g][k][0])} [{_fmt(ms[k], gain[g][k][1])}, "
-                f"{_fmt(ms[k], gain[g][k][2])}]" for g in groups for k in names) + ".", "",
+            f"interval stratified by run): {gain_text}.", "",
             "Share of the always-ask gain over `never` kept, pooled over the runs (each run "
             "weighs the same; 95% bootstrap interval resampling devices within runs), and the "
             "per-run shares' mean ± std. † marks a column whose always-ask gain is not above 0 "
-            "(the share is then a ratio of noise):", "",
-            "| budget | policy | " + " | ".join(
-                f"{k} {g}" + (" †" if (g, k) in weak else "") for g in groups for k in names)
-            + " |", "|---|---|" + "---|" * (len(groups) * len(names))]
+            "(the share is then a ratio of noise):", ""] + header
   for budget in budgets:
     for policy in ("every_k", "drift", "learned"):
       cells = []

@@ -156,6 +156,19 @@ def rollback_lines(dep, task) -> list:
   return lines + [""]
 
 
+def kept_share_header(gain, groups, names, ms):
+  """(the always-ask gain over never as text, the kept-share table's header with † on the
+  columns whose gain interval is not above 0). gain: {group: {metric: [mean, low, high]}}."""
+  cols = [(g, k) for g in groups for k in names]
+  text = "; ".join(f"{k} {g} {rf.fmt(ms[k], gain[g][k][0])} [{rf.fmt(ms[k], gain[g][k][1])}, "
+                   f"{rf.fmt(ms[k], gain[g][k][2])}]" for g, k in cols if g in gain)
+  weak = {(g, k) for g, k in cols if g in gain and not gain[g][k][1] > 0}
+  header = ["| budget | policy | " + " | ".join(
+      f"{k} {g}" + (" †" if (g, k) in weak else "") for g, k in cols) + " |",
+            "|---|---|" + "---|" * len(cols)]
+  return text, header
+
+
 def policy_lines(dep, task) -> list:
   rp = dep.get("request_policies")
   if not rp:
@@ -185,19 +198,13 @@ def policy_lines(dep, task) -> list:
     lines.append(f"| {p['policy']} | {b} | {par} | {cells} | {bh['uplink']:.0f} | "
                  f"{bh['downlink']:.0f} |")
   gain = rp.get("always_gain", {})
-  weak = {(g, k) for g in groups for k in names
-          if g in gain and not gain[g][k][1] > 0}     # the always-ask gain's interval reaches 0
-  lines += ["", "Always-ask minus never (paired over devices, bootstrap 95% interval): "
-            + "; ".join(f"{k} {g} {rf.fmt(ms[k], gain[g][k][0])} [{rf.fmt(ms[k], gain[g][k][1])}, "
-                        f"{rf.fmt(ms[k], gain[g][k][2])}]" for g in groups for k in names
-                        if g in gain) + ".", "",
+  gain_text, header = kept_share_header(gain, groups, names, ms)
+  lines += ["", f"Always-ask minus never (paired over devices, bootstrap 95% interval): "
+            f"{gain_text}.", "",
             "Share of the always-ask gain over `never` kept at each budget ((policy − "
             "never) / (always − never), bootstrap 95% interval over devices). † marks a column "
             "whose always-ask gain is not above 0: there the share is a ratio of noise and "
-            "means nothing.", "",
-            "| budget | policy | " + " | ".join(
-                f"{k} {g}" + (" †" if (g, k) in weak else "") for g in groups for k in names)
-            + " |", "|---|---|" + "---|" * (len(groups) * len(names))]
+            "means nothing.", ""] + header
   for budget, per in rp["kept_share"].items():
     for policy, by_group in per.items():
       lines.append(f"| {100 * float(budget):.0f}% | {policy} | " + " | ".join(

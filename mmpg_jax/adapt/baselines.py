@@ -11,7 +11,6 @@ from mmpg_jax import costs, device
 from mmpg_jax import params as P
 from mmpg_jax.config_errors import need
 from mmpg_jax.methods import Method, grid
-from mmpg_jax.tasks.base import Task
 
 
 def global_method():
@@ -189,7 +188,7 @@ def validate_config(cfg, task, model, abstract_params) -> None:
        f"a subset of {KNOWN} that holds 'global' (every report is relative to it)")
   need("oracle" not in inc or task.oracle_role is not None, "baselines.include", inc,
        f"task {task.name!r} has no oracle data; leave 'oracle' out")
-  need("tent" not in inc or (type(task).entropy is not Task.entropy and task.context_scored),
+  need("tent" not in inc or (task.has_entropy and task.context_scored),
        "baselines.include", inc,
        f"task {task.name!r} has no unsupervised objective (Task.entropy) on its context for "
        f"TENT; leave 'tent' out")

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpg_jax import rec_metrics
-from mmpg_jax.tasks.base import Task
 
 QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 NEVER = "never"
@@ -32,8 +31,7 @@ def check_role(task) -> str:
 
 
 def checks(task) -> tuple:
-  has_entropy = type(task).entropy is not Task.entropy
-  return (("entropy_rise",) if has_entropy else ()) + ("disagreement",)
+  return (("entropy_rise",) if task.has_entropy else ()) + ("disagreement",)
 
 
 def score_fn(task, model, method, hp):

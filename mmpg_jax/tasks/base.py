@@ -128,6 +128,11 @@ class Task:
     """The unsupervised objective on an unlabelled role (TENT)."""
     raise NotImplementedError
 
+  @property
+  def has_entropy(self) -> bool:
+    """Whether the task implements `entropy` (TENT, the rollback's entropy check)."""
+    return type(self).entropy is not Task.entropy
+
   def label_posteriors(self, model, params, dev):
     """[n, G, A] posteriors of every label group on each context sample (forward only)."""
     raise NotImplementedError(f"task {self.name!r} has no label groups")
