@@ -1,6 +1,7 @@
-"""Configs built on another config file: `load("moving_digits_qa.py", arg, folder)` runs a
-sibling file's `get_config(arg)`; `module(...)` gives the file's module (its helpers). Config
-files are loaded by path, as --config loads them, not imported as a package."""
+"""Config files by path: `module("common.py", folder)` gives a sibling file's module (how each
+experiment config gets the shared blocks of configs/common.py and common_data.py);
+`load(name, arg, folder)` runs a config file's `get_config(arg)`. Config files are loaded by
+path, as --config loads them, not imported as a package."""
 import importlib.util
 import os
 
