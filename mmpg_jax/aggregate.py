@@ -8,8 +8,9 @@ results.json.
                                                     official DUET model), named LABEL
 
 ± is the sample standard deviation (ddof=1) over runs. The differences table pools every run's
-devices: per device, method − reference (global, global_meta, fta_k5, the run's best
-forward-only rival), with a paired bootstrap 95% interval stratified by run (mmpg_jax.stats);
+devices: per device, method − reference (the references the runs' configs name in
+`report.references`, e.g. global, global_meta, fta_k5 and the run's best rival), with a paired
+bootstrap 95% interval stratified by run (mmpg_jax.stats);
 * marks an interval that excludes 0. Runs should come from one machine (name it with the
 table) and vary `seed` and `data.seed` together, so devices and meta pools change too.
 Runs with deployment studies also get their request-policy, rollback and traffic tables
@@ -175,8 +176,15 @@ def main(argv) -> str:
   ap.add_argument("--metrics", default="", help="comma-separated metrics for a second table")
   ap.add_argument("--rows", action="append", default=[],
                   help="LABEL=DIR,DIR,...: run i's global row from DIR i, named LABEL")
+  ap.add_argument("--references", default="",
+                  help="comma-separated rows (or best_rival) to compare against, instead of "
+                       "the runs' own config.report.references (runs written before "
+                       "results.json carried them have none)")
   a = ap.parse_args(argv)
   runs = load(a.runs)
+  if a.references:
+    for r in runs:
+      r["references"] = [x for x in a.references.split(",") if x]
   for spec in a.rows:
     label, _, dirs = spec.partition("=")
     if not label or not dirs:

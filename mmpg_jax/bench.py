@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmpg_jax import adr, costs, generate, runs, tasks, workdir
+from mmpg_jax import adr, costs, generate, tasks, workdir
 from mmpg_jax import params as P
 from mmpg_jax.adapt import baselines, cdc_mmpg
 from mmpg_jax.fda import model as fda_lib
@@ -252,7 +252,7 @@ def _trained_or_random(cfg):
   data = task.prepare_data()
   prior = task.source_prior(data)
   if _RUN_DIR.value:
-    task, model, params, fda, fp, summary = runs.restore_run(cfg, _RUN_DIR.value)
+    task, model, params, fda, fp, summary = fda_stage.restore(cfg, _RUN_DIR.value)
     with open(os.path.join(_RUN_DIR.value, "results.json")) as f:
       hps = {n: m["selected_hparams"] for n, m in json.load(f)["methods"].items()}
   else:

@@ -44,6 +44,14 @@ def validate(cfg, task=None) -> None:
        cfg.baselines.fta.ks, f"FTA with k labels needs k <= data.support_size={d.support_size}")
   need(cfg.comm_dtype in ("float32", "float16", "bfloat16"), "comm_dtype", cfg.comm_dtype,
        "use float32, float16 or bfloat16")
+  rc = cfg.get("report")
+  need(rc is not None and len(rc.get("references", ())) > 0
+       and all(isinstance(r, str) for r in rc.references), "report.references",
+       None if rc is None else rc.get("references"),
+       "a tuple of row names (or 'best_rival') every method is compared against; see "
+       "configs/common.py report()")
+  need(all(isinstance(r, str) for r in rc.get("ood_rows", ())), "report.ood_rows",
+       rc.get("ood_rows"), "a tuple of row names (may be empty)")
   if "deploy" in cfg:
     dc = cfg.deploy
     need(all(e in codec.ENCODINGS for e in dc.encodings)
@@ -57,15 +65,20 @@ def validate(cfg, task=None) -> None:
 
 
 def method_family(name: str):
-  """A method family: `mmpg_jax.adapt.<name>` (or a module path) with `build(ctx)`."""
-  path = name if "." in name else f"mmpg_jax.adapt.{name}"
-  try:
-    module = importlib.import_module(path)
-  except ModuleNotFoundError as e:
-    raise ConfigError(
-        f"config.method_families names {name!r}, but {path} cannot be imported ({e}); families "
-        f"are modules under mmpg_jax/adapt/ with a build(ctx) function") from e
-  return module
+  """A method family: `mmpg_jax.adapt.<name>`, or else the importable module `name` (a
+  family kept outside the package), with `build(ctx)`."""
+  paths = (name,) if "." in name else (f"mmpg_jax.adapt.{name}", name)
+  for path in paths:
+    try:
+      return importlib.import_module(path)
+    except ModuleNotFoundError as e:
+      if e.name is None or not path.startswith(e.name):
+        raise                        # the family exists but an import inside it failed
+      error = e
+  raise ConfigError(
+      f"config.method_families names {name!r}, but {' or '.join(paths)} cannot be imported "
+      f"({error}); families are modules under mmpg_jax/adapt/ (or importable modules) with a "
+      f"build(ctx) function") from error
 
 
 def check(config):

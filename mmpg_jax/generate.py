@@ -44,6 +44,7 @@ from mmpg_jax import params as P
 from mmpg_jax import workdir as workdir_lib
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
+from mmpg_jax.fda import stage as fda_stage
 from mmpg_jax.upload import UploadError, validate_upload
 
 
@@ -289,7 +290,7 @@ def run(config, workdir, num_devices, out=None, device_batch=1024, pool_devices=
   if pool_devices <= 0:
     raise ValueError(f"--pool_devices={pool_devices} must be positive.")
   t_start = time.time()
-  task, model, params, fda, fda_params, summary = runs.restore_run(config, workdir)
+  task, model, params, fda, fda_params, summary = fda_stage.restore(config, workdir)
   out = out or os.path.join(os.path.abspath(workdir), "generated",
                             f"{'metrics' if evaluate else 'edits'}_n{num_devices}")
   mesh = make_mesh()

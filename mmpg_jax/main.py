@@ -8,6 +8,7 @@ It knows no task and no method family by name: `config.task` picks the task (mmp
 and `config.method_families` the modules under mmpg_jax/adapt/ whose `build(ctx)` return the
 methods. Rerunning with the same workdir resumes every stage from its last checkpoint.
 """
+import dataclasses
 import json
 import os
 import time
@@ -69,10 +70,13 @@ def build(config, workdir: str, seconds: dict):
   if global_summary:                 # the global model's validation curve and chosen length
     ctx.extra["training_curves"] = {"global": global_summary}
   methods = []
-  for family in families:
+  for name, family in zip(config.method_families, families):
     t = time.time()
-    methods += family.build(ctx)
-    seconds[f"family_{family.__name__.rsplit('.', 1)[-1]}"] = time.time() - t
+    short = name.rsplit(".", 1)[-1]
+    # each row knows the family that built it (a family may set it itself)
+    methods += [m if m.family else dataclasses.replace(m, family=short)
+                for m in family.build(ctx)]
+    seconds[f"family_{short}"] = time.time() - t
     logging.info("method family %s ready in %.1fs", family.__name__, time.time() - t)
   deploy.check_names(methods, config)       # before the evaluation's minutes
   return task, model, params, families, methods, ctx, groups
@@ -101,7 +105,6 @@ def run(config, workdir: str) -> dict:
   seconds["evaluation"] = time.time() - t
   logging.info("evaluated %d methods in %.1fs", len(methods), seconds["evaluation"])
   method_costs = device_costs(methods, evals, ctx, config)
-  method_info = {m.name: m.info for m in methods}
   t = time.time()
   deployment = deploy.run(evaluator, task, model, params, config, methods, method_costs, evals,
                           val, groups)
@@ -111,9 +114,7 @@ def run(config, workdir: str) -> dict:
   extra = {"device_model_bytes": P.tree_bytes(params), **ctx.extra,
            "device_inference_flops_per_sample": costs.inference_flops_per_sample(cm),
            **({"deployment": deployment} if deployment else {})}
-  results = report.build_results(
-      config, task, evals, method_costs, extra, method_info,
-      {m.name: m.per_device_diagnostics for m in methods})
+  results = report.build_results(config, task, evals, method_costs, extra, methods)
   report.write_report(workdir, results, config, task, families)
   wall = time.time() - t_start
   metrics.write("done", 0, wall_seconds=wall, **{f"{k}_seconds": v for k, v in seconds.items()})

@@ -7,13 +7,43 @@ forward-only correction of the outputs), and `cost(hp)`: what one device pays fo
 
 A method family is a module (or package) under mmpg_jax/adapt/ with `build(ctx) -> [Method]`,
 ctx a `MethodContext`, and optionally `validate_config(cfg, task, model, abstract_params)`
-(called before any work) and `report_lines(results, task) -> [str]` (its own sections of
-report.md).
+(called before any work) and `report_lines(results, task, workdir) -> [str]` (its own sections
+of report.md).
+
+What a row *is* in the protocol is typed, never a free-form key: its `role` (ROLES), the row it
+is an ablation of, what the cloud trained it on (`Seen`), and where its grid is chosen
+(`select_on`). The report and the comparisons read these fields (results.json carries them),
+so a new rival or control appears in every table without touching generic code. `info` keeps
+a family's own facts (an ADR selector and K, a prototype bank's size) for its own sections.
 """
 import dataclasses
 from typing import Any, Callable
 
 from mmpg_jax import costs
+
+
+# baseline: a reference point every run has (global, on-device fine-tuning, TENT, the EM
+#   label-prior correction, querybank normalisation, the oracle);
+# rival: a published forward-only test-time method this project's generators must beat (the
+#   report's `best_rival` is the one validation ranks first);
+# control: a row built to rule an explanation out (the data-matched global_meta, the mean,
+#   noisy-mean and nearest edits);
+# ablation: one of "ours" with one part changed (`ablation_of` names the row, `varies` says how);
+# ours: a generator's row (cdc_mmpg, its robustness variants, DUET, Persona).
+ROLES = ("baseline", "rival", "control", "ablation", "ours")
+SELECT_ON = ("validation", "val_ood")
+
+
+@dataclasses.dataclass(frozen=True)
+class Seen:
+  """What the cloud trained a row on beyond the global model's data (the device's own labels
+  are the cost's `labels_used_per_device`)."""
+  meta_devices: int = 0             # labelled simulated devices behind the row
+  shifts: str = "–"                 # the shift families they were drawn from
+  note: str = ""                    # where the row departs from its paper, in words
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +65,28 @@ class Method:
   # evaluator serves the entries of each window position in time order and refines the state
   # between positions. `adapt` above is then the method without refinement.
   stream: Any = None
+  role: str = "baseline"            # one of ROLES
+  ablation_of: str = ""             # an ablation's row (role "ablation" only)
+  varies: str = ""                  # what the ablation changes, in words
+  seen: Seen = Seen()
+  family: str = ""                  # the family that built it (set by the main job)
+
+  def __post_init__(self):
+    if self.role not in ROLES:
+      raise ValueError(f"Method {self.name!r}: role {self.role!r} is not one of {ROLES}")
+    if (self.role == "ablation") != bool(self.ablation_of):
+      raise ValueError(f"Method {self.name!r}: an ablation names the row it varies "
+                       f"(ablation_of), and only an ablation does")
+    if self.select_on not in SELECT_ON:
+      raise ValueError(f"Method {self.name!r}: select_on {self.select_on!r} is not one of "
+                       f"{SELECT_ON}")
+
+  def protocol(self) -> dict:
+    """The typed protocol facts results.json keeps for each row."""
+    return {"role": self.role, "family": self.family,
+            **({"ablation_of": self.ablation_of, "varies": self.varies}
+               if self.ablation_of else {}),
+            "seen": self.seen.as_dict()}
 
 
 @dataclasses.dataclass

@@ -12,15 +12,16 @@ from mmpg_jax import report_format as rf
 from mmpg_jax import stats
 from mmpg_jax import workdir as wd
 from mmpg_jax.report_format import SUFFIX
+from mmpg_jax.tasks import capabilities
 
 
 def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
-                  method_info: dict | None = None, per_device_diagnostics: dict | None = None
-                  ) -> dict:
-  """evals: Evaluator.run output; method_costs: {name: DeviceCost}; method_info: {name:
-  dict} copied as `info` (e.g. an ADR selector and K); per_device_diagnostics: {name: names
-  of its diagnostics kept device by device, beside their mean}."""
-  per_device_diagnostics = per_device_diagnostics or {}
+                  methods=()) -> dict:
+  """evals: Evaluator.run output; method_costs: {name: DeviceCost}; methods: the evaluated
+  `Method`s, whose protocol facts (role, ablation_of, seen, family) and `info` go into each
+  row and whose `per_device_diagnostics` are kept device by device beside their mean."""
+  by_name = {m.name: m for m in methods}
+  per_device_diagnostics = {m.name: m.per_device_diagnostics for m in methods}
   sel = task.selection_metric
   sign = 1.0 if sel.higher_is_better else -1.0
   g = evals["global"]["per_device"]
@@ -29,7 +30,7 @@ def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
             if o else {})
   # A pooled metric (e.g. one AUC over every row of every user) is computed from all devices'
   # values at once by the task's function, not averaged over devices.
-  pooled = getattr(task, "pooled_metrics", {})
+  pooled = capabilities.pooled_metrics(task)
   methods = {}
   for name, ev in evals.items():
     metrics, per_device = {}, {}
@@ -62,7 +63,8 @@ def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
                      **({"validation_grid": [{"hp": h, sel.name: sign * float(s)}
                                              for h, s in zip(ev["grid"], ev["grid_scores"])]}
                         if len(ev.get("grid", ())) > 1 else {}),
-                     **({"info": method_info[name]} if method_info and method_info.get(name)
+                     **(by_name[name].protocol() if name in by_name else {}),
+                     **({"info": by_name[name].info} if name in by_name and by_name[name].info
                         else {})}
   # Entries with a `window`: either every device's stream of windows (drifting digits) or one
   # entry per device in a time slice (users arriving over time); positions count either way.
@@ -82,10 +84,12 @@ def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,
          **({"entry_device_ids": {grp: [int(i) for i in v] for grp, v in ids.items()}}
             if ids else {}),
          "oracle_global_margin": margin,
+         # the rows every method is compared against (config.report.references)
+         "references": list(cfg.report.references),
          **extra, "methods": methods}
   out["frontier"] = report_deploy.frontier(out, task, int(cfg.data.query_size))
   out["best_rival"] = comparisons.best_rival(out, sel.name)
-  choice = comparisons.ood_choice(out, sel.name)
+  choice = comparisons.ood_choice(out, sel.name, tuple(cfg.report.ood_rows))
   if choice:
     out["ood_choice"] = choice
   out["differences"] = {ref: {n: {grp: list(iv) for grp, iv in d.items()}
@@ -102,7 +106,7 @@ def _per_window(ev, task) -> dict:
   n = max((int(p.max()) + 1 for p in windows.values()), default=0)
   for grp, pos in windows.items():
     for metric in task.metrics:
-      if metric.name in getattr(task, "pooled_metrics", {}):
+      if metric.name in capabilities.pooled_metrics(task):
         continue
       v = np.asarray(ev["per_device"][grp][metric.name])
       # a position no entry of this group holds (few users, many time slices) is nan
@@ -112,12 +116,12 @@ def _per_window(ev, task) -> dict:
 
 
 def ablation_lines(results, task) -> list:
-  """Rows a family marks as ablations (info 'ablation'), beside the rows they vary."""
+  """Rows of role "ablation", beside the rows they vary (`ablation_of`)."""
   m = results["methods"]
-  rows = [n for n in m if m[n].get("info", {}).get("ablation")]
+  rows = [n for n in m if m[n].get("role") == "ablation"]
   if not rows:
     return []
-  bases = [n for n in m if n not in rows and any(r.startswith(n + "_") for r in rows)]
+  bases = [n for n in m if n not in rows and any(m[r].get("ablation_of") == n for r in rows)]
   sel = task.selection_metric
   lines = ["## Ablations", "",
            "Each ablation row is trained as its own stage and selected like every other row "
@@ -126,7 +130,7 @@ def ablation_lines(results, task) -> list:
            "downlink B |", "|---|---|---|---|---|---|"]
   for n in bases + rows:
     r, mt = m[n], m[n]["metrics"]
-    lines.append(f"| {n} | {r.get('info', {}).get('ablation', '(as configured)')} | "
+    lines.append(f"| {n} | {r.get('varies') or '(as configured)'} | "
                  f"{rf.fmt(sel, r.get(f'validation_{sel.name}', float('nan')))} | "
                  f"{rf.fmt(sel, mt.get(sel.name, float('nan')))} | "
                  f"{rf.fmt(sel, mt.get(sel.name + '_ood', float('nan')))} | "
@@ -161,13 +165,14 @@ def ood_choice_lines(results, sel) -> list:
   c = results.get("ood_choice")
   if not c:
     return []
-  plain = results["methods"].get("cdc_mmpg", {}).get("metrics", {}).get(sel.name + "_ood")
+  plain = ", ".join(f"plain {n} {rf.fmt(sel, v)}" for n, v in c.get("plain", {}).items()
+                    if v is not None)
   return [f"**Out of distribution, as validation chooses:** among {', '.join(c['candidates'])} "
           f"(each robustness variant's grid chosen on the {results['num_val_ood_devices']} "
           f"validation OOD devices, a shift family disjoint from the test OOD group's), "
           f"validation OOD ranks "
           f"**{c['row']}** first ({rf.fmt(sel, c['val_ood'])}); its test OOD {sel.name} is "
-          f"**{rf.fmt(sel, c['test_ood'])}** (plain cdc_mmpg {rf.fmt(sel, plain)}). That is the "
+          f"**{rf.fmt(sel, c['test_ood'])}**" + (f" ({plain})" if plain else "") + ". That is the "
           "figure to quote for out-of-distribution devices; any other row's test OOD figure "
           "was not chosen blind.", ""]
 
@@ -182,14 +187,15 @@ def seen_lines(results) -> list:
            "devices were drawn from ('training': the global model's ranges).", "",
            "| method | device labels | meta devices | shifts | note |", "|---|---|---|---|---|"]
   for n, r in m.items():
-    info = r.get("info", {})
-    lines.append(f"| {n} | {r['labels_used_per_device']} | {info.get('meta_devices', 0)} | "
-                 f"{info.get('shifts', '–')} | {info.get('note', '')} |")
+    seen = r.get("seen", {})
+    lines.append(f"| {n} | {r['labels_used_per_device']} | {seen.get('meta_devices', 0)} | "
+                 f"{seen.get('shifts', '–')} | {seen.get('note', '')} |")
   return lines + [""]
 
 
 def difference_lines(results, sel) -> list:
-  """The paired differences against the references (comparisons.REFERENCES), with intervals."""
+  """The paired differences against the references (config.report.references), with
+  intervals."""
   diffs = results.get("differences") or {}
   if not diffs:
     return []
@@ -197,8 +203,7 @@ def difference_lines(results, sel) -> list:
   return (["## Differences with paired 95% intervals", "",
            f"Per device, method − reference in {sel.name}; mean [95% paired bootstrap interval "
            f"over devices]; * marks an interval that excludes 0. `best_rival` is the forward-only "
-           f"rival validation ranks first ({rival or 'none in this run'}); `global_meta` the "
-           f"data-matched control.", ""]
+           f"rival validation ranks first ({rival or 'none in this run'}).", ""]
           + comparisons.table_lines(diffs, sel) + [""])
 
 
@@ -345,24 +350,6 @@ def write_report(workdir: str, results: dict, cfg, task, families=()) -> None:
   lines += ood_choice_lines(results, sel)
   lines += difference_lines(results, sel)
   lines += seen_lines(results)
-  anchored = {n: r for n, r in m.items() if "selector" in r.get("info", {})}
-  if anchored:
-    base = results["device_model_bytes"]
-    lines += ["## Anchors (ADR): selector and budget K", "",
-              "MMD² between the weighted anchors and all anchor elements of the context (RBF, "
-              "median bandwidth; the primary modality), mean over devices. Downlink as a share "
-              f"of the device model's {base:,} bytes.", "",
-              f"| method | selector | K | uplink B | MMD² test | {sel.name} test | {sel.name} OOD "
-              "| downlink B | downlink / model |", "|---|---|---|---|---|---|---|---|---|"]
-    for n, r in sorted(anchored.items(), key=lambda kv: (kv[1]["info"]["selector"],
-                                                         kv[1]["info"]["k"])):
-      mt = r["metrics"]
-      lines.append(f"| {n} | {r['info']['selector']} | {r['info']['k']} | "
-                   f"{r['uplink_bytes']:.0f} | {mt.get('anchor_mmd2', float('nan')):.4f} | "
-                   f"{rf.fmt(sel, mt[sel.name])} | "
-                   f"{rf.fmt(sel, mt.get(sel.name + '_ood', float('nan')))} | "
-                   f"{r['downlink_bytes']:.0f} | {100 * r['downlink_bytes'] / base:.1f}% |")
-    lines.append("")
   lines += window_lines(results, task)
   lines += ablation_lines(results, task)
   lines += curve_lines(results)
@@ -397,13 +384,6 @@ def write_plots(workdir: str, results: dict, task) -> list:
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   ax.set_prop_cycle(color=plt.cm.tab20.colors)
-  sweep = sorted((m[n]["info"]["k"], m[n]["uplink_bytes"], m[n]["metrics"][sel])
-                 for n in names if m[n].get("info", {}).get("selector") == "herding")
-  if len(sweep) > 1:
-    ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "k-", alpha=0.4, zorder=0,
-            label="herding, K sweep")
-    for k, up, v in sweep:
-      ax.annotate(f"K={k}", (up, v), fontsize=6, xytext=(2, -8), textcoords="offset points")
   for n in names:
     ax.scatter(max(m[n]["uplink_bytes"], 1.0), m[n]["metrics"][sel], label=n, s=18)
   ax.set_xscale("log")

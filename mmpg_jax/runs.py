@@ -1,17 +1,16 @@
 """A finished run, read back: the one owner of "load a run's workdir".
 
-`restore_run(config, workdir)` checks that the workdir was written by this config (key for
-key, `RunMismatchError` otherwise) and that the stages it needs have finished
-(`RunNotFinishedError`, saying what to run), then restores the device model and the
-validation-selected FDA from their last checkpoints. `generate`, `bench` and any later tool
-that reads a run go through here, never through the stages' own internals.
+`restore_base(config, workdir)` checks that the workdir was written by this config (key for
+key, `RunMismatchError` otherwise) and that the global model's stage has finished
+(`RunNotFinishedError`, saying what to run), then restores the task, the device model and its
+parameters. It knows no method family: a family restores its own stages on top of this (the
+FDA's: `fda.stage.restore`). `generate`, `bench` and any later tool that reads a run go through
+here, never through the stages' own internals.
 """
 import json
 import os
 
 from mmpg_jax import checkpointing, config_checks, train
-from mmpg_jax.fda import round_trip
-from mmpg_jax.fda import stage as fda_stage
 
 
 class RunMismatchError(ValueError):
@@ -52,17 +51,12 @@ def check_run_config(config, workdir: str) -> None:
         f"with (its config.json), or another --workdir.")
 
 
-def restore_run(config, workdir: str):
-  """(task, model, base params, fda, fda params, summary fn) of a finished run."""
+def restore_base(config, workdir: str):
+  """(task, model, global model params) of a run whose global stage has finished."""
   workdir = os.path.abspath(workdir)
   check_run_config(config, workdir)
   task, model, _ = config_checks.check(config)
-  if "cdc_mmpg" not in config.method_families:
-    raise RunNotFinishedError(f"config.method_families={tuple(config.method_families)} has no "
-                              f"cdc_mmpg, so its runs train no FDA to generate edits with.")
-  prior = task.source_prior(task.prepare_data())
   _, target = train.initial_state(task, model, config)
   params = train.final_params(checkpointing.restore_finished(
       workdir, train.STAGE, target, config.train.num_steps), config)
-  fda, summary = round_trip.fda_and_summary(task, model, params, config, prior)
-  return task, model, params, fda, fda_stage.load_finished(fda, config, workdir), summary
+  return task, model, params

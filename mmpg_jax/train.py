@@ -21,6 +21,7 @@ import optax
 from absl import logging
 
 from mmpg_jax import checkpointing, preemption
+from mmpg_jax.tasks import capabilities
 
 STAGE = "global"
 
@@ -179,7 +180,7 @@ def initial_state(task, model, config):
 def curve_metrics(task) -> tuple:
   """The per-device metrics a validation curve records: the task's metrics but those pooled
   over every row (`task.pooled_metrics`, which need all rows' scores)."""
-  pooled = getattr(task, "pooled_metrics", {}) or {}
+  pooled = capabilities.pooled_metrics(task)
   return tuple(m.name for m in task.metrics if m.name not in pooled)
 
 

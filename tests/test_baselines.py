@@ -100,7 +100,8 @@ def test_aggregate_over_seeds(tmp_path):
     g = dict(m, per_device={"accuracy": [0.5, 0.6, 0.4, 0.5]})
     methods = {"global": g, "cdc_mmpg": m, **({"cdc_mmpg_opt_in": m} if seed else {})}
     (d / "results.json").write_text(json.dumps(
-        {"oracle_global_margin": {"test": 0.1}, "methods": methods}))
+        {"oracle_global_margin": {"test": 0.1}, "references": ["global", "best_rival"],
+         "methods": methods}))
   t = aggregate.table(aggregate.load([str(tmp_path / "s0"), str(tmp_path / "s1")]))
   assert "| cdc_mmpg | 85.00 ± 7.07 | 50% ± 0 |" in t            # sample std, ddof=1
   # a row only the second run has is kept, and says over how many runs its ± is (none: 1 run)
@@ -132,7 +133,7 @@ def test_aggregate_adds_rows_of_other_runs_and_more_metrics(tmp_path):
   main = [run(tmp_path / f"m{i}", 0.80 + i / 100, 0.40) for i in range(2)]
   other = [run(tmp_path / f"o{i}", 0.85 + i / 100, 0.42) for i in range(2)]
   t = aggregate.main(main + ["--rows", "gru4rec=" + ",".join(other),
-                             "--metrics", "uauc,ndcg@10,auc"])
+                             "--metrics", "uauc,ndcg@10,auc", "--references", "global"])
   assert "| gru4rec | 0.8550 ± 0.0071 | 0.4200 ± 0.0000 | 0.9000 ± 0.0000 |" in t
   assert "Differences in ndcg@10" in t and "| gru4rec | +0.0200 [+0.0200, +0.0200]* |" in t
   assert "Differences in auc" not in t                # pooled: no per-device values

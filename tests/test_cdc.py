@@ -7,7 +7,7 @@ import pytest
 from mmpg_jax import adr, costs, generate
 from mmpg_jax import params as P
 from mmpg_jax import upload as upload_lib
-from mmpg_jax.adapt import baselines, cdc_mmpg
+from mmpg_jax.adapt import baselines, cdc_mmpg, cdc_mmpg_report
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
@@ -358,7 +358,7 @@ def test_diagnosis_table_has_as_many_columns_in_every_row(task, has_prior):
       cdc[k + s] = list(rng.uniform(size=5))
   results = {"methods": {"global": {"per_device": per(5)}, "fta_k5": {"per_device": per(5)},
                          "cdc_mmpg": {"per_device": cdc, "info": {"reference_devices": 8}}}}
-  table = [l for l in cdc_mmpg.diagnosis_lines(results, task) if l.startswith("|")]
+  table = [l for l in cdc_mmpg_report.diagnosis_lines(results, task) if l.startswith("|")]
   assert len(table) == 4                                  # header, separator, test, test_ood
   assert len({l.count("|") for l in table}) == 1, table
   assert ("FDA prior TV" in table[0]) == has_prior

@@ -13,6 +13,7 @@ from mmpg_jax.deploy import policies as pol
 from mmpg_jax.deploy import rollback as rb
 from mmpg_jax.deploy import traffic
 from mmpg_jax.methods import Method
+from mmpg_jax.tasks import capabilities
 from mmpg_jax.tasks.base import Metric, Task
 
 
@@ -116,8 +117,9 @@ def test_the_learned_policy_keeps_more_of_the_gain_than_a_blind_schedule():
 
 
 # ---- rollback ---------------------------------------------------------------------------------
-class Linear(Task):
-  """A softmax classifier on given features: enough task for the evaluator and the check."""
+class Linear(Task, capabilities.ScoredContext):
+  """A softmax classifier on given features, with an entropy on its context: enough task for
+  the evaluator and both rollback checks."""
   name = "linear"
   metrics = (Metric("accuracy"),)
   roles = ("context", "query")

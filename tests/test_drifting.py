@@ -160,7 +160,7 @@ def test_the_main_job_runs_on_drifting_digits_and_reports_every_window(cfg, data
   assert {"duet", "editor", "prototypes"} <= set(res["persona"])
   report = (tmp_path / "run" / "report.md").read_text()
   assert "## Per window position" in report and "| method (test) | w0 |" in report
-  assert "## Ablations" in report and m["persona_k1"]["info"]["ablation"] == "1 prototypes"
+  assert "## Ablations" in report and m["persona_k1"]["varies"] == "1 prototypes"
   assert json.loads((tmp_path / "run" / "results.json").read_text())["windows_per_device"] == w
   # when to ask: every policy's curve over the streams, its share of requests set on validation
   rp = res["deployment"]["request_policies"]

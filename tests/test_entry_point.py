@@ -83,7 +83,7 @@ def test_smoke_run_of_the_real_entry_point(clean_run):
   # the data-matched control: trained on meta devices, nothing on the device
   g = m["global_meta"]
   assert g["device_flops"] == 0 and g["uplink_bytes"] == 0 and g["downlink_bytes"] > 0
-  assert g["info"]["meta_devices"] == res["global_meta"]["meta_devices"] > 0
+  assert g["seen"]["meta_devices"] == res["global_meta"]["meta_devices"] > 0
   # ... and the FDA meta-trained to edit it, a row of its own (0 labels, 0 backward passes)
   assert "fda_on_global_meta" in res and m["cdc_mmpg_on_global_meta"]["uplink_bytes"] > 0
   # the robustness variants are chosen on the validation OOD devices, reported beside test

@@ -12,6 +12,7 @@ import pytest
 from mmpg_jax import edit_shards, generate, preemption, runs, simulate
 from mmpg_jax import params as P
 from mmpg_jax.fda import round_trip
+from mmpg_jax.fda import stage as fda_stage
 
 from conftest import LONG, ROOT, main_cmd, subprocess_env
 
@@ -34,7 +35,7 @@ def restored(smoke_config, clean_run, data_dir):
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("MMPG_DATA_DIR", data_dir)
     cfg = _config(smoke_config)
-    run = runs.restore_run(cfg, str(clean_run))
+    run = fda_stage.restore(cfg, str(clean_run))
   task, model, params, _, _, _ = run
   pool = simulate.build_pool(task, model, params, cfg.fda, POOL)
   return cfg, run, pool

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mmpg_jax import meta_train
-from mmpg_jax.adapt import cdc_robust, router
+from mmpg_jax.adapt import cdc_robust
+from mmpg_jax.adapt.cdc_robust import router
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage

@@ -9,7 +9,8 @@ import pytest
 
 from mmpg_jax import config_checks, config_errors, costs
 from mmpg_jax import params as P
-from mmpg_jax.adapt import cdc_mmpg, cdc_robust, router, tta
+from mmpg_jax.adapt import cdc_mmpg, cdc_robust, tta
+from mmpg_jax.adapt.cdc_robust import router
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip

@@ -38,16 +38,19 @@ def test_runs_are_strata_and_clusters_resample_whole_devices():
 
 def test_differences_against_each_reference():
   pd = lambda *v: {"accuracy": list(v)}
-  run = {"methods": {
-      "global": {"per_device": pd(0.5, 0.5, 0.5)},
-      "lame": {"per_device": pd(0.6, 0.6, 0.6), "info": {"rival": True},
+  # the references are the config's (report.references), carried in results.json; a named
+  # reference the run does not hold (global_meta here) gives no column
+  run = {"references": ["global", "global_meta", "best_rival"], "methods": {
+      "global": {"per_device": pd(0.5, 0.5, 0.5), "role": "baseline"},
+      "lame": {"per_device": pd(0.6, 0.6, 0.6), "role": "rival",
                "validation_accuracy": 0.7},
-      "t3a": {"per_device": pd(0.9, 0.9, 0.9), "info": {"rival": True},
+      "t3a": {"per_device": pd(0.9, 0.9, 0.9), "role": "rival",
               "validation_accuracy": 0.6},        # better on test, worse on validation
-      "cdc_mmpg": {"per_device": pd(0.7, 0.8, 0.9)}}}
+      "cdc_mmpg": {"per_device": pd(0.7, 0.8, 0.9), "role": "ours"}}}
   assert comparisons.best_rival(run, "accuracy") == "lame"
   d = comparisons.differences([run], "accuracy")
-  assert set(d) == {"global", "best_rival"}
+  assert list(d) == ["global", "best_rival"]
+  assert list(comparisons.differences([run], "accuracy", refs=("cdc_mmpg",))) == ["cdc_mmpg"]
   assert np.isclose(d["global"]["cdc_mmpg"]["test"][0], 0.3)
   assert np.isclose(d["best_rival"]["cdc_mmpg"]["test"][0], 0.2)
   assert "lame" not in d["best_rival"]                 # a row is not compared with itself

@@ -16,7 +16,7 @@ from mmpg_jax import upload as upload_lib
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.data import pipeline
-from mmpg_jax.tasks import video_retrieval
+from mmpg_jax.tasks import capabilities, video_retrieval
 from mmpg_jax.tasks.base import Metric, Task, stack
 
 from conftest import random_features
@@ -78,13 +78,11 @@ class _BlobData:
     return stack(devs)
 
 
-class ToyTask(Task):
-  """Everything a task owns, for 3-class blobs: ~60 lines, no change outside this class."""
-  name = "toy"
+class CoreToyTask(Task):
+  """The core interface only, for 3-class blobs: ~50 lines, no change outside this class."""
+  name = "toy_core"
   datasets = ("toy_blobs",)
   metrics = (Metric("accuracy"),)
-  label_groups = ((0, 3),)
-  label_bias_leaf = "head/bias"
   encoder_prefixes = ("encoder/",)
   anchor_modalities = ("feat",)
 
@@ -115,9 +113,6 @@ class ToyTask(Task):
     loss = self.loss(model, params, {**self.encode(model, params, batch["x"]), "y": batch["y"]})
     return loss, {}
 
-  def source_prior(self, data):
-    return np.full(3, 1 / 3, np.float32)
-
   def scores(self, model, params, feats):
     return model.apply({"params": params}, feats["h"], method=model.logits)
 
@@ -128,21 +123,8 @@ class ToyTask(Task):
     return optax.softmax_cross_entropy_with_integer_labels(
         self.scores(model, params, feats), feats["y"]).mean()
 
-  def entropy(self, model, params, feats):
-    lp = jax.nn.log_softmax(self.scores(model, params, feats))
-    return -(jnp.exp(lp) * lp).sum(-1).mean()
-
-  def label_posteriors(self, model, params, dev):
-    return jax.nn.softmax(self.scores(model, params, dev["context"]))[:, None, :]
-
-  def asked_posteriors(self, model, params, dev):
-    return jax.nn.softmax(self.scores(model, params, dev["context"]))
-
   def anchor_elements(self, context):
     return {"feat": context["h"]}
-
-  def element_labels(self, dev):
-    return dev["context"]["y"][:, None]
 
   def meta_devices(self, indices, query_size):
     sizes = {"context": self.config.data.context_size, "query": query_size}
@@ -156,6 +138,30 @@ class ToyTask(Task):
     s = self.scores(model, params, query)
     return (optax.softmax_cross_entropy_with_integer_labels(s, query["y"]).mean(),
             (s.argmax(-1) == query["y"]).mean())
+
+
+class ToyTask(CoreToyTask, capabilities.LabelGroups, capabilities.ScoredContext):
+  """The same blobs with two declared capabilities: label groups and an entropy on the
+  context (prior_em, em2, TENT, the FDA's anchor EM then apply)."""
+  name = "toy"
+  label_groups = ((0, 3),)
+  label_bias_leaf = "head/bias"
+
+  def source_prior(self, data):
+    return np.full(3, 1 / 3, np.float32)
+
+  def entropy(self, model, params, feats):
+    lp = jax.nn.log_softmax(self.scores(model, params, feats))
+    return -(jnp.exp(lp) * lp).sum(-1).mean()
+
+  def label_posteriors(self, model, params, dev):
+    return jax.nn.softmax(self.scores(model, params, dev["context"]))[:, None, :]
+
+  def asked_posteriors(self, model, params, dev):
+    return jax.nn.softmax(self.scores(model, params, dev["context"]))
+
+  def element_labels(self, dev):
+    return dev["context"]["y"][:, None]
 
 
 def _toy_config(smoke_config):
@@ -194,6 +200,32 @@ def test_a_task_defined_outside_the_package_runs_through_the_real_main_job(smoke
   assert on_disk["methods"]["cdc_mmpg"]["device_backward_passes"] == 0
   assert on_disk["methods"]["fta_k5"]["labels_used_per_device"] == 5
   assert "| cdc_mmpg |" in (tmp_path / "w" / "report.md").read_text()
+
+
+def test_a_core_only_task_and_a_toy_rival_plug_in_through_the_public_seams(smoke_config,
+                                                                           tmp_path):
+  """A task implementing only the core interface, and a rival added as its own module
+  (tests/toy_rival.py), a method_families entry and its config block: both run through the
+  real main job and the rival appears in the report and the comparisons; the capability-bound
+  rows (prior_em, TENT, T3A, em2) are left out for the core task."""
+  tasks.register("toy_core", CoreToyTask)
+  cfg = _toy_config(smoke_config)
+  with cfg.unlocked():
+    cfg.task = "toy_core"
+    cfg.baselines.include = ("global", "fta", "oracle")
+    cfg.method_families = ("baselines", "toy_rival", "cdc_mmpg")
+    cfg.fda.bases = ("global",)
+    cfg.toy_rival = type(cfg.fda)(dict(temperatures=(0.5, 1.0, 2.0)))
+  res = main.run(cfg, str(tmp_path / "w"))
+  assert {"global", "fta_k5", "oracle", "toy_rival", "cdc_mmpg"} <= set(res["methods"])
+  assert not {"prior_em", "tent", "t3a"} & set(res["methods"])
+  row = res["methods"]["toy_rival"]
+  assert row["role"] == "rival" and row["family"] == "toy_rival"
+  assert res["best_rival"] == "toy_rival"                  # the run's only rival
+  assert "toy_rival" in res["differences"]["global"]        # compared with the references
+  assert res["differences"]["best_rival"]["cdc_mmpg"]       # ... and as the best rival
+  report = (tmp_path / "w" / "report.md").read_text()
+  assert "| toy_rival |" in report and "rival validation ranks first (toy_rival)" in report
 
 
 # ---------- bad task configs ------------------------------------------------------------------

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from mmpg_jax import costs, device
 from mmpg_jax import params as P
 from mmpg_jax.config_errors import need
-from mmpg_jax.methods import Method, grid
+from mmpg_jax.methods import Method, Seen, grid
+from mmpg_jax.tasks.capabilities import GalleryRanking, LabelGroups, ScoredContext
 
 
 def global_method():
@@ -57,9 +58,9 @@ def tent(ctx):
   m = finetune_method(ctx, "tent", ctx.task.context_role, ctx.config.data.context_size,
                       tc.leaves, "entropy", "adam", grid(lr=tc.learning_rates, steps=tc.steps),
                       labelled=False)
-  return dataclasses.replace(m, info={
-      "note": "adapts LayerNorm affines (" + ", ".join(tc.leaves) + "): the models have no "
-              "BatchNorm, whose test-batch statistics are TENT's main mechanism"})
+  return dataclasses.replace(m, seen=Seen(
+      note="adapts LayerNorm affines (" + ", ".join(tc.leaves) + "): the models have no "
+           "BatchNorm, whose test-batch statistics are TENT's main mechanism"))
 
 
 def oracle(ctx):
@@ -153,10 +154,9 @@ def qb_norm(ctx):
     return costs.DeviceCost(downlink_bytes=float(bank_text.size * dbytes), device_flops=flops)
 
   return Method("qb_norm", grid(beta=qc.inverse_temperatures), lambda params, dev, hp: params,
-                cost, uses=(), rescore=rescore,
-                info={"rival": True, "bank_size": int(qc.bank_size),
-                      "note": "dynamic inverted softmax over a bank of the cloud's training "
-                              "queries (downloaded once as text codes)"})
+                cost, uses=(), rescore=rescore, role="rival", info={"bank_size": int(qc.bank_size)},
+                seen=Seen(note="dynamic inverted softmax over a bank of the cloud's training "
+                               "queries (downloaded once as text codes)"))
 
 
 def dsl(ctx):
@@ -175,8 +175,8 @@ def dsl(ctx):
     return costs.DeviceCost(device_flops=costs.flops(lambda s: dual_softmax(s, 1.0), scores0))
 
   return Method("dsl", grid(temperature=qc.dsl_temperatures), lambda params, dev, hp: params,
-                cost, uses=(), rescore=rescore,
-                info={"rival": True, "note": "dual softmax over the device's own queries"})
+                cost, uses=(), rescore=rescore, role="rival",
+                seen=Seen(note="dual softmax over the device's own queries"))
 
 
 KNOWN = ("global", "fta", "tent", "prior_em", "qb_norm", "dsl", "oracle")
@@ -188,10 +188,9 @@ def validate_config(cfg, task, model, abstract_params) -> None:
        f"a subset of {KNOWN} that holds 'global' (every report is relative to it)")
   need("oracle" not in inc or task.oracle_role is not None, "baselines.include", inc,
        f"task {task.name!r} has no oracle data; leave 'oracle' out")
-  need("tent" not in inc or (task.has_entropy and task.context_scored),
-       "baselines.include", inc,
-       f"task {task.name!r} has no unsupervised objective (Task.entropy) on its context for "
-       f"TENT; leave 'tent' out")
+  need("tent" not in inc or isinstance(task, ScoredContext), "baselines.include", inc,
+       f"task {task.name!r} has no unsupervised objective on its context for TENT (it is not "
+       f"a capabilities.ScoredContext task); leave 'tent' out")
 
 
 def build(ctx):
@@ -202,11 +201,12 @@ def build(ctx):
     methods += [fta(ctx, k) for k in bc.fta.ks]
   if "tent" in inc:
     methods += [tent(ctx)]
-  if "prior_em" in inc and ctx.task.label_groups:
+  if "prior_em" in inc and isinstance(ctx.task, LabelGroups):
     methods += [prior_em(ctx, q) for q in bc.prior_em.variants]
-  if "qb_norm" in inc and hasattr(ctx.task, "gallery_scores") and "qb_norm" in bc:
+  ranks = isinstance(ctx.task, GalleryRanking)
+  if "qb_norm" in inc and ranks and "qb_norm" in bc:
     methods += [qb_norm(ctx)]
-  if "dsl" in inc and hasattr(ctx.task, "gallery_scores") and "qb_norm" in bc:
+  if "dsl" in inc and ranks and "qb_norm" in bc:
     methods += [dsl(ctx)]
   if "oracle" in inc:
     methods += [oracle(ctx)]

@@ -8,7 +8,6 @@ own (cdc_robust.py).
 """
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +16,13 @@ from absl import logging
 
 from mmpg_jax import adr, costs
 from mmpg_jax import params as P
-from mmpg_jax import report_format as rf
+from mmpg_jax.adapt import cdc_mmpg_report as cdc_report
 from mmpg_jax.config_errors import need, positive
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
-from mmpg_jax.methods import Method
+from mmpg_jax.methods import Method, Seen
+from mmpg_jax.tasks.capabilities import KnownLabelPrior
 
 # The per-device diagnoses of the cdc_mmpg row kept device by device in results.json.
 DIAGNOSIS = ("edit_norm", "code_distance", "edit_nn_distance", "edit_nn_spread", "fda_prior_tv",
@@ -34,10 +34,10 @@ def diagnostics(task, params, fda, fda_params, cfg, summary, reference):
   returning, from one generation, edit_norm (Frobenius norm of the change the edit makes, after
   the clip), code_distance (distance of the device's FDA code to the nearest meta-training
   device's code, in units of their typical spacing) and, for label-group tasks with
-  `query_label_prior`, the total variation from the device's true query label prior of the
+  a query label prior, the total variation from the device's true query label prior of the
   FDA's anchor-EM prior (fda_prior_tv), of the device's own EM summary (device_prior_tv), and of
   the source prior (shift_tv, the true shift)."""
-  with_prior = bool(fda.label_groups) and hasattr(task, "query_label_prior")
+  with_prior = bool(fda.label_groups) and isinstance(task, KnownLabelPrior)
   src = jnp.asarray(fda.source_prior, jnp.float32)
 
   def tv(log_ratio, truth):
@@ -83,6 +83,8 @@ def validate_config(cfg, task, model, abstract_params) -> None:
                                       < fams.index("cdc_mmpg")),
        "fda.bases", bases, "'global_meta' edits the data-matched control: list the "
        "'global_meta' family before 'cdc_mmpg' in method_families, or drop it from fda.bases")
+  short = task.meta_shortfall(cfg.data.context_size, cfg.fda.meta_query_size)
+  need(short is None, "fda.meta_query_size", cfg.fda.meta_query_size, f"{short}: lower them")
   need(cfg.fda.meta_devices >= cfg.fda.devices_per_step, "fda.meta_devices",
                      cfg.fda.meta_devices, f"at least fda.devices_per_step "
                      f"({cfg.fda.devices_per_step}) meta devices, one step's batch")
@@ -156,17 +158,16 @@ def on_global_meta(ctx, fda, summary):
 
   return dataclasses.replace(
       plain, name="cdc_mmpg_on_global_meta", adapt=adapt, diagnostics={},
-      per_device_diagnostics=(),
-      info=dict(plain.info, base=f"global_meta (lr {rate})",
-                meta_devices=int(cfg.fda.meta_devices),
+      per_device_diagnostics=(), info=dict(plain.info, base=f"global_meta (lr {rate})"),
+      seen=Seen(meta_devices=int(cfg.fda.meta_devices), shifts="training",
                 note="the FDA edits the data-matched control global_meta (trained on the same "
                      "meta devices), not the global model"))
 
 
 def make_methods(ctx, fda, fda_params, summary=None, variants=None):
   """cdc_mmpg (selector cfg.adr.selector, K = cfg.adr.k) and the ablations in cfg.adr (other
-  selectors, a K sweep), for a given FDA and its parameters; `variants` ((name, selector, K),
-  ...) builds those rows only."""
+  selectors, a K sweep: ablations of cdc_mmpg), for a given FDA and its parameters; `variants`
+  ((name, selector, K), ...) builds those rows only."""
   task, model, params, cfg, cm = ctx.task, ctx.model, ctx.params, ctx.config, ctx.cost_model
   ac = cfg.adr
   anchor_dims = task.anchor_dims(model, params)
@@ -193,108 +194,23 @@ def make_methods(ctx, fda, fda_params, summary=None, variants=None):
     diags = {"anchor_mmd2" + ("" if m == primary else f"_{m}"): functools.partial(
         round_trip.anchor_mmd, task=task, selector=selector, k=k, seed=cfg.seed, modality=m)
              for m in anchor_dims}
-    info = {"selector": selector, "k": kk[primary], "meta_devices": int(cfg.fda.meta_devices),
-            "shifts": "training"}
+    info = {"selector": selector, "k": kk[primary]}
     info.update(task.anchor_info(cfg))
     info.update({f"k_{m}": kk[m] for m in kk if m != primary})
     if name == "cdc_mmpg":
       info["reference_devices"] = int(reference["codes"].shape[0])
       diags["diagnosis"] = diagnostics(task, params, fda, fda_params, cfg, summary, reference)
+    varies = ("" if name == "cdc_mmpg" else f"K = {k}" if selector == ac.selector
+              else f"anchor selector {selector}")
     methods.append(Method(name, ({},), adapt, cost, uses=(task.context_role,),
                           diagnostics=diags, info=info,
-                          per_device_diagnostics=DIAGNOSIS if name == "cdc_mmpg" else ()))
+                          per_device_diagnostics=DIAGNOSIS if name == "cdc_mmpg" else (),
+                          role="ablation" if varies else "ours",
+                          ablation_of="cdc_mmpg" if varies else "", varies=varies,
+                          seen=Seen(meta_devices=int(cfg.fda.meta_devices), shifts="training")))
   return methods
 
 
-def diagnosis_lines(results, task) -> list:
-  """Where cdc_mmpg's gain comes from, per evaluation group: the edit's size, the distance of
-  the device's upload to the meta-training devices (FDA code space), the label-prior errors,
-  and how the gain over global follows the distance."""
-  m = results["methods"].get("cdc_mmpg")
-  if not m or "code_distance" not in m["per_device"]:
-    return []
-  sel = task.selection_metric
-  has_prior = "fda_prior_tv" in m["per_device"]
-  header = ("| group | edit norm | code distance | nearest training edit / spacing | "
-            "devices below 1 | nearest training edit / spread | "
-            + ("FDA prior TV | device prior TV | true shift TV | " if has_prior else "")
-            + "cdc_mmpg gain | fta_k5 gain | corr(cdc gain, distance) | "
-              "corr(cdc gain − fta_k5 gain, distance) |")
-  n_ref = m.get("info", {}).get("reference_devices", "the")
-  lines = ["## Diagnosis: cdc_mmpg on devices near and far from meta-training", "",
-           "Per device: the Frobenius norm of the change the edit makes (after the clip); the "
-           f"distance of its FDA code to the nearest of {n_ref} "
-           "meta-training devices' codes, in units of their typical spacing (1 = as close as "
-           "meta-training devices are to each other)"
-           + ("; the total-variation error against the device's true query label prior of the "
-              "FDA's anchor-EM prior and of the device's own EM summary, beside the true shift "
-              "(source prior vs truth)" if has_prior else "")
-           + f". corr: Pearson correlation over devices of the gain in {sel.name} over global "
-             "with the code distance. Memorisation (does the FDA hand out its training "
-             "devices' edits?): the distance of each device's applied edit to the nearest "
-             "meta-training device's, in units of the training edits' own nearest-neighbour "
-             "spacing ('devices below 1': as close to a training edit as training edits are to "
-             "each other) and of their spread (RMS distance to their mean edit).", "",
-           header, "|" + "---|" * (header.count("|") - 1)]
-  for grp, sfx in rf.SUFFIX.items():
-    pd = m["per_device"]
-    if "code_distance" + sfx not in pd:
-      continue
-    dist = np.asarray(pd["code_distance" + sfx])
-    cdc = rf.gains(results, "cdc_mmpg", sel.name, sfx)
-    fta = rf.gains(results, "fta_k5", sel.name, sfx)
-    corr = lambda a: (float(np.corrcoef(a, dist)[0, 1])
-                      if a is not None and len(a) > 2 and a.std() > 0 and dist.std() > 0
-                      else float("nan"))
-    mean = lambda k: float(np.mean(pd[k + sfx])) if k + sfx in pd else float("nan")
-    nn = np.asarray(pd.get("edit_nn_distance" + sfx, [np.nan]))
-    row = (f"| {grp} | {mean('edit_norm'):.3f} | {dist.mean():.2f} | {nn.mean():.2f} | "
-           f"{100 * np.mean(nn < 1):.0f}% | {mean('edit_nn_spread'):.2f} | "
-           + (f"{mean('fda_prior_tv'):.3f} | {mean('device_prior_tv'):.3f} | "
-              f"{mean('shift_tv'):.3f} | " if has_prior else "")
-           + f"{rf.fmt(sel, cdc.mean())} | "
-           + (f"{rf.fmt(sel, fta.mean())} | " if fta is not None else "– | ")
-           + f"{corr(cdc):.2f} | "
-           + (f"{corr(cdc - fta):.2f} |" if fta is not None else "– |"))
-    lines.append(row)
-  return lines + [""]
-
-
-def code_distance_plot(workdir, results, task) -> list:
-  """gain_vs_code_distance.png: each device's gain over global against its FDA code distance
-  (cdc_mmpg, fta_k5, oracle; test and OOD); [] without the diagnosis."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  sel = task.selection_metric.name
-  m = results["methods"]
-  out = []
-  cdc = m.get("cdc_mmpg", {}).get("per_device", {})
-  if "code_distance" in cdc:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for sfx, marker, grp in (("", "o", "test"), ("_ood", "^", "OOD")):
-      if "code_distance" + sfx not in cdc:
-        continue
-      for method, color in (("cdc_mmpg", "tab:blue"), ("fta_k5", "tab:orange"),
-                            ("oracle", "tab:green")):
-        gain = rf.gains(results, method, sel, sfx)
-        if gain is not None:
-          ax.scatter(cdc["code_distance" + sfx], gain, marker=marker, color=color, s=18,
-                     alpha=0.8, label=f"{method}, {grp}")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_xlabel("device's FDA code distance to meta-training devices (typical spacing = 1)")
-    ax.set_ylabel(f"gain in {sel} over global")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "gain_vs_code_distance.png"), dpi=100)
-    plt.close(fig)
-    out.append("gain_vs_code_distance.png")
-  return out
-
-
 def report_lines(results, task, workdir) -> list:
-  """cdc_mmpg's own section of report.md: the diagnosis table and its plot."""
-  return diagnosis_lines(results, task) + [
-      f"![{p}]({p})" for p in code_distance_plot(workdir, results, task)]
+  """cdc_mmpg's own sections of report.md: the anchors (selector, K) and the diagnosis."""
+  return cdc_report.report_lines(results, task, workdir)

@@ -22,7 +22,7 @@ from absl import logging
 from mmpg_jax import costs, meta_train
 from mmpg_jax import params as P
 from mmpg_jax.config_errors import need
-from mmpg_jax.methods import Method
+from mmpg_jax.methods import Method, Seen
 
 STAGE = "global_meta"
 
@@ -132,7 +132,7 @@ def build(ctx):
     return costs.DeviceCost(downlink_bytes=down)
 
   grid = tuple({"lr": k} for k in trained)     # a string: static, one compile per model
-  return [Method("global_meta", grid, adapt, cost, uses=(),
-                 info={"control": "data-matched: the global model's dynamic leaves trained on "
-                                  "the meta devices' labelled queries",
-                       "meta_devices": meta_devices(cfg), "shifts": "training"})]
+  return [Method("global_meta", grid, adapt, cost, uses=(), role="control",
+                 seen=Seen(meta_devices=meta_devices(cfg), shifts="training",
+                           note="data-matched: the global model's dynamic leaves trained on "
+                                "the meta devices' labelled queries"))]

@@ -43,6 +43,7 @@ from mmpg_jax import costs, device
 from mmpg_jax import params as P
 from mmpg_jax.config_errors import need, positive
 from mmpg_jax.methods import Method, grid
+from mmpg_jax.tasks.capabilities import LinearHead, ScoredContext
 
 
 def _unit(x, axis=-1):
@@ -130,7 +131,7 @@ def t3a(ctx):
 
   return Method("t3a", grid(filter_k=tuple(cfg.tta.t3a.filter_k),
                            bias=tuple(cfg.tta.t3a.bias)), adapt, cost,
-                uses=(task.context_role,), info={"rival": True})
+                uses=(task.context_role,), role="rival")
 
 
 def lame_method(ctx):
@@ -158,7 +159,7 @@ def lame_method(ctx):
 
   return Method("lame", grid(knn=tuple(lc.knn), bound_lambda=tuple(lc.bound_lambda)),
                 lambda params, dev, hp: params, cost, uses=(), rescore=rescore,
-                info={"rival": True})
+                role="rival")
 
 
 def feature_stats(feats):
@@ -257,7 +258,7 @@ def foa(ctx):
                             iterations=tuple(int(i) for i in fc.iterations),
                             shift=tuple(fc.shift)),
                 adapt, cost, uses=(task.context_role,),
-                info={"rival": True, "searched_parameters": sum(sizes),
+                role="rival", info={"searched_parameters": sum(sizes),
                       "population": fc.population,
                       "activation_layers": len(source)})
 
@@ -290,7 +291,7 @@ def validate_config(cfg, task, model, abstract_params) -> None:
        "CMA-ES needs at least 4 candidates per generation")
   need(all(w >= 0 for w in cfg.tta.foa.stat_weight), "tta.foa.stat_weight",
        cfg.tta.foa.stat_weight, "weights must be >= 0")
-  if hasattr(task, "classifier_features"):
+  if isinstance(task, LinearHead):
     layer = task.classifier_layer
     P.select(abstract_params, [f"{layer}/kernel", f"{layer}/bias"])
     P.select(abstract_params, cfg.tta.foa.leaves)
@@ -298,7 +299,9 @@ def validate_config(cfg, task, model, abstract_params) -> None:
 
 def build(ctx):
   """T3A, LAME and FOA for tasks with a linear classifier on top (none otherwise: retrieval ranks a
-  gallery and has no classes)."""
-  if not hasattr(ctx.task, "classifier_features"):
+  gallery and has no classes; FOA also needs an entropy on the context)."""
+  if not isinstance(ctx.task, LinearHead):
     return []
-  return [make(ctx) for name, make in RIVALS.items() if name in ctx.config.tta.include]
+  scored = isinstance(ctx.task, ScoredContext)
+  return [make(ctx) for name, make in RIVALS.items() if name in ctx.config.tta.include
+          and (scored or name != "foa")]

@@ -21,17 +21,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpg_jax import rec_metrics
+from mmpg_jax.tasks.capabilities import Entropy
 
 QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 NEVER = "never"
 
 
 def check_role(task) -> str:
-  return getattr(task, "check_role", task.context_role)
+  """The role whose rows the checks score: an Entropy task says; else the context."""
+  return task.check_role if isinstance(task, Entropy) else task.context_role
 
 
 def checks(task) -> tuple:
-  return (("entropy_rise",) if task.has_entropy else ()) + ("disagreement",)
+  return (("entropy_rise",) if isinstance(task, Entropy) else ()) + ("disagreement",)
 
 
 def score_fn(task, model, method, hp):

@@ -16,6 +16,7 @@ kept. The generic parts (encoding, pool batches, the validator, the selected-sta
 meta_train.py's; the stage loop (`train.run_stage`) resumes, checkpoints and guards as the
 global model's training does.
 """
+import os
 import time
 
 import jax
@@ -24,7 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mmpg_jax import adr, checkpointing, meta_train
+from mmpg_jax import adr, checkpointing, meta_train, runs
 from mmpg_jax import params as P
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import per_leaf
@@ -182,3 +183,17 @@ def load_finished(fda, cfg, workdir, stage: str = STAGE):
     logging.info("%s: the checkpoint holds the FDA's per-leaf layout; converted to the stacked "
                  "layout (per_leaf.stack)", stage)
     return per_leaf.stack(fda, state["best_params"])
+
+
+def restore(config, workdir: str):
+  """(task, model, base params, fda, fda params, summary fn) of a finished run whose FDA stage
+  has finished: what `generate` and `bench` read. The run's own checks (config, global stage)
+  are `runs.restore_base`'s."""
+  if "fda" not in config:
+    raise runs.RunNotFinishedError(
+        f"this config has no fda block (method_families={tuple(config.method_families)}), so "
+        f"its runs train no FDA to generate edits with.")
+  task, model, params = runs.restore_base(config, workdir)
+  prior = task.source_prior(task.prepare_data())
+  fda, summary = round_trip.fda_and_summary(task, model, params, config, prior)
+  return task, model, params, fda, load_finished(fda, config, os.path.abspath(workdir)), summary

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 from mmpg_jax.data import pipeline
 from mmpg_jax.data import real_video
 from mmpg_jax.data import tfds_real_video as trv
+from mmpg_jax.config_errors import ConfigError
 from mmpg_jax.tasks.base import Task, stack
+from mmpg_jax.tasks.capabilities import ShiftedMetaData
 
 
 def frame_elements(frames, mask=None):
@@ -31,7 +33,7 @@ def reads_features(config) -> bool:
   return config.data.name in real_video.DATASETS
 
 
-class VideoTask(Task):
+class VideoTask(Task, ShiftedMetaData):
   """The data side both video tasks share: where videos come from (moving-digits pixels, or a
   real dataset's frame features when data.name is one of real_video.DATASETS), meta devices,
   and the data's config checks. A subclass sets `text_len_key` (its text field's length)."""
@@ -77,10 +79,15 @@ class VideoTask(Task):
     else:
       pipeline.validate_data_config(cfg)
 
+  def meta_shortfall(self, context_size, query_size):
+    return self.source().meta_shortfall(context_size, query_size) if self.features else None
+
   def resolve_meta_data(self, overrides):
     return pipeline.resolve_widen(self.config.data, overrides)
 
   def check_meta_data(self, overrides):
-    if self.features:
-      return super().check_meta_data(overrides)    # no shift parameters to widen
+    if self.features:                               # no shift parameters to widen
+      raise ConfigError(f"task {self.name!r} on a real video dataset cannot meta-train on "
+                        f"other data (its meta devices are the dataset's); remove the wide "
+                        f"variants from config.cdc_robust.variants")
     pipeline.check_meta_shift(self.config.data, overrides)

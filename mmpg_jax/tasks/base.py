@@ -1,4 +1,4 @@
-"""The task interface: everything specific to one task, behind one small class.
+"""The core task interface: everything specific to one task that every method needs.
 
 A *task* owns its device model, its data, its supervised and unsupervised losses, its metrics,
 what a device's unlabelled context contributes as anchor elements, and (where it has them) its
@@ -17,16 +17,16 @@ Data a task hands to the generic code:
     (cloud-side) meta-training devices for hypernetwork meta-training.
 
 Device-side functions take one device's features (no device axis) and are pure, so the
-generic code can jit and vmap them.
+generic code can jit and vmap them. What only some tasks can do (label groups, a linear head,
+gallery ranking, an entropy, pooled metrics, shifted meta data) is a declared capability in
+capabilities.py, tested with isinstance.
 """
-import copy
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmpg_jax.config_errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +44,10 @@ class Task:
   datasets = ()                 # data.name values the task can read
   # The first metric is the selection metric (hyper-parameters, FDA steps, 'margin closed').
   metrics = (Metric("accuracy"),)
-  # Label groups ((lo, hi), ...): label ids sharing one softmax, for EM label-shift correction
-  # (prior_em) and the FDA's anchor EM. Empty: the task has no labels to re-weight.
+  # Label groups ((lo, hi), ...): non-empty exactly for a `capabilities.LabelGroups` task (the
+  # FDA's anchor EM runs over them); empty: the task has no labels to re-weight.
   label_groups = ()
-  label_bias_leaf = None        # the leaf a label-shift correction edits (an output bias)
+  label_bias_leaf = None        # the leaf a label-shift correction edits (LabelGroups tasks)
   encoder_prefixes = ()         # leaves of the static encoders (their outputs are cached)
   # Keys of `anchor_elements`, primary first. Explicit because JAX pytrees sort dict keys.
   anchor_modalities = ("video",)
@@ -56,9 +56,6 @@ class Task:
 
   # A second metric the report plots beside the selection metric on validation curves
   curve_metric = None
-  # The context role holds samples the model scores (TENT minimises its entropy there); a task
-  # whose context is only anchor elements (seqrec's click embeddings) sets False.
-  context_scored = True
   # What report.md says above its per-window table (tasks whose entries carry `window`).
   window_note = ("Mean {metric} over devices at each position of their streams (window 0 "
                  "first; each window's shift is a drift step, or a jump, from the last).")
@@ -124,34 +121,6 @@ class Task:
     """The supervised loss on a labelled role (FTA, oracle)."""
     raise NotImplementedError
 
-  def entropy(self, model, params, feats):
-    """The unsupervised objective on an unlabelled role (TENT)."""
-    raise NotImplementedError
-
-  @property
-  def has_entropy(self) -> bool:
-    """Whether the task implements `entropy` (TENT, the rollback's entropy check)."""
-    return type(self).entropy is not Task.entropy
-
-  def label_posteriors(self, model, params, dev):
-    """[n, G, A] posteriors of every label group on each context sample (forward only)."""
-    raise NotImplementedError(f"task {self.name!r} has no label groups")
-
-  def activation_layers(self, model, params, feats):
-    """[[n, H_l], ...] the activations whose statistics FOA matches to the source's: every
-    layer between the static encoders and the scores a search can move (default: the last
-    layer's input, `classifier_features`)."""
-    return [self.classifier_features(model, params, feats)]
-
-  def asked_groups(self, feats):
-    """[n] the label group (index into `label_groups`) asked of each sample of a role, or None
-    where the task does not say (one group)."""
-    return None
-
-  def asked_posteriors(self, model, params, dev):
-    """[n, A] posteriors of what was actually asked of each context sample."""
-    raise NotImplementedError(f"task {self.name!r} has no label groups")
-
   def anchor_elements(self, context) -> dict:
     """{modality: [N, E]}: what a device's unlabelled context contributes as anchor elements.
     The first modality is the primary one (its elements carry the cloud-side labels)."""
@@ -165,29 +134,16 @@ class Task:
     """Paragraphs report.md states before the table (e.g. how a metric counts hits)."""
     return []
 
-  # Optional capability, for tasks whose scores rank a gallery: `training_queries(model,
-  # params, n, seed)` -> [n, D] codes of the cloud's own training queries and
-  # `gallery_scores(model, params, codes, dev)` -> [n, n_gallery] against the device's gallery;
-  # querybank normalisation and dual softmax (baselines.qb_norm, dsl) are built only for such
-  # tasks.
-  # Optional capability: `classifier_features(model, params, feats)` -> [n, H] and the attribute
-  # `classifier_layer` (a layer path with `kernel` [H, A] and `bias` [A]) for tasks whose scores
-  # are a linear classifier of features, scores = features @ kernel + bias; the forward-only
-  # test-time rivals (adapt/tta.py: T3A, LAME) are built only for such tasks.
-  # Optional capability: `query_label_prior(dev)` -> [A], the label distribution of the device's
-  # labelled query normalised within each label group; cdc_mmpg's diagnosis then compares its
-  # label-prior estimates with it (diagnosis only).
-
-  def element_labels(self, dev):
-    """[N, G] cloud-side labels of the primary modality's context elements (meta-training's
-    auxiliary loss only; a device never sends labels). None: the task has none."""
-    return None
-
   # ---- meta-training (cloud only) ------------------------------------------------------------
   def meta_devices(self, indices, query_size: int, context_size: int | None = None) -> dict:
     """Fresh, fully labelled meta devices (numpy, stacked): the cloud's view. `context_size`
     (default: the data config's) renders fewer context samples; the query is unchanged."""
     raise NotImplementedError
+
+  def meta_shortfall(self, context_size: int, query_size: int) -> str | None:
+    """Why meta devices with these role sizes cannot be drawn (a real dataset's categories
+    may be too small), or None when they can."""
+    return None
 
   def meta_windows_per_stream(self) -> int:
     """Meta devices come in streams of this many consecutive ids (a stream's windows in time
@@ -201,35 +157,6 @@ class Task:
   def meta_loss(self, model, params, query):
     """(loss, selection metric) on a meta device's labelled query (all it is labelled with)."""
     raise NotImplementedError
-
-  def with_data(self, overrides):
-    """This task with `config.data` updated by the nested dict `overrides`: e.g. the wider
-    shift distribution a variant's meta-training draws from (cdc_robust `wide`). The task's
-    `check_meta_data` refuses overrides it cannot honour."""
-    overrides = self.resolve_meta_data(overrides)
-    self.check_meta_data(overrides)
-    cfg = copy.deepcopy(self.config)
-
-    def update(node, new):
-      for k, v in new.items():
-        if k in node and hasattr(v, "items") and hasattr(node[k], "items"):
-          update(node[k], v)
-        else:
-          node[k] = v
-    with cfg.unlocked():
-      update(cfg.data, overrides)
-    return type(self)(cfg)
-
-  def resolve_meta_data(self, overrides) -> dict:
-    """`overrides` with any rule the task's data layer states (e.g. a shift widening rule)
-    turned into plain config.data values (default: as they are)."""
-    return overrides
-
-  def check_meta_data(self, overrides) -> None:
-    """Raises ConfigError if meta-training data with these `config.data`
-    overrides would draw what only the evaluation groups may show."""
-    raise ConfigError(f"task {self.name!r} cannot meta-train on other data (it has no "
-                      f"check_meta_data); remove 'wide' from config.cdc_robust.variants")
 
   # ---- checks --------------------------------------------------------------------------------
   def validate_config(self, cfg) -> None:

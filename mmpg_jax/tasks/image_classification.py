@@ -26,6 +26,8 @@ from mmpg_jax.data import tfds_moving_digits as tmd
 from mmpg_jax.tasks.base import Metric
 from mmpg_jax.tasks.base import Task as _Base
 from mmpg_jax.tasks.base import encode_roles, stack
+from mmpg_jax.tasks.capabilities import (KnownLabelPrior, LinearHead, ScoredContext,
+                                         ShiftedMetaData)
 
 
 def flatten_windows(devices: dict) -> dict:
@@ -41,7 +43,7 @@ def flatten_windows(devices: dict) -> dict:
   return out
 
 
-class Task(_Base):
+class Task(_Base, KnownLabelPrior, LinearHead, ScoredContext, ShiftedMetaData):
   name = "image_classification"
   datasets = ("drifting_digits",)
   metrics = (Metric("accuracy"),)

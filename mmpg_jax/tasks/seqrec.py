@@ -37,6 +37,7 @@ from mmpg_jax.data import tfds_movielens as tml
 from mmpg_jax.tasks.base import Metric
 from mmpg_jax.tasks.base import Task as _Base
 from mmpg_jax.tasks.base import pad_to
+from mmpg_jax.tasks.capabilities import Entropy, PooledMetrics
 
 KS = (5, 10, 20)
 # data.protocol: "cold_ood" (ours: `num_cold_users` users never seen by the cloud form the OOD
@@ -50,7 +51,7 @@ def _bce(scores, labels):
   return optax.sigmoid_binary_cross_entropy(scores, labels)
 
 
-class Task(_Base):
+class Task(_Base, Entropy, PooledMetrics):
   name = "seqrec"
   datasets = ("movielens", "seqrec_text")      # data/movielens.py, data/seqrec_text.py
   metrics = ((Metric("uauc", percent=False, decimals=4), Metric("auc", percent=False, decimals=4))
@@ -198,7 +199,6 @@ class Task(_Base):
   # candidates the device is about to rank (never which one is clicked): its context holds
   # click embeddings only, no rows to score.
   check_role = "query"
-  context_scored = False
 
   def entropy(self, model, params, feats):
     """Mean binary entropy of the click probabilities of a role's rows (no labels read)."""

@@ -26,9 +26,10 @@ from mmpg_jax.data import real_video
 from mmpg_jax.tasks import _video
 from mmpg_jax.tasks.base import Metric
 from mmpg_jax.tasks.base import encode_roles
+from mmpg_jax.tasks.capabilities import KnownLabelPrior, LinearHead, ScoredContext
 
 
-class Task(_video.VideoTask):
+class Task(_video.VideoTask, KnownLabelPrior, LinearHead, ScoredContext):
   name = "video_qa"
   datasets = ("moving_digits",) + real_video.QA_DATASETS
   metrics = (Metric("accuracy"),)

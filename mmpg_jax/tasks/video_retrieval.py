@@ -33,6 +33,7 @@ from mmpg_jax.data import real_video
 from mmpg_jax.tasks import _video
 from mmpg_jax.tasks.base import Metric
 from mmpg_jax.tasks.base import encode_roles
+from mmpg_jax.tasks.capabilities import GalleryRanking, ScoredContext
 
 
 def info_nce(logits, content):
@@ -61,7 +62,7 @@ def retrieval_metrics(scores, query_content, gallery_content):
           "median_rank": jnp.median(rank + 1.0)}
 
 
-class Task(_video.VideoTask):
+class Task(_video.VideoTask, GalleryRanking, ScoredContext):
   name = "video_retrieval"
   datasets = ("moving_digits",) + real_video.RETRIEVAL_DATASETS
   metrics = (Metric("r1"), Metric("r5"), Metric("r10"), Metric("median_rank", higher_is_better=False, percent=False))

@@ -6,11 +6,11 @@ from mmpg_jax import report_format as rf
 
 
 def robustness_lines(results, task) -> list:
-  """cdc_mmpg, its variants and controls (info 'variant') and the forward-only rivals (info
-  'rival') side by side, with fta_k5: what holds up out of distribution, at what cost."""
+  """cdc_mmpg, its variants and controls (this family's rows) and the forward-only rivals
+  side by side, with fta_k5: what holds up out of distribution, at what cost."""
   m = results["methods"]
-  rows = [n for n in m if n == "cdc_mmpg" or "variant" in m[n].get("info", {})
-          or m[n].get("info", {}).get("rival")]
+  rows = [n for n in m if n == "cdc_mmpg" or m[n].get("family") == "cdc_robust"
+          or m[n].get("role") == "rival"]
   if len(rows) < 2:
     return []
   rows += [n for n in ("fta_k5", "global", "oracle") if n in m]

@@ -121,13 +121,13 @@ def build(ctx):
   if ab.frozen_heads and not pc.freeze_heads:
     g, summ = train_duet(fam, pool_fn, True, "duet_frozen_heads")
     ctx.extra["persona"]["duet_frozen_heads"] = summ
-    methods.append(ablation(duet_method(fam, g, "duet_frozen_heads"), "heads frozen"))
+    methods.append(ablation(duet_method(fam, g, "duet_frozen_heads"), "duet", "heads frozen"))
   for eps in ab.epsilons:
     e, summ = train_editor(fam, pool_fn, eps, f"persona_editor_eps{eps:g}")
     ctx.extra["persona"][f"editor_eps{eps:g}"] = summ
     methods.append(ablation(single_method(fam, e, eps, f"persona_single_eps{eps:g}"),
-                            f"epsilon {eps:g}"))
+                            "persona_single", f"epsilon {eps:g}"))
   for k in ab.prototypes:
     methods.append(ablation(persona_method(fam, ed_params, {k: protos[k]}, f"persona_k{k}"),
-                            f"{k} prototypes"))
+                            "persona", f"{k} prototypes"))
   return methods

@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmpg_jax import costs
-from mmpg_jax.methods import Method, grid
+from mmpg_jax.methods import Method, Seen, grid
 from mmpg_jax.adapt.persona.prototypes import Stream, median_spacing, refine, refine_personal
 
 
-def ablation(method, what):
-  return dataclasses.replace(method, info=dict(method.info, ablation=what))
+def ablation(method, of: str, what: str):
+  """`method` as an ablation of row `of`, varying `what`."""
+  return dataclasses.replace(method, role="ablation", ablation_of=of, varies=what)
 
 
 def _cost(fam, downlink_floats: float, extra_bytes: int = 0):
@@ -32,23 +33,27 @@ def _info(fam):
   mod = task.anchor_modalities[0]
   return {"real_time_elements": task.num_elements(fam.ctx.model, fam.ctx.params,
                                                   cfg.data.context_size)[mod],
-          "adaptive_layers": list(fam.layers.paths),
-          "meta_devices": int(cfg.persona.meta_devices), "shifts": "training"}
+          "adaptive_layers": list(fam.layers.paths)}
+
+
+def _seen(fam, note=""):
+  return Seen(meta_devices=int(fam.ctx.config.persona.meta_devices), shifts="training",
+              note=note)
 
 
 def duet_method(fam, gen_params, name="duet"):
   """Downlink per window: the generated layers, whole."""
   cost = _cost(fam, fam.layers.floats())
   return Method(name, ({},), lambda params, dev, hp: fam.duet_params(gen_params, dev),
-                lambda hp: cost, uses=(fam.ctx.task.context_role,),
-                info=dict(_info(fam), downlink="the adaptive layers, whole"))
+                lambda hp: cost, uses=(fam.ctx.task.context_role,), role="ours",
+                seen=_seen(fam), info=dict(_info(fam), downlink="the adaptive layers, whole"))
 
 
 def single_method(fam, ed_params, eps, name="persona_single"):
   cost = _cost(fam, fam.layers.floats())
   return Method(name, ({},), lambda params, dev, hp: fam.single_params(ed_params, dev, eps),
-                lambda hp: cost, uses=(fam.ctx.task.context_role,),
-                info=dict(_info(fam), epsilon=eps, downlink="the clipped edit"))
+                lambda hp: cost, uses=(fam.ctx.task.context_role,), role="ours",
+                seen=_seen(fam), info=dict(_info(fam), epsilon=eps, downlink="the clipped edit"))
 
 
 PROTOTYPE_ID_BYTES = 4
@@ -69,8 +74,8 @@ def persona_method(fam, ed_params, protos, name="persona"):
     return fam.group_params(ed_params, groups, centres, g, dev)
 
   return Method(name, grid(assignment=tuple(pc.assignment), prototypes=tuple(sorted(protos))),
-                adapt, lambda hp: cost, uses=(fam.ctx.task.context_role,),
-                info=dict(_info(fam), prototypes=sorted(protos),
+                adapt, lambda hp: cost, uses=(fam.ctx.task.context_role,), role="ours",
+                seen=_seen(fam), info=dict(_info(fam), prototypes=sorted(protos),
                           cluster_sizes={f"k{k}": [int(s) for s in p["sizes"]]
                                          for k, p in protos.items()},
                           epsilon=pc.epsilon, sample_epsilon=pc.sample_epsilon,
@@ -84,11 +89,11 @@ def make_methods(fam, gen_params, ed_params, protos):
   prototype set} for the K values validation chooses among."""
   pc = fam.cfg
   duet = duet_method(fam, gen_params)
-  duet = dataclasses.replace(duet, info=dict(duet.info, note=(
+  duet = dataclasses.replace(duet, seen=_seen(fam, (
       "heads trained (the released code's never train: duet_frozen_heads); the backbone is "
       "the frozen global model, each head's offset starting at its layer's weights")))
   static = persona_method(fam, ed_params, protos)
-  static = dataclasses.replace(static, info=dict(static.info, note=(
+  static = dataclasses.replace(static, seen=_seen(fam, (
       "K and the assignment chosen on validation: nearest (k-means of the Stage-A code, ours) "
       "or min_edit (the paper's dynamic inference, also its own row)")))
   methods = [duet, single_method(fam, ed_params, pc.epsilon), static]
@@ -97,8 +102,8 @@ def make_methods(fam, gen_params, ed_params, protos):
     methods.append(dataclasses.replace(
         static, name="persona_min_edit",
         grid=grid(assignment=("min_edit",), prototypes=tuple(sorted(protos))),
-        info=dict(static.info, note="the paper's dynamic inference: the prototype whose "
-                                    "editor needs the smallest sample edit")))
+        seen=_seen(fam, "the paper's dynamic inference: the prototype whose editor needs the "
+                        "smallest sample edit")))
   spacing = {k: median_spacing(p["centres"]) for k, p in protos.items()}
 
   def init(hp, device_ids):
