@@ -29,7 +29,7 @@ import os
 
 import ml_collections as mlc
 
-from mmpg_jax import config_loader
+from mmpg_jax.core import config_loader
 
 # The shared blocks, loaded by path from this file's folder (configs are not a package).
 _HERE = os.path.dirname(os.path.abspath(__file__))

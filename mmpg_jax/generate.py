@@ -39,13 +39,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
-from mmpg_jax import checkpointing, edit_shards, preemption, runs, simulate
-from mmpg_jax import params as P
-from mmpg_jax import workdir as workdir_lib
+from mmpg_jax.core import checkpointing, edit_shards, preemption
+from mmpg_jax.training import runs, simulate
+from mmpg_jax.core import params as P
+from mmpg_jax.core import workdir as workdir_lib
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
-from mmpg_jax.upload import UploadError, validate_upload
+from mmpg_jax.core.upload import UploadError, validate_upload
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -194,16 +195,17 @@ def run_index(config, fda, fda_params, num_devices, device_batch, pool_devices,
   return index
 
 
-def stream(streamer, out, num_devices: int, index: dict, *, process=(0, 1),
-           log_every_s: float = 10.0) -> dict:
-  """Streams this host's shards into OUT (skipping finished ones); returns this host's stats."""
-  pid, nproc = process
+def _kind(streamer) -> str:
+  return "metrics" if streamer.evaluate else "edits"
+
+
+def _shards_to_write(streamer, out, num_devices: int, index: dict, pid: int, nproc: int):
+  """This host's shards (pid, pid + nproc, ...) and those of them not yet complete in OUT."""
   per = streamer.device_batch
   total = edit_shards.num_shards(num_devices, per)
-  kind = "metrics" if streamer.evaluate else "edits"
 
   def done(k):
-    path = edit_shards.shard_path(out, kind, k, total)
+    path = edit_shards.shard_path(out, _kind(streamer), k, total)
     if streamer.evaluate:
       return path.exists()
     rows = len(edit_shards.shard_range(k, per, num_devices))
@@ -214,29 +216,40 @@ def stream(streamer, out, num_devices: int, index: dict, *, process=(0, 1),
   logging.info("generate: %d devices in %d shards of %d; host %d/%d has %d shards, %d already "
                "written, %d to go", num_devices, total, per, pid, nproc, len(mine),
                len(mine) - len(todo), len(todo))
-  writes = collections.deque()
+  return mine, todo
+
+
+def _write_result(writer, writes, streamer, out, num_devices: int, k: int, result) -> int:
+  """Fetches shard k's result (waiting for its chunk only) and queues its write on `writer`;
+  at most 2 writes stay in flight, so memory is flat in N. Returns the shard's devices."""
+  per = streamer.device_batch
+  total = edit_shards.num_shards(num_devices, per)
+  rows = len(edit_shards.shard_range(k, per, num_devices))
+  host = jax.tree.map(lambda x: np.asarray(x)[:rows], result)
+  path = edit_shards.shard_path(out, _kind(streamer), k, total)
+  if streamer.evaluate:
+    writes.append(writer.submit(edit_shards.write_json, path, _summarise(host)))
+  else:
+    writes.append(writer.submit(edit_shards.write_shard, path, host))
+  while len(writes) > 2:
+    writes.popleft().result()
+  return rows
+
+
+def _stream_shards(streamer, out, num_devices: int, todo: list, t0: float,
+                   log_every_s: float) -> int:
+  """Dispatches each shard's chunk, then fetches and writes the previous one while the
+  accelerator computes it; stops after a preemption request. Returns the devices written."""
+  per = streamer.device_batch
   n_todo = sum(len(edit_shards.shard_range(k, per, num_devices)) for k in todo)
-  t0, last, written = time.time(), time.time(), 0
-
-  def finish(k, result):
-    rows = len(edit_shards.shard_range(k, per, num_devices))
-    host = jax.tree.map(lambda x: np.asarray(x)[:rows], result)   # waits for this chunk only
-    path = edit_shards.shard_path(out, kind, k, total)
-    if streamer.evaluate:
-      writes.append(writer.submit(edit_shards.write_json, path, _summarise(host)))
-    else:
-      writes.append(writer.submit(edit_shards.write_shard, path, host))
-    while len(writes) > 2:                      # at most 2 shards in flight: memory flat in N
-      writes.popleft().result()
-    return rows
-
+  writes, last, written = collections.deque(), time.time(), 0
   with concurrent.futures.ThreadPoolExecutor(1) as writer:
     pending = None
     for k in todo:
       r = edit_shards.shard_range(k, per, num_devices)
       result = streamer(r.start, r.stop)        # dispatched: the accelerator starts on it now
       if pending is not None:
-        written += finish(*pending)
+        written += _write_result(writer, writes, streamer, out, num_devices, *pending)
       pending = (k, result)
       if preemption.requested():
         break
@@ -246,9 +259,18 @@ def stream(streamer, out, num_devices: int, index: dict, *, process=(0, 1),
                      rate, (n_todo - written) / max(rate, 1e-9))
         last = time.time()
     if pending is not None:
-      written += finish(*pending)
+      written += _write_result(writer, writes, streamer, out, num_devices, *pending)
     for w in writes:
       w.result()
+  return written
+
+
+def stream(streamer, out, num_devices: int, index: dict, *, process=(0, 1),
+           log_every_s: float = 10.0) -> dict:
+  """Streams this host's shards into OUT (skipping finished ones); returns this host's stats."""
+  mine, todo = _shards_to_write(streamer, out, num_devices, index, *process)
+  t0 = time.time()
+  written = _stream_shards(streamer, out, num_devices, todo, t0, log_every_s)
   if preemption.requested():
     raise preemption.Preempted(f"generate: preempted (SIGTERM) after {written} devices; "
                                f"finished shards are in {out}; rerun the same command to "

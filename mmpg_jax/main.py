@@ -17,11 +17,15 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmpg_jax import config_checks, costs, deploy, evaluate, preemption, report, train
-from mmpg_jax import report_deploy
-from mmpg_jax import params as P
-from mmpg_jax import workdir as wd
-from mmpg_jax.methods import MethodContext
+from mmpg_jax.training import config_checks, evaluate, train
+from mmpg_jax.ondevice import costs
+from mmpg_jax import deploy
+from mmpg_jax.core import preemption
+from mmpg_jax.reporting import report
+from mmpg_jax.reporting import deploy_sections
+from mmpg_jax.core import params as P
+from mmpg_jax.core import workdir as wd
+from mmpg_jax.training.methods import MethodContext
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
@@ -153,7 +157,7 @@ def redeploy(config, workdir: str) -> dict:
   results.pop("deployment", None)
   if deployment:
     results["deployment"] = deployment
-  results["frontier"] = report_deploy.frontier(results, task, int(config.data.query_size))
+  results["frontier"] = deploy_sections.frontier(results, task, int(config.data.query_size))
   report.write_report(ctx.workdir, results, config, task, families)
   ctx.metrics.write("deploy_only", 0, deployment_seconds=time.time() - t)
   logging.info("rewrote %s/results.json and report.md with new deployment studies", workdir)

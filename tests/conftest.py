@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 def checkpoint_steps(d):
   """The step numbers of an orbax checkpoint folder (empty if it does not exist)."""
-  from mmpg_jax import checkpointing
+  from mmpg_jax.core import checkpointing
   return checkpointing.steps_on_disk(d)
 
 
@@ -151,7 +151,8 @@ def with_value(cfg, key: str, value):
 def assert_refused_before_any_work(cfg, key: str, value, match: str, tmp_path):
   """The real main job with config.<key> = value stops with a ConfigError matching `match`
   before it creates its workdir."""
-  from mmpg_jax import config_errors, main
+  from mmpg_jax.core import config_errors
+  from mmpg_jax import main
   with pytest.raises(config_errors.ConfigError, match=match):
     main.run(with_value(cfg, key, value), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()

@@ -3,11 +3,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import costs, evaluate
-from mmpg_jax import params as P
-from mmpg_jax import device
+from mmpg_jax.ondevice import costs
+from mmpg_jax.training import evaluate
+from mmpg_jax.core import params as P
+from mmpg_jax.ondevice import device
 from mmpg_jax.adapt import baselines
-from mmpg_jax.methods import MethodContext
+from mmpg_jax.training.methods import MethodContext
 
 from conftest import random_features
 
@@ -90,7 +91,7 @@ def test_costs_are_measured_and_scale_with_the_work(smoke_config, task, model_an
 
 def test_aggregate_over_seeds(tmp_path):
   import json
-  from mmpg_jax import aggregate
+  from mmpg_jax.reporting import aggregate
   for seed, acc in enumerate((0.8, 0.9)):
     d = tmp_path / f"s{seed}"
     d.mkdir()
@@ -116,7 +117,7 @@ def test_aggregate_adds_rows_of_other_runs_and_more_metrics(tmp_path):
   """--rows: run i's global row from another run on the same data, paired device by device;
   --metrics: every listed metric with its intervals. Runs on other data are refused."""
   import json
-  from mmpg_jax import aggregate
+  from mmpg_jax.reporting import aggregate
 
   def run(d, uauc, ndcg, data_seed=0):
     d.mkdir()

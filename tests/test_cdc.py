@@ -4,14 +4,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import adr, costs, generate
-from mmpg_jax import params as P
-from mmpg_jax import upload as upload_lib
+from mmpg_jax.ondevice import adr, costs
+from mmpg_jax import generate
+from mmpg_jax.core import params as P
+from mmpg_jax.core import upload as upload_lib
 from mmpg_jax.adapt import baselines, cdc_mmpg, cdc_mmpg_report
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
-from mmpg_jax.methods import MethodContext
+from mmpg_jax.training.methods import MethodContext
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.tasks import _video
 

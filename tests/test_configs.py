@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mmpg_jax import config_loader
+from mmpg_jax.core import config_loader
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

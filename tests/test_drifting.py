@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from mmpg_jax import aggregate, main, tasks
+from mmpg_jax.reporting import aggregate
+from mmpg_jax import main, tasks
 from mmpg_jax.data import drifting_digits as dd
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline

@@ -9,7 +9,9 @@ import time
 import jax
 import numpy as np
 
-from mmpg_jax import checkpointing, tasks, train
+from mmpg_jax.core import checkpointing
+from mmpg_jax import tasks
+from mmpg_jax.training import train
 
 from conftest import LONG, ROOT, main_cmd, subprocess_env
 from conftest import checkpoint_steps as _steps

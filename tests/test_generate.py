@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from mmpg_jax import edit_shards, generate, preemption, runs, simulate
-from mmpg_jax import params as P
+from mmpg_jax.core import edit_shards, preemption
+from mmpg_jax import generate
+from mmpg_jax.training import runs, simulate
+from mmpg_jax.core import params as P
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
 

@@ -16,28 +16,28 @@ PACKAGE = pathlib.Path(ROOT) / "mmpg_jax"
 # (module prefix, floor), most specific first. A module may import its own floor or below.
 FLOORS = (
     # 0 foundations: no knowledge of tasks, models or methods
-    ("mmpg_jax.config_errors", 0), ("mmpg_jax.params", 0), ("mmpg_jax.preemption", 0),
-    ("mmpg_jax.workdir", 0), ("mmpg_jax.kmeans", 0), ("mmpg_jax.rec_metrics", 0),
-    ("mmpg_jax.checkpointing", 0), ("mmpg_jax.config_loader", 0), ("mmpg_jax.edit_shards", 0),
-    ("mmpg_jax.report_format", 0), ("mmpg_jax.upload", 0), ("mmpg_jax.stats", 0),
-    ("mmpg_jax.comparisons", 0), ("mmpg_jax.codec", 0), ("mmpg_jax.frontier", 0),
+    ("mmpg_jax.core", 0),
+    ("mmpg_jax.reporting.formats", 0), ("mmpg_jax.reporting.stats", 0),
+    ("mmpg_jax.reporting.comparisons", 0), ("mmpg_jax.reporting.frontier", 0),
+    ("mmpg_jax.reporting.tables", 0), ("mmpg_jax.reporting.plots", 0),
     # 1 data, models and the device primitives every method uses
-    ("mmpg_jax.data", 1), ("mmpg_jax.models", 1), ("mmpg_jax.device", 1), ("mmpg_jax.adr", 1),
+    ("mmpg_jax.data", 1), ("mmpg_jax.models", 1),
     # 2 tasks, and device costs measured on a task's model
-    ("mmpg_jax.tasks", 2), ("mmpg_jax.costs", 2),
+    ("mmpg_jax.tasks", 2), ("mmpg_jax.ondevice.costs", 2),
+    ("mmpg_jax.ondevice", 1),            # device, adr
     # 3 what every method and stage is written against
-    ("mmpg_jax.methods", 3), ("mmpg_jax.train", 3), ("mmpg_jax.meta_train", 3),
-    ("mmpg_jax.evaluate", 3), ("mmpg_jax.runs", 3), ("mmpg_jax.simulate", 3), ("mmpg_jax.config_checks", 3),
+    ("mmpg_jax.training", 3),
     # 4 hypernetwork libraries shared by several method families; the deployment studies run
     # on any family's methods (written against Method and the evaluator, never a family)
     ("mmpg_jax.fda", 4), ("mmpg_jax.deploy", 4),
     # 5 method families (a family never imports another: see test below)
     ("mmpg_jax.adapt", 5),
-    # 6 run level: the report, reading a finished run, the entry points
-    ("mmpg_jax.report_deploy", 6), ("mmpg_jax.report", 6),
-    ("mmpg_jax.main", 6),
-    ("mmpg_jax.generate", 6), ("mmpg_jax.bench", 6), ("mmpg_jax.aggregate", 6),
-    ("mmpg_jax.aggregate_deploy", 6),
+    # 6 run level: the report, tables over runs, the entry points
+    ("mmpg_jax.reporting.report", 6), ("mmpg_jax.reporting.results", 6),
+    ("mmpg_jax.reporting.sections", 6), ("mmpg_jax.reporting.deploy_sections", 6),
+    ("mmpg_jax.reporting.aggregate", 6), ("mmpg_jax.reporting.aggregate_deploy", 6),
+    ("mmpg_jax.main", 6), ("mmpg_jax.generate", 6), ("mmpg_jax.bench", 6),
+    ("mmpg_jax.reporting", 0),           # the reporting package's own __init__ (imports nothing)
     ("mmpg_jax", 0),                     # the package's own __init__
 )
 # Method families: modules under adapt/ (a package counts as one family).
@@ -136,8 +136,8 @@ def _copy_package(tmp_path):
 
 
 @pytest.mark.parametrize("module,line,expect", [
-    ("params.py", "from mmpg_jax import tasks", "an upward import"),             # floor 0 -> 2
-    ("tasks/base.py", "from mmpg_jax import config_checks", "an upward import"),
+    ("core/params.py", "from mmpg_jax import tasks", "an upward import"),        # floor 0 -> 2
+    ("tasks/base.py", "from mmpg_jax.training import config_checks", "an upward import"),
     ("adapt/cdc_robust/variants.py", "from mmpg_jax.adapt import cdc_mmpg",
      "never import each other"),
     ("fda/model.py", "from mmpg_jax.fda import stage", "import cycle"),

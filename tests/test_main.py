@@ -4,9 +4,11 @@ import subprocess
 
 import pytest
 
-from mmpg_jax import checkpointing, main, tasks, train
-from mmpg_jax import workdir as wd
-from mmpg_jax.workdir import MetricsWriter
+from mmpg_jax.core import checkpointing
+from mmpg_jax import main, tasks
+from mmpg_jax.training import train
+from mmpg_jax.core import workdir as wd
+from mmpg_jax.core.workdir import MetricsWriter
 
 from conftest import ROOT, main_cmd, subprocess_env
 

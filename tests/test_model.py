@@ -1,7 +1,7 @@
 import numpy as np
 
-from mmpg_jax import params as P
-from mmpg_jax import device
+from mmpg_jax.core import params as P
+from mmpg_jax.ondevice import device
 
 
 def _inputs(cfg, n=3, seed=0):

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import params as P
+from mmpg_jax.core import params as P
 
 
 def _tree():

@@ -4,10 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import comparisons, config_checks, config_errors, evaluate
+from mmpg_jax.reporting import comparisons
+from mmpg_jax.training import config_checks, evaluate
+from mmpg_jax.core import config_errors
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
-from mmpg_jax.methods import Method
+from mmpg_jax.training.methods import Method
 from mmpg_jax.tasks.base import Metric
 
 from conftest import with_value

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import config_loader, main, tasks
+from mmpg_jax.core import config_loader
+from mmpg_jax import main, tasks
 from mmpg_jax.data import real_video as rv
 from mmpg_jax.data import tfds_real_video as trv
 from mmpg_jax.data import video_files as vf

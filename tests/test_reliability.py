@@ -10,8 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from mmpg_jax import checkpointing, tasks, train
-from mmpg_jax import workdir as wd
+from mmpg_jax.core import checkpointing
+from mmpg_jax import tasks
+from mmpg_jax.training import train
+from mmpg_jax.core import workdir as wd
 from mmpg_jax.data import pipeline
 
 from conftest import checkpoint_steps as _steps

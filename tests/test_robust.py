@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import config_checks, config_errors, costs
-from mmpg_jax import params as P
+from mmpg_jax.training import config_checks
+from mmpg_jax.core import config_errors
+from mmpg_jax.ondevice import costs
+from mmpg_jax.core import params as P
 from mmpg_jax.adapt import cdc_mmpg, cdc_robust, tta
 from mmpg_jax.adapt.cdc_robust import router
 from mmpg_jax.fda import model as fda_lib

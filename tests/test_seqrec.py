@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax import config_errors, main, rec_metrics, tasks
+from mmpg_jax.core import config_errors, rec_metrics
+from mmpg_jax import main, tasks
 from mmpg_jax.tasks import seqrec
 
 from conftest import ROOT
@@ -191,7 +192,7 @@ def test_the_official_protocol_tests_every_user_warm(cfg, tmp_path):
   assert "Protocol 'official'" in report and "keeps the epoch that scores best on the test" \
       in report
   # the printed table carries no empty columns: no OOD group, no oracle margin
-  from mmpg_jax import report as report_lib
+  from mmpg_jax.reporting import report as report_lib
   head = report_lib.headline_table(res, task)[0]
   assert head.startswith("| method | uauc test | labels |") and "OOD" not in head
 

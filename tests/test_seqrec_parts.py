@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mmpg_jax import rec_metrics as rm
+from mmpg_jax.core import rec_metrics as rm
 from mmpg_jax.models.seqrec import SeqRec
 
 

@@ -1,7 +1,7 @@
 """Sample spreads, paired bootstrap intervals and the differences table."""
 import numpy as np
 
-from mmpg_jax import comparisons, stats
+from mmpg_jax.reporting import comparisons, stats
 
 
 def test_sample_std_uses_ddof_1_and_skips_non_finite():

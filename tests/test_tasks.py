@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from mmpg_jax import config_errors, generate, main, tasks
-from mmpg_jax import params as P
-from mmpg_jax import upload as upload_lib
+from mmpg_jax.core import config_errors
+from mmpg_jax import generate, main, tasks
+from mmpg_jax.core import params as P
+from mmpg_jax.core import upload as upload_lib
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.data import pipeline
@@ -370,7 +371,7 @@ def test_retrieval_ties_count_against_the_query():
   assert video_retrieval.hit_ranks(tie, jnp.array([0]), jnp.array([0, 1, 2])).tolist() == [1]
   nan = jnp.array([[jnp.nan, 0.2, 0.1]])
   assert video_retrieval.hit_ranks(nan, jnp.array([0]), jnp.array([0, 1, 2])).tolist() == [2]
-  from mmpg_jax import rec_metrics        # the same rule for the recommendation metrics
+  from mmpg_jax.core import rec_metrics
   r = rec_metrics.ranking(np.zeros((1, 5)), np.array([[1, 0, 0, 0, 0]]), ks=(1,))
   assert float(r["hr@1"][0]) == 0.0
 

@@ -7,10 +7,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mmpg_jax import costs, device
-from mmpg_jax import params as P
-from mmpg_jax.config_errors import need
-from mmpg_jax.methods import Method, Seen, grid
+from mmpg_jax.ondevice import costs, device
+from mmpg_jax.core import params as P
+from mmpg_jax.core.config_errors import need
+from mmpg_jax.training.methods import Method, Seen, grid
 from mmpg_jax.tasks.capabilities import GalleryRanking, LabelGroups, ScoredContext
 
 

@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mmpg_jax import adr, costs
-from mmpg_jax import params as P
+from mmpg_jax.ondevice import adr, costs
+from mmpg_jax.core import params as P
 from mmpg_jax.adapt import cdc_mmpg_report as cdc_report
-from mmpg_jax.config_errors import need, positive
+from mmpg_jax.core.config_errors import need, positive
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
-from mmpg_jax.methods import Method, Seen
+from mmpg_jax.training.methods import Method, Seen
 from mmpg_jax.tasks.capabilities import KnownLabelPrior
 
 # The per-device diagnoses of the cdc_mmpg row kept device by device in results.json.

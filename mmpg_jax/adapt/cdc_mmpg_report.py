@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 
-from mmpg_jax import report_format as rf
+from mmpg_jax.reporting import formats as rf
+from mmpg_jax.reporting import plots, tables
 
 
 def diagnosis_lines(results, task) -> list:
@@ -16,11 +17,11 @@ def diagnosis_lines(results, task) -> list:
     return []
   sel = task.selection_metric
   has_prior = "fda_prior_tv" in m["per_device"]
-  header = ("| group | edit norm | code distance | nearest training edit / spacing | "
-            "devices below 1 | nearest training edit / spread | "
-            + ("FDA prior TV | device prior TV | true shift TV | " if has_prior else "")
-            + "cdc_mmpg gain | fta_k5 gain | corr(cdc gain, distance) | "
-              "corr(cdc gain − fta_k5 gain, distance) |")
+  head = (["group", "edit norm", "code distance", "nearest training edit / spacing",
+           "devices below 1", "nearest training edit / spread"]
+          + (["FDA prior TV", "device prior TV", "true shift TV"] if has_prior else [])
+          + ["cdc_mmpg gain", "fta_k5 gain", "corr(cdc gain, distance)",
+             "corr(cdc gain − fta_k5 gain, distance)"])
   n_ref = m.get("info", {}).get("reference_devices", "the")
   lines = ["## Diagnosis: cdc_mmpg on devices near and far from meta-training", "",
            "Per device: the Frobenius norm of the change the edit makes (after the clip); the "
@@ -35,8 +36,8 @@ def diagnosis_lines(results, task) -> list:
              "devices' edits?): the distance of each device's applied edit to the nearest "
              "meta-training device's, in units of the training edits' own nearest-neighbour "
              "spacing ('devices below 1': as close to a training edit as training edits are to "
-             "each other) and of their spread (RMS distance to their mean edit).", "",
-           header, "|" + "---|" * (header.count("|") - 1)]
+             "each other) and of their spread (RMS distance to their mean edit).", ""]
+  rows = []
   for grp, sfx in rf.SUFFIX.items():
     pd = m["per_device"]
     if "code_distance" + sfx not in pd:
@@ -49,31 +50,26 @@ def diagnosis_lines(results, task) -> list:
                       else float("nan"))
     mean = lambda k: float(np.mean(pd[k + sfx])) if k + sfx in pd else float("nan")
     nn = np.asarray(pd.get("edit_nn_distance" + sfx, [np.nan]))
-    row = (f"| {grp} | {mean('edit_norm'):.3f} | {dist.mean():.2f} | {nn.mean():.2f} | "
-           f"{100 * np.mean(nn < 1):.0f}% | {mean('edit_nn_spread'):.2f} | "
-           + (f"{mean('fda_prior_tv'):.3f} | {mean('device_prior_tv'):.3f} | "
-              f"{mean('shift_tv'):.3f} | " if has_prior else "")
-           + f"{rf.fmt(sel, cdc.mean())} | "
-           + (f"{rf.fmt(sel, fta.mean())} | " if fta is not None else "– | ")
-           + f"{corr(cdc):.2f} | "
-           + (f"{corr(cdc - fta):.2f} |" if fta is not None else "– |"))
-    lines.append(row)
-  return lines + [""]
+    rows.append([grp, f"{mean('edit_norm'):.3f}", f"{dist.mean():.2f}", f"{nn.mean():.2f}",
+                 f"{100 * np.mean(nn < 1):.0f}%", f"{mean('edit_nn_spread'):.2f}"]
+                + ([f"{mean(k):.3f}" for k in ("fda_prior_tv", "device_prior_tv", "shift_tv")]
+                   if has_prior else [])
+                + [rf.fmt(sel, cdc.mean()),
+                   rf.fmt(sel, fta.mean()) if fta is not None else "–", f"{corr(cdc):.2f}",
+                   f"{corr(cdc - fta):.2f}" if fta is not None else "–"])
+  return lines + tables.table(head, rows) + [""]
 
 
 def code_distance_plot(workdir, results, task) -> list:
   """gain_vs_code_distance.png: each device's gain over global against its FDA code distance
   (cdc_mmpg, fta_k5, oracle; test and OOD); [] without the diagnosis."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   sel = task.selection_metric.name
-  m = results["methods"]
-  out = []
-  cdc = m.get("cdc_mmpg", {}).get("per_device", {})
-  if "code_distance" in cdc:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+  cdc = results["methods"].get("cdc_mmpg", {}).get("per_device", {})
+  if "code_distance" not in cdc:
+    return []
+  with plots.figure(os.path.join(workdir, "gain_vs_code_distance.png"),
+                    figsize=(7, 4.5)) as (_, axes):
+    ax = axes[0][0]
     for sfx, marker, grp in (("", "o", "test"), ("_ood", "^", "OOD")):
       if "code_distance" + sfx not in cdc:
         continue
@@ -88,11 +84,7 @@ def code_distance_plot(workdir, results, task) -> list:
     ax.set_ylabel(f"gain in {sel} over global")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "gain_vs_code_distance.png"), dpi=100)
-    plt.close(fig)
-    out.append("gain_vs_code_distance.png")
-  return out
+  return ["gain_vs_code_distance.png"]
 
 
 def anchor_lines(results, task) -> list:
@@ -107,18 +99,18 @@ def anchor_lines(results, task) -> list:
   lines = ["## Anchors (ADR): selector and budget K", "",
            "MMD² between the weighted anchors and all anchor elements of the context (RBF, "
            "median bandwidth; the primary modality), mean over devices. Downlink as a share "
-           f"of the device model's {base:,} bytes.", "",
-           f"| method | selector | K | uplink B | MMD² test | {sel.name} test | {sel.name} OOD "
-           "| downlink B | downlink / model |", "|---|---|---|---|---|---|---|---|---|"]
+           f"of the device model's {base:,} bytes.", ""]
+  head = ["method", "selector", "K", "uplink B", "MMD² test", f"{sel.name} test",
+          f"{sel.name} OOD", "downlink B", "downlink / model"]
+  rows = []
   for n, r in sorted(anchored.items(), key=lambda kv: (kv[1]["info"]["selector"],
                                                        kv[1]["info"]["k"])):
     mt = r["metrics"]
-    lines.append(f"| {n} | {r['info']['selector']} | {r['info']['k']} | "
-                 f"{r['uplink_bytes']:.0f} | {mt.get('anchor_mmd2', float('nan')):.4f} | "
-                 f"{rf.fmt(sel, mt[sel.name])} | "
-                 f"{rf.fmt(sel, mt.get(sel.name + '_ood', float('nan')))} | "
-                 f"{r['downlink_bytes']:.0f} | {100 * r['downlink_bytes'] / base:.1f}% |")
-  return lines + [""]
+    rows.append([n, r["info"]["selector"], r["info"]["k"], f"{r['uplink_bytes']:.0f}",
+                 f"{mt.get('anchor_mmd2', float('nan')):.4f}", rf.fmt(sel, mt[sel.name]),
+                 rf.fmt(sel, mt.get(sel.name + "_ood", float("nan"))),
+                 f"{r['downlink_bytes']:.0f}", f"{100 * r['downlink_bytes'] / base:.1f}%"])
+  return lines + tables.table(head, rows) + [""]
 
 
 def k_sweep_plot(workdir, results, task) -> list:
@@ -130,21 +122,16 @@ def k_sweep_plot(workdir, results, task) -> list:
                  if r.get("info", {}).get("selector") == "herding")
   if len(sweep) < 2:
     return []
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "ko-", ms=4, label="herding, K sweep")
-  for k, up, v in sweep:
-    ax.annotate(f"K={k}", (up, v), fontsize=7, xytext=(2, -9), textcoords="offset points")
-  ax.set_xscale("log")
-  ax.set_xlabel("uplink bytes per device")
-  ax.set_ylabel(f"test {sel}")
-  ax.legend(fontsize=7)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "anchor_k_sweep.png"), dpi=100)
-  plt.close(fig)
+  with plots.figure(os.path.join(workdir, "anchor_k_sweep.png"), figsize=(6, 4)) as (_, axes):
+    ax = axes[0][0]
+    ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "ko-", ms=4, label="herding, K sweep")
+    for k, up, v in sweep:
+      ax.annotate(f"K={k}", (up, v), fontsize=7, xytext=(2, -9), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("uplink bytes per device")
+    ax.set_ylabel(f"test {sel}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
   return ["anchor_k_sweep.png"]
 
 

@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from evosax.algorithms import CMA_ES
 
-from mmpg_jax import costs, device
-from mmpg_jax import params as P
-from mmpg_jax.config_errors import need, positive
-from mmpg_jax.methods import Method, grid
+from mmpg_jax.ondevice import costs, device
+from mmpg_jax.core import params as P
+from mmpg_jax.core.config_errors import need, positive
+from mmpg_jax.training.methods import Method, grid
 from mmpg_jax.tasks.capabilities import LinearHead, ScoredContext
 
 

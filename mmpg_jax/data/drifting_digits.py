@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 from scipy import ndimage
 
-from mmpg_jax.data import digits
+from mmpg_jax.data import digit_video, digits
 from mmpg_jax.data import moving_digits as md
 
 # Bump when the generator's output changes: it is part of the prepared data's cache key.
@@ -123,7 +123,7 @@ def render_images(rng: np.random.Generator, shift: Mapping, pool_by_class, image
   size, crop = int(cfg["size"]), digits.CROP
   label = rng.choice(NUM_CLASSES, size=n, p=shift["label_prior"] / shift["label_prior"].sum())
   inst = np.array([rng.choice(pool_by_class[d]) for d in label], np.int64)
-  imgs = md._stroke(images[inst].astype(np.float32) / 255.0, int(shift["thickness"]))
+  imgs = digit_video.stroke(images[inst].astype(np.float32) / 255.0, int(shift["thickness"]))
   angles = shift["rotation"] + rng.uniform(-cfg["rotation_jitter"], cfg["rotation_jitter"], n)
   imgs = np.stack([ndimage.rotate(im, a, reshape=False, order=1) for im, a in zip(imgs, angles)]
                   ) if n else np.zeros((0, crop, crop), np.float32)

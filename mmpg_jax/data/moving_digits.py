@@ -14,15 +14,13 @@ evaluation) and `oracle` (plenty of labelled samples, for the oracle upper bound
 from typing import Mapping
 
 import numpy as np
-from scipy import ndimage
 
-from mmpg_jax.data import digits
+from mmpg_jax.data import digit_video, digits
 
 # Bump when the generator's output changes: it is part of the prepared data's cache key.
 GENERATOR_VERSION = 5            # 5: each evaluation split has its own digit pool
 QUESTION_TYPES = ("digit", "direction")
 DIRECTIONS = ("up", "down", "left", "right")
-_DIR_STEP = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]])   # (dy, dx) per frame
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ANSWERS = tuple(str(d) for d in range(10)) + DIRECTIONS      # shared answer vocabulary
 NUM_ANSWERS = len(ANSWERS)
@@ -194,14 +192,7 @@ def sample_shift(rng: np.random.Generator, ranges: Mapping, size: int, pool_imag
   the continuous ones, CONTINUOUS_SHIFTS, may be unions of intervals)."""
   rot = uniform(rng, ranges["rotation"]) * rng.choice([-1.0, 1.0])
   thickness = int(rng.choice(np.asarray(ranges["thickness"])))
-  background = np.zeros((size, size), np.float32)
-  frag = digits.CROP // 2
-  for _ in range(int(ranges["clutter_fragments"])):
-    img = pool_images[rng.integers(len(pool_images))].astype(np.float32) / 255.0
-    oy, ox = rng.integers(0, digits.CROP - frag + 1, size=2)
-    py, px = rng.integers(0, size - frag + 1, size=2)
-    background[py:py + frag, px:px + frag] = np.maximum(
-        background[py:py + frag, px:px + frag], img[oy:oy + frag, ox:ox + frag])
+  background = digit_video.clutter(rng, int(ranges["clutter_fragments"]), size, pool_images)
   alpha = uniform(rng, ranges["clutter_alpha"])
   preferred = rng.integers(len(DIRECTIONS))
   p = float(ranges["motion_preferred_prob"])
@@ -221,66 +212,32 @@ def sample_shift(rng: np.random.Generator, ranges: Mapping, size: int, pool_imag
   }
 
 
-def _stroke(imgs: np.ndarray, thickness: int) -> np.ndarray:
-  if thickness > 0:
-    return ndimage.grey_dilation(imgs, size=(1, thickness + 1, thickness + 1))
-  if thickness < 0:
-    return ndimage.grey_erosion(imgs, size=(1, 1 - thickness, 1 - thickness))
-  return imgs
-
-
-def render(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.ndarray, n: int,
-           cfg: Mapping, caption_rng: np.random.Generator | None = None,
-           phrasings: tuple = CAPTION_TEMPLATES) -> dict:
-  """Renders n videos of one device. Returns every field; roles keep what they may show.
-
-  Captions are phrased with `phrasings` (caption templates) drawn from `shift['caption_mix']` using `caption_rng`
-  (a stream of its own, so the videos, questions and answers do not depend on it); `content`
-  = digit * 4 + direction is what a caption says (the retrieval label)."""
-  frames, size, speed = int(cfg["frames"]), int(cfg["size"]), int(cfg["speed"])
-  crop = digits.CROP
+def _draw_labels(rng: np.random.Generator, shift: Mapping, n: int) -> tuple:
+  """Each video's digit, motion direction and asked question type, from the device's priors."""
   digit = rng.choice(10, size=n, p=shift["label_prior"] / shift["label_prior"].sum())
   direction = rng.choice(4, size=n, p=shift["motion_prior"] / shift["motion_prior"].sum())
   qtype = rng.choice(len(QUESTION_TYPES), size=n,
                      p=shift["question_mix"] / shift["question_mix"].sum())
-  inst = np.array([rng.choice(pool_by_class[d]) for d in digit], np.int64)
-  imgs = _stroke(images[inst].astype(np.float32) / 255.0, int(shift["thickness"]))
-  angles = shift["rotation"] + rng.uniform(-cfg["rotation_jitter"], cfg["rotation_jitter"], n)
-  imgs = np.stack([ndimage.rotate(im, a, reshape=False, order=1) for im, a in zip(imgs, angles)])
-  imgs = np.clip(imgs, 0.0, 1.0)
+  return digit, direction, qtype
 
-  # Straight-line motion that stays inside the frame for all T frames.
-  travel = speed * (frames - 1)
-  room = size - crop
-  if travel > room:
-    raise ValueError(f"data.speed*(data.frames-1)={travel} does not fit in data.size-20={room}")
-  step = _DIR_STEP[direction] * speed                                    # [n, 2]
-  lo = np.where(step < 0, travel, 0)
-  hi = np.where(step > 0, room - travel, room)
-  start = rng.integers(lo, hi + 1)                                       # [n, 2]
-  video = np.broadcast_to(shift["background"], (n, frames, size, size)).copy()
-  ar = np.arange(crop)
-  idx = np.arange(n)[:, None, None]
-  for t in range(frames):
-    y, x = (start + step * t).T
-    rows, cols = (y[:, None] + ar)[:, :, None], (x[:, None] + ar)[:, None, :]
-    video[idx, t, rows, cols] = np.maximum(video[idx, t, rows, cols], imgs)
-  if shift["invert"]:
-    video = 1.0 - video
-  if shift["blur"] > 0:
-    video = ndimage.gaussian_filter(video, sigma=(0, 0, float(shift["blur"]), float(shift["blur"])))
-  video = video + rng.normal(0.0, float(shift["noise"]), video.shape)
-  video = np.clip(np.rint(video * 255.0), 0, 255).astype(np.uint8)
 
-  qlen, clen = int(cfg["question_len"]), int(cfg["caption_len"])
+def _draw_questions(rng: np.random.Generator, n: int, qlen: int) -> np.ndarray:
+  """Each video's wording of every question type, tokenised: [n, len(QUESTION_TYPES), qlen]."""
   questions = np.zeros((n, len(QUESTION_TYPES), qlen), np.int32)
   for q, name in enumerate(QUESTION_TYPES):
     templates = QUESTION_TEMPLATES[name]
     which = rng.integers(len(templates), size=n)
     for i in range(n):
       questions[i, q] = tokenize(templates[which[i]], qlen)
+  return questions
+
+
+def _draw_captions(caption_rng: np.random.Generator, shift: Mapping, digit: np.ndarray,
+                   direction: np.ndarray, phrasings: tuple, clen: int) -> np.ndarray:
+  """Each video's caption, tokenised [n, clen]: a phrasing and word forms drawn from the
+  device's caption style, perturbed on `wide_text` meta devices."""
+  n = len(digit)
   thick_word = THICKNESS_WORDS[int(shift["thickness"])]
-  caption_rng = caption_rng if caption_rng is not None else np.random.default_rng(0)
   def draw(key, k):                 # which phrasing / word form each caption uses
     mix = np.asarray(shift.get(key, np.eye(k)[0]), np.float64)[:k]
     return caption_rng.choice(k, size=n, p=mix / mix.sum())
@@ -292,11 +249,27 @@ def render(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.n
   if "caption_unk" in shift:            # meta devices of `wide_text` only (see device_shift)
     templates = [perturb_phrasing(caption_rng, t, float(shift["caption_unk"]),
                                   float(shift["caption_shuffle"])) for t in templates]
-  captions = np.stack([
+  return np.stack([
       tokenize(t.format(t=thick_word, d=DIGIT_FORMS[fd][d], m=DIRECTION_FORMS[fm][m]), clen,
                _CAPTION_ID)
       for t, d, m, fd, fm in zip(templates, digit, direction, dform, mform)
   ]) if n else np.zeros((0, clen), np.int32)
+
+
+def render(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.ndarray, n: int,
+           cfg: Mapping, caption_rng: np.random.Generator | None = None,
+           phrasings: tuple = CAPTION_TEMPLATES) -> dict:
+  """Renders n videos of one device. Returns every field; roles keep what they may show.
+
+  Captions are phrased with `phrasings` (caption templates) drawn from `shift['caption_mix']`
+  using `caption_rng` (a stream of its own, so the videos, questions and answers do not depend
+  on it); `content` = digit * 4 + direction is what a caption says (the retrieval label)."""
+  digit, direction, qtype = _draw_labels(rng, shift, n)
+  video = digit_video.render_videos(rng, shift, pool_by_class, images, digit, direction, cfg)
+  questions = _draw_questions(rng, n, int(cfg["question_len"]))
+  caption_rng = caption_rng if caption_rng is not None else np.random.default_rng(0)
+  captions = _draw_captions(caption_rng, shift, digit, direction, phrasings,
+                            int(cfg["caption_len"]))
   answers = np.stack([digit, 10 + direction], axis=1).astype(np.int32)
   return {"video": video, "questions": questions, "answers": answers,
           "qtype": qtype.astype(np.int32), "caption": captions,

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from mmpg_jax.config_errors import need
+from mmpg_jax.core.config_errors import need
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import tfds_moving_digits as tmd
 

@@ -20,7 +20,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmpg_jax.config_errors import need, positive
+from mmpg_jax.core.config_errors import need, positive
 from mmpg_jax.data import pipeline
 from mmpg_jax.data import real_video as rv
 from mmpg_jax.data import tfds_moving_digits as tmd

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmpg_jax import kmeans as km
+from mmpg_jax.core import kmeans as km
 from mmpg_jax.data import video_files as vf
 from mmpg_jax.data.video_files import VideoDataError
 

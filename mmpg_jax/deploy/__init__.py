@@ -17,7 +17,9 @@ import time
 import numpy as np
 from absl import logging
 
-from mmpg_jax import codec, stats
+from mmpg_jax.core import codec
+from mmpg_jax.core.config_errors import ConfigError
+from mmpg_jax.reporting import stats
 from mmpg_jax.deploy import policies as pol
 from mmpg_jax.deploy import rollback as rb
 from mmpg_jax.deploy import streams, traffic
@@ -30,12 +32,12 @@ def check_names(methods, cfg) -> None:
   unknown = [n for n in tuple(dc.methods) + ((dc.policy_method,) if dc.policy_method else ())
              if n not in by_name]
   if unknown:
-    raise ValueError(f"config.deploy.methods/policy_method name {unknown}, which this run does "
-                     f"not build; built: {sorted(by_name)}")
+    raise ConfigError(f"config.deploy.methods/policy_method name {unknown}, which this run does "
+                      f"not build; built: {sorted(by_name)}")
   if dc.policy_method and by_name[dc.policy_method].stream is not None:
-    raise ValueError(f"config.deploy.policy_method={dc.policy_method!r} keeps cloud state "
-                     f"across windows (a stream method); request policies replay one device's "
-                     f"edits, so pick a method whose edit depends on the request alone")
+    raise ConfigError(f"config.deploy.policy_method={dc.policy_method!r} keeps cloud state "
+                      f"across windows (a stream method); request policies replay one device's "
+                      f"edits, so pick a method whose edit depends on the request alone")
 
 
 def studied(methods, costs_, cfg) -> list:

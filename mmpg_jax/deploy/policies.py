@@ -148,7 +148,7 @@ def kept_share(runs, n_boot: int = 2000, seed: int = 0):
   """(share, low, high) of the always-ask gain a policy keeps, (policy - never) / (always -
   never) of the mean metric. `runs`: one (policy, never, always) triple of per-device values
   per run (seeds); each run's mean weighs the same, and the 95% interval resamples devices
-  within each run (stratified, as mmpg_jax.stats does for paired differences)."""
+  within each run (stratified, as mmpg_jax.reporting.stats does for paired differences)."""
   runs = [tuple(np.asarray(x, np.float64) for x in r) for r in runs]
 
   def share(idx):

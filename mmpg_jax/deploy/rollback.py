@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmpg_jax import rec_metrics
+from mmpg_jax.core import rec_metrics
 from mmpg_jax.tasks.capabilities import Entropy
 
 QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)

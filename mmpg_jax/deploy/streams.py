@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmpg_jax import adr, device
+from mmpg_jax.ondevice import adr, device
 
 REFERENCE_ELEMENTS = 256
 

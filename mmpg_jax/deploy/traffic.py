@@ -1,4 +1,4 @@
-"""Compressed traffic: a method's uplink and downlink under each encoding (mmpg_jax.codec), on a
+"""Compressed traffic: a method's uplink and downlink under each encoding (mmpg_jax.core.codec), on a
 float or an int8 device model.
 
 - Uplink: the device's context features (the anchor elements ADR selects from, or sends whole)
@@ -20,8 +20,9 @@ import dataclasses
 import jax
 import numpy as np
 
-from mmpg_jax import codec, costs
-from mmpg_jax import params as P
+from mmpg_jax.core import codec
+from mmpg_jax.ondevice import costs
+from mmpg_jax.core import params as P
 
 
 def sends(cost) -> bool:

@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmpg_jax import params as P
+from mmpg_jax.core import params as P
 from mmpg_jax.fda import per_leaf
-from mmpg_jax.upload import Upload
+from mmpg_jax.core.upload import Upload
 
 
 def layer_spec(dynamic_params, edit_leaves):

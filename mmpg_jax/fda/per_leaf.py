@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmpg_jax import params as P
+from mmpg_jax.core import params as P
 
 GRU_GATES = ("r", "z", "n")   # flax GRUCell's gates, in the order the stacked kernels hold them
 

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmpg_jax import adr, meta_train
-from mmpg_jax import params as P
+from mmpg_jax.ondevice import adr
+from mmpg_jax.training import meta_train
+from mmpg_jax.core import params as P
 from mmpg_jax.fda import round_trip
 
 

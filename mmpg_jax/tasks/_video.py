@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from mmpg_jax.data import pipeline
 from mmpg_jax.data import real_video
 from mmpg_jax.data import tfds_real_video as trv
-from mmpg_jax.config_errors import ConfigError
+from mmpg_jax.core.config_errors import ConfigError
 from mmpg_jax.tasks.base import Task, stack
 from mmpg_jax.tasks.capabilities import ShiftedMetaData
 

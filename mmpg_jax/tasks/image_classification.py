@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from mmpg_jax import models
-from mmpg_jax.config_errors import need
+from mmpg_jax.core.config_errors import need
 from mmpg_jax.data import drifting_digits as dd
 from mmpg_jax.data import pipeline
 from mmpg_jax.data import tfds_drifting_digits as tdd

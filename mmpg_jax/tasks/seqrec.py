@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmpg_jax import models, rec_metrics
+from mmpg_jax import models
+from mmpg_jax.core import rec_metrics
 from mmpg_jax.models import seqrec as seqrec_model
-from mmpg_jax.config_errors import ConfigError, need
+from mmpg_jax.core.config_errors import ConfigError, need
 from mmpg_jax.data import movielens as ml
 from mmpg_jax.data import seqrec_text
 from mmpg_jax.data import pipeline

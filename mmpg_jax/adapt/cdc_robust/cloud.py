@@ -3,7 +3,7 @@ refinement of the edited model on it. The gradient steps are the cloud's; the de
 import jax
 import numpy as np
 
-from mmpg_jax import device
+from mmpg_jax.ondevice import device
 
 
 def sample_bytes(task, model, params, dbytes):

@@ -7,7 +7,7 @@ the name in `config.cdc_robust.variants`. Nothing else dispatches on names."""
 import dataclasses
 from typing import Callable
 
-from mmpg_jax.methods import Seen
+from mmpg_jax.training.methods import Seen
 
 
 @dataclasses.dataclass(frozen=True)

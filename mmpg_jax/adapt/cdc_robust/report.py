@@ -2,7 +2,8 @@
 the forward-only rivals and fta_k5, and how the router of `routed` weighs its experts."""
 import numpy as np
 
-from mmpg_jax import report_format as rf
+from mmpg_jax.reporting import formats as rf
+from mmpg_jax.reporting import tables
 
 
 def robustness_lines(results, task) -> list:
@@ -22,25 +23,24 @@ def robustness_lines(results, task) -> list:
            "code), the forward-only rivals, and fta_k5 (labels + backprop) for reference. Every "
            "robustness variant's grid is chosen on the validation OOD devices (a held-out shift "
            "family disjoint from the test OOD group's: 'selected on'), every other row's on "
-           "validation devices; the test OOD group is never read by a choice. Cloud FLOPs: per-device work beyond generating the edit.", "",
-           f"| method | selected on | selection score | {sel.name} val OOD | {sel.name} test | "
-           f"{sel.name} OOD | OOD closed | "
-           "labels | backward passes | cloud backward passes | device FLOPs | cloud FLOPs | "
-           "uplink B | downlink B |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "validation devices; the test OOD group is never read by a choice. Cloud FLOPs: "
+           "per-device work beyond generating the edit.", ""]
+  head = ["method", "selected on", "selection score", f"{sel.name} val OOD", f"{sel.name} test",
+          f"{sel.name} OOD", "OOD closed", "labels", "backward passes", "cloud backward passes",
+          "device FLOPs", "cloud FLOPs", "uplink B", "downlink B"]
+  nan = float("nan")
+  body = []
   for n in rows:
     r, mt = m[n], m[n]["metrics"]
-    lines.append(
-        f"| {n} | {r.get('selected_on', 'validation')} | "
-        f"{rf.fmt(sel, r.get(f'validation_{sel.name}', float('nan')))} | "
-        f"{rf.fmt(sel, mt.get(sel.name + '_val_ood', float('nan')))} | "
-        f"{rf.fmt(sel, mt.get(sel.name, float('nan')))} | "
-        f"{rf.fmt(sel, mt.get(sel.name + '_ood', float('nan')))} | "
-        f"{rf.share(mt.get('margin_closed_ood', float('nan')))} | "
-        f"{r['labels_used_per_device']} | {r['device_backward_passes']} | "
-        f"{r.get('cloud_backward_passes', 0)} | {rf.fmt_flops(r['device_flops'])} | {rf.fmt_flops(r.get('cloud_flops', 0))} | "
-        f"{r['uplink_bytes']:.0f} | {r['downlink_bytes']:.0f} |")
-  return lines + [""] + routing_lines(results, task)
+    body.append([n, r.get("selected_on", "validation"),
+                  rf.fmt(sel, r.get(f"validation_{sel.name}", nan)),
+                  rf.fmt(sel, mt.get(sel.name + "_val_ood", nan)),
+                  rf.fmt(sel, mt.get(sel.name, nan)), rf.fmt(sel, mt.get(sel.name + "_ood", nan)),
+                  rf.share(mt.get("margin_closed_ood", nan)), r["labels_used_per_device"],
+                  r["device_backward_passes"], r.get("cloud_backward_passes", 0),
+                  rf.fmt_flops(r["device_flops"]), rf.fmt_flops(r.get("cloud_flops", 0)),
+                  f"{r['uplink_bytes']:.0f}", f"{r['downlink_bytes']:.0f}"])
+  return lines + tables.table(head, body) + [""] + routing_lines(results, task)
 
 
 def routing_lines(results, task) -> list:

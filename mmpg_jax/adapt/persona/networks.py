@@ -5,8 +5,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from mmpg_jax import params as P
-from mmpg_jax.config_errors import ConfigError
+from mmpg_jax.core import params as P
+from mmpg_jax.core.config_errors import ConfigError
 
 
 class WindowEncoder(nn.Module):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmpg_jax.kmeans import sqdist as _sqdist
+from mmpg_jax.core.kmeans import sqdist as _sqdist
 
 
 def median_spacing(centres) -> float:

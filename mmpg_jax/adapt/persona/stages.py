@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mmpg_jax import meta_train
-from mmpg_jax import params as P
-from mmpg_jax.config_errors import ConfigError
-from mmpg_jax.kmeans import kmeans
+from mmpg_jax.training import meta_train
+from mmpg_jax.core import params as P
+from mmpg_jax.core.config_errors import ConfigError
+from mmpg_jax.core.kmeans import kmeans
 from mmpg_jax.adapt.persona.networks import (Editor, Generator, Layers, add_layers,
                                              clip_layers, edit_norm)
 from mmpg_jax.adapt.persona.prototypes import history_centres
@@ -162,12 +162,40 @@ def train_prototypes(fam, ed_params, pool_fn, k: int, stage: str) -> dict:
   """Stage B (k-means over the meta windows' Stage-A layer codes; recomputed identically from
   the same editor on a resumed run) and Stage C (k prototype editors). Returns {'groups',
   'centres', 'sizes', 'summary'}."""
-  ctx = fam.ctx
-  task, cfg, pc = ctx.task, ctx.config, fam.cfg
+  ctx, pc = fam.ctx, fam.cfg
+  k_codes, centres, labels, sizes = _cluster(fam, ed_params, pool_fn, k, stage)
+
+  # Stage C: k prototype editors, copy g on cluster g's windows. Each copy keeps Stage A's
+  # window encoder and layer GRU but starts its heads afresh (zero offsets, small random
+  # maps): at step 0 a window gets its prototype's edit and almost no sample edit, instead of
+  # the prototype's edit plus a second full Stage-A edit. A step trains one copy on a batch
+  # of its own cluster's windows (copies in turn: g = step mod k), so a step gathers and
+  # updates one copy, not one per window.
+  group0 = _fresh_groups(fam, ed_params, k)
+  loss_fn = _group_loss_fn(fam, ed_params)
+  served = _served_centres(fam, k_codes, labels, centres)
+  make_batches = _group_batches(fam, pool_fn, labels, served, k)
+
+  def group_of(net, dev):
+    g, _ = fam.assign(ed_params, net, centres, dev, "nearest")
+    return fam.group_params(ed_params, net, centres, g, dev)
+
+  groups, summary = meta_train.train_selected(
+      stage, group0, pc, loss_fn=loss_fn, validate=fam.validator(group_of),
+      make_batches=make_batches, cfg=ctx.config, workdir=ctx.workdir, metrics=ctx.metrics,
+      key="net_params", metric=ctx.task.selection_metric.name, config_key="persona",
+      hint="Lower persona.learning_rate.")
+  return {"groups": groups, "centres": jnp.asarray(centres), "sizes": sizes,
+          "summary": {**summary, "cluster_sizes": sizes.tolist()}}
+
+
+def _cluster(fam, ed_params, pool_fn, k: int, stage: str) -> tuple:
+  """Stage B: k-means over the meta windows' Stage-A layer codes. Returns (codes, centres,
+  labels, sizes); refuses a k that leaves a prototype without a training window."""
   codes_fn = jax.jit(jax.vmap(lambda d: fam.codes(ed_params, d)))
-  k_codes = _codes_of_pool(ctx, codes_fn, pool_fn)
+  k_codes = _codes_of_pool(fam.ctx, codes_fn, pool_fn)
   centres, labels = jax.jit(kmeans, static_argnums=(1, 2))(
-      k_codes, k, pc.kmeans_iterations, jax.random.key(cfg.seed + 13))
+      k_codes, k, fam.cfg.kmeans_iterations, jax.random.key(fam.ctx.config.seed + 13))
   labels = np.asarray(labels, np.int32)
   sizes = np.bincount(labels, minlength=k)
   logging.info("%s: %d prototypes, cluster sizes %s", stage, k, sizes.tolist())
@@ -177,18 +205,24 @@ def train_prototypes(fam, ed_params, pool_fn, k: int, stage: str) -> dict:
         f"training window ({len(labels)} windows; sizes {sizes.tolist()}): their editors "
         f"could not train. Lower the number of prototypes (persona.prototypes or "
         f"persona.ablations.prototypes) or raise persona.meta_devices")
+  return k_codes, centres, labels, sizes
 
-  # Stage C: k prototype editors, copy g on cluster g's windows. Each copy keeps Stage A's
-  # window encoder and layer GRU but starts its heads afresh (zero offsets, small random
-  # maps): at step 0 a window gets its prototype's edit and almost no sample edit, instead of
-  # the prototype's edit plus a second full Stage-A edit. A step trains one copy on a batch
-  # of its own cluster's windows (copies in turn: g = step mod k), so a step gathers and
-  # updates one copy, not one per window.
+
+def _fresh_groups(fam, ed_params, k: int):
+  """Stage C's k editors stacked on a leading axis: Stage A's editor with fresh heads each."""
+  seed = fam.ctx.config.seed
+
   def fresh_heads(g):
-    h = fam.editor.init(jax.random.key(cfg.seed + 100 + g), fam.example_elements())["params"]
+    h = fam.editor.init(jax.random.key(seed + 100 + g), fam.example_elements())["params"]
     return dict(ed_params, heads=h["heads"])
 
-  group0 = jax.tree.map(lambda *xs: jnp.stack(xs), *[fresh_heads(g) for g in range(k)])
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[fresh_heads(g) for g in range(k)])
+
+
+def _group_loss_fn(fam, ed_params):
+  """Stage C's loss on a batch of one cluster's windows, each decoded from its served centre;
+  the sample edit's norm is penalised as Stage A's edit is."""
+  task, pc = fam.ctx.task, fam.cfg
 
   def group_loss(net, dev, g, centre):
     p = fam.params_at(ed_params, net, centre, g, dev)
@@ -202,15 +236,26 @@ def train_prototypes(fam, ed_params, pool_fn, k: int, stage: str) -> dict:
         batch["dev"], batch["centre"])
     return loss.mean(), {f"query_{task.selection_metric.name}": metric.mean()}
 
-  members = [np.flatnonzero(labels == g) for g in range(k)]
-  # The centres a window's prototype edit is decoded from in training: index 0 the fixed
-  # centre, index r + 1 the device-scope refined centre at refine_rates[r].
+  return loss_fn
+
+
+def _served_centres(fam, k_codes, labels, centres) -> np.ndarray:
+  """The centres a window's prototype edit is decoded from in training, [R + 1, N, C]: index
+  0 the fixed centre, index r + 1 the device-scope refined centre at refine_rates[r]."""
+  pc = fam.cfg
   served = [np.asarray(centres)[labels]]
   if pc.refine_training:
-    w = task.meta_windows_per_stream()
+    w = fam.ctx.task.meta_windows_per_stream()
     served += [np.asarray(history_centres(k_codes, jnp.asarray(labels), centres, w, r))
                for r in pc.refine_rates]
-  served = np.stack(served)                                            # [R + 1, N, C]
+  return np.stack(served)
+
+
+def _group_batches(fam, pool_fn, labels, served, k: int):
+  """Stage C's make_batches: step s trains copy g = s mod k on cluster g's windows (a seeded
+  permutation per round), each with the fixed or a refined centre."""
+  pc, seed = fam.cfg, fam.ctx.config.seed
+  members = [np.flatnonzero(labels == g) for g in range(k)]
 
   def make_batches():
     pool = pool_fn()
@@ -219,28 +264,18 @@ def train_prototypes(fam, ed_params, pool_fn, k: int, stage: str) -> dict:
       g = step % k
       ids = members[g]
       rnd, pos = divmod(step // k, max(len(ids) // pc.devices_per_step, 1))
-      perm = np.random.default_rng([cfg.seed, 23, g, rnd]).permutation(ids)
+      perm = np.random.default_rng([seed, 23, g, rnd]).permutation(ids)
       take = perm[np.arange(pos * pc.devices_per_step, (pos + 1) * pc.devices_per_step)
                   % len(perm)]
       # half the windows keep the fixed centre, the rest one of the refined ones
-      rng, r = np.random.default_rng([cfg.seed, 24, step]), len(served) - 1
+      rng, r = np.random.default_rng([seed, 24, step]), len(served) - 1
       which = (np.where(rng.random(len(take)) < 0.5, 0, rng.integers(1, r + 1, len(take)))
                if r else np.zeros(len(take), np.int64))
       return {"dev": jax.tree.map(lambda v: v[take], pool), "cluster": np.int32(g),
               "centre": served[which, take]}
     return batch
 
-  def group_of(net, dev):
-    g, _ = fam.assign(ed_params, net, centres, dev, "nearest")
-    return fam.group_params(ed_params, net, centres, g, dev)
-
-  groups, summary = meta_train.train_selected(
-      stage, group0, pc, loss_fn=loss_fn, validate=fam.validator(group_of),
-      make_batches=make_batches, cfg=cfg, workdir=ctx.workdir, metrics=ctx.metrics,
-      key="net_params", metric=task.selection_metric.name, config_key="persona",
-      hint="Lower persona.learning_rate.")
-  return {"groups": groups, "centres": jnp.asarray(centres), "sizes": sizes,
-          "summary": {**summary, "cluster_sizes": sizes.tolist()}}
+  return make_batches
 
 
 def _codes_of_pool(ctx, codes_fn, pool_fn, chunk: int = 512):

@@ -9,8 +9,8 @@ metric; the mean and its paired bootstrap 95% interval over devices (stratified 
 """
 import numpy as np
 
-from mmpg_jax import stats
-from mmpg_jax.report_format import SUFFIX
+from mmpg_jax.reporting import stats, tables
+from mmpg_jax.reporting.formats import SUFFIX
 
 BEST_RIVAL = "best_rival"
 
@@ -106,11 +106,8 @@ def table_lines(diffs, metric, groups=("test", "test_ood")) -> list:
     return []
   scale = 100 if metric.percent else 1
   names = list(dict.fromkeys(n for r in refs for n in diffs[r]))
-  head = "| method | " + " | ".join(f"− {r} ({'OOD' if g == 'test_ood' else g})"
-                                    for r in refs for g in groups) + " |"
-  lines = [head, "|" + "---|" * (head.count("|") - 1)]
-  for n in names:
-    cells = [fmt_interval(diffs[r].get(n, {}).get(g), scale, metric.decimals)
-             for r in refs for g in groups]
-    lines.append(f"| {n} | " + " | ".join(cells) + " |")
-  return lines
+  head = ["method"] + [f"− {r} ({'OOD' if g == 'test_ood' else g})"
+                      for r in refs for g in groups]
+  rows = [[n] + [fmt_interval(diffs[r].get(n, {}).get(g), scale, metric.decimals)
+                 for r in refs for g in groups] for n in names]
+  return tables.table(head, rows)

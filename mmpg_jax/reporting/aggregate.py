@@ -1,7 +1,7 @@
 r"""Mean and spread over seeds, and paired intervals: markdown tables from several runs'
 results.json.
 
-  python -m mmpg_jax.aggregate runs/seed0 runs/seed1 runs/seed2 [> table.md]
+  python -m mmpg_jax.reporting.aggregate runs/seed0 runs/seed1 runs/seed2 [> table.md]
       [--metrics uauc,ndcg@10,hr@10,auc]            more metrics, each with its intervals
       [--rows LABEL=runs/b0,runs/b1,runs/b2 ...]    run i's `global` row from another run
                                                     on the same data (another backbone, the
@@ -10,7 +10,7 @@ results.json.
 ± is the sample standard deviation (ddof=1) over runs. The differences table pools every run's
 devices: per device, method − reference (the references the runs' configs name in
 `report.references`, e.g. global, global_meta, fta_k5 and the run's best rival), with a paired
-bootstrap 95% interval stratified by run (mmpg_jax.stats);
+bootstrap 95% interval stratified by run (mmpg_jax.reporting.stats);
 * marks an interval that excludes 0. Runs should come from one machine (name it with the
 table) and vary `seed` and `data.seed` together, so devices and meta pools change too.
 Runs with deployment studies also get their request-policy, rollback and traffic tables
@@ -23,9 +23,10 @@ import sys
 
 import numpy as np
 
-from mmpg_jax import aggregate_deploy, comparisons
-from mmpg_jax import stats
+from mmpg_jax.reporting import aggregate_deploy, comparisons
+from mmpg_jax.reporting import stats, tables
 from mmpg_jax import tasks
+from mmpg_jax.core.protocol import BASE
 
 
 def load(paths):
@@ -71,10 +72,10 @@ def table(runs) -> str:
   lines = ([f"{len(runs)} runs; oracle − global margin of {sel} on test devices "
             f"{_pm(metric, margins)}{' points' if metric.percent else ''}.", ""]
            if None not in margins else [f"{len(runs)} runs (no oracle: no margin).", ""])
-  lines += [f"| method | test {sel} | closed | OOD {sel} | OOD closed | labels | "
-            "backward passes | cloud backward passes | device FLOPs | cloud FLOPs | uplink B | "
-            "downlink B |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  head = ["method", f"test {sel}", "closed", f"OOD {sel}", "OOD closed", "labels",
+          "backward passes", "cloud backward passes", "device FLOPs", "cloud FLOPs", "uplink B",
+          "downlink B"]
+  rows = []
   for n in names:
     rs = [r["methods"][n] for r in runs if n in r["methods"]]
     acc = [r["metrics"][sel] for r in rs]
@@ -85,13 +86,13 @@ def table(runs) -> str:
     flops = lambda x: "0" if not x else f"{x:.3g}"
     # a row some runs lack (an opt-in variant) says over how many runs its ± is
     label = n if len(rs) == len(runs) else f"{n} ({len(rs)} of {len(runs)} runs)"
-    lines.append(f"| {label} | {_pm(metric, acc)} | {_share(closed)} | {_pm(metric, ood)} | "
-                 f"{_share(closed_ood)} | "
-                 f"{m['labels_used_per_device']} | {m['device_backward_passes']} | "
-                 f"{m.get('cloud_backward_passes', 0)} | "
-                 f"{flops(m.get('device_flops', 0))} | {flops(m.get('cloud_flops', 0))} | "
-                 f"{m['uplink_bytes']:.0f} | {m['downlink_bytes']:.0f} |")
-  return "\n".join(lines + window_table(runs, metric) + difference_table(runs, metric))
+    rows.append([label, _pm(metric, acc), _share(closed), _pm(metric, ood), _share(closed_ood),
+                 m["labels_used_per_device"], m["device_backward_passes"],
+                 m.get("cloud_backward_passes", 0), flops(m.get("device_flops", 0)),
+                 flops(m.get("cloud_flops", 0)), f"{m['uplink_bytes']:.0f}",
+                 f"{m['downlink_bytes']:.0f}"])
+  return "\n".join(lines + tables.table(head, rows) + window_table(runs, metric)
+                   + difference_table(runs, metric))
 
 
 def difference_table(runs, metric) -> list:
@@ -109,15 +110,14 @@ def window_table(runs, metric) -> list:
   if not w:
     return []
   sel, scale = metric.name, (100 if metric.percent else 1)
-  lines = ["", f"Test {sel} per window position (mean over {len(runs)} runs):", "",
-           "| method | " + " | ".join(f"w{i}" for i in range(w)) + " |", "|" + "---|" * (w + 1)]
+  rows = []
   for n in runs[0]["methods"]:
     per = [r["methods"][n]["per_window"][sel] for r in runs
            if "per_window" in r["methods"].get(n, {})]
     if per:
-      lines.append(f"| {n} | " + " | ".join(f"{scale * v:.{metric.decimals}f}"
-                                            for v in np.mean(per, axis=0)) + " |")
-  return lines
+      rows.append([n] + [f"{scale * v:.{metric.decimals}f}" for v in np.mean(per, axis=0)])
+  return (["", f"Test {sel} per window position (mean over {len(runs)} runs):", ""]
+          + tables.table(["method"] + [f"w{i}" for i in range(w)], rows))
 
 
 def _data_config(path):
@@ -140,9 +140,9 @@ def add_rows(runs, paths, label: str, others) -> None:
       diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
       raise ValueError(f"--rows {label}: {o} was run on other data than {paths[i]} (data keys "
                        f"{diff} differ): its devices cannot be paired")
-    row = load([o])[0]["methods"]["global"]
+    row = load([o])[0]["methods"][BASE]
     if len(row["per_device"][selection_metric(r).name]) != len(
-        r["methods"]["global"]["per_device"][selection_metric(r).name]):
+        r["methods"][BASE]["per_device"][selection_metric(r).name]):
       raise ValueError(f"--rows {label}: {o} has another number of test devices than {paths[i]}")
     r["methods"][label] = row
 
@@ -156,21 +156,21 @@ def metric_table(runs, names) -> list:
     raise ValueError(f"--metrics {unknown}: the task's metrics are {sorted(ms)}")
   ood = any(r.get("num_ood_devices") for r in runs)
   cols = [(n, "") for n in names] + ([(n, "_ood") for n in names] if ood else [])
-  head = "| method | " + " | ".join(f"{n}{' OOD' if s else ''}" for n, s in cols) + " |"
-  lines = ["", f"Metrics over {len(runs)} runs (mean ± sample std):", "", head,
-           "|" + "---|" * (len(cols) + 1)]
+  rows = []
   for n in dict.fromkeys(n for r in runs for n in r["methods"]):
     rs = [r["methods"][n] for r in runs if n in r["methods"]]
-    lines.append(f"| {n} | " + " | ".join(
-        _pm(ms[m], [x["metrics"].get(m + s, np.nan) for x in rs]) for m, s in cols) + " |")
+    rows.append([n] + [_pm(ms[m], [x["metrics"].get(m + s, np.nan) for x in rs])
+                       for m, s in cols])
+  lines = (["", f"Metrics over {len(runs)} runs (mean ± sample std):", ""]
+           + tables.table(["method"] + [f"{n}{' OOD' if s else ''}" for n, s in cols], rows))
   for n in names:
-    if n in runs[0]["methods"]["global"]["per_device"]:
+    if n in runs[0]["methods"][BASE]["per_device"]:
       lines += difference_table(runs, ms[n])
   return lines
 
 
 def main(argv) -> str:
-  ap = argparse.ArgumentParser(prog="python -m mmpg_jax.aggregate", description=__doc__,
+  ap = argparse.ArgumentParser(prog="python -m mmpg_jax.reporting.aggregate", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("runs", nargs="+", help="workdirs of finished runs (or results.json files)")
   ap.add_argument("--metrics", default="", help="comma-separated metrics for a second table")

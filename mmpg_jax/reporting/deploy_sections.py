@@ -4,8 +4,10 @@ import os
 
 import numpy as np
 
-from mmpg_jax import frontier as fr
-from mmpg_jax import report_format as rf
+from mmpg_jax.reporting import frontier as fr
+from mmpg_jax.reporting import formats as rf
+from mmpg_jax.reporting import plots, tables
+from mmpg_jax.core.protocol import ORACLE
 
 # cost axis -> (label, what it measures)
 AXES = {
@@ -24,7 +26,7 @@ GROUPS = (("test", ""), ("test_ood", "_ood"))
 
 # The oracle (many labels and backward passes: the upper bound, not a method) is drawn as a
 # reference line, not a point that could sit on the frontier.
-REFERENCE = "oracle"
+REFERENCE = ORACLE
 
 
 def frontier(results, task, queries_per_window: int) -> dict:
@@ -71,17 +73,16 @@ def frontier_lines(results, task) -> list:
     if "test" not in per:
       continue
     on = {g: {p["method"] for p in pts if p["pareto"]} for g, pts in per.items()}
-    lines += [f"**{label}**: {what}.", "",
-              "| method | cost | " + " | ".join(f"{sel.name} {g}" for g in per) + " |",
-              "|---|---|" + "---|" * len(per)]
+    rows = []
     for p in per["test"]:
       cells = []
       for g, pts in per.items():
         q = next((x for x in pts if x["method"] == p["method"]), None)
         cells.append("–" if q is None else
                      rf.fmt(sel, q["value"]) + (" ★" if q["method"] in on[g] else ""))
-      lines.append(f"| {p['method']} | {p['cost']:.3g} | " + " | ".join(cells) + " |")
-    lines.append("")
+      rows.append([p["method"], f"{p['cost']:.3g}"] + cells)
+    lines += ([f"**{label}**: {what}.", ""]
+              + tables.table(["method", "cost"] + [f"{sel.name} {g}" for g in per], rows) + [""])
   return lines
 
 
@@ -109,19 +110,19 @@ def traffic_lines(dep, task) -> list:
               f"{rf.fmt(sel, unedited['validation'])}, "
               + ", ".join(f"{g} {rf.fmt(sel, v)}" for g, v in unedited["groups"].items())
               + ".", ""]
-  lines += ["| method | encoding | device model | uplink B | downlink B | validation | "
-            + " | ".join(f"{g} | Δ {g}" for g in groups) + " |",
-            "|---|---|---|---|---|---|" + "---|---|" * len(groups)]
+  head = (["method", "encoding", "device model", "uplink B", "downlink B", "validation"]
+          + [c for g in groups for c in (g, f"Δ {g}")])
+  rows = []
   for name, t in methods.items():
     ref = next(r for r in t["rows"] if r["encoding"] == "float32" and not r["int8_model"])
     for r in t["rows"]:
       mark = " ✓" if r["encoding"] == t["selected"] and not r["int8_model"] else ""
-      cells = " | ".join(f"{rf.fmt(sel, r['groups'][g])} | "
-                         f"{rf.fmt(sel, r['groups'][g] - ref['groups'][g])}" for g in groups)
-      lines.append(f"| {name} | {r['encoding']}{mark} | "
-                   f"{'int8' if r['int8_model'] else 'float32'} | {r['uplink_bytes']:.0f} | "
-                   f"{r['downlink_bytes']:.0f} | {rf.fmt(sel, r['validation'])} | {cells} |")
-  return lines + [""]
+      rows.append([name, f"{r['encoding']}{mark}", "int8" if r["int8_model"] else "float32",
+                   f"{r['uplink_bytes']:.0f}", f"{r['downlink_bytes']:.0f}",
+                   rf.fmt(sel, r["validation"])]
+                  + [c for g in groups for c in (rf.fmt(sel, r["groups"][g]),
+                                                 rf.fmt(sel, r["groups"][g] - ref["groups"][g]))])
+  return lines + tables.table(head, rows) + [""]
 
 
 def rollback_lines(dep, task) -> list:
@@ -139,34 +140,32 @@ def rollback_lines(dep, task) -> list:
            "no check beat keeping every edit). Harmed: the edit scores below the unedited model "
            "on the device; labels are read only for that column, the chosen check's "
            "precision/recall and each check's AUROC at spotting harmed devices (50% = "
-           "chance).", "",
-           "| method | check > threshold | group | harmed before | harmed after | rolled back | "
-           "precision | recall | " + " | ".join(f"AUROC {n}" for n in names)
-           + f" | {sel.name} edited | after check | unedited |",
-           "|---|---|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+           "chance).", ""]
+  head = (["method", "check > threshold", "group", "harmed before", "harmed after",
+           "rolled back", "precision", "recall"] + [f"AUROC {n}" for n in names]
+          + [f"{sel.name} edited", "after check", "unedited"])
+  rows = []
   for name, r in rbk.items():
     rule = "never" if r["check"] == "never" else f"{r['check']} > {r['threshold']:.3g}"
     for g, s in r["groups"].items():
-      lines.append(f"| {name} | {rule} | {g} | {_pct(s['harmed_before'])} | "
-                   f"{_pct(s['harmed_after'])} | {_pct(s['rolled_back'])} | "
-                   f"{_pct(s['precision'])} | {_pct(s['recall'])} | "
-                   + " | ".join(_pct(s["auroc"][n]) for n in names) + " | "
-                   f"{rf.fmt(sel, s['metric_edited'])} | {rf.fmt(sel, s['metric_after'])} | "
-                   f"{rf.fmt(sel, s['metric_unedited'])} |")
-  return lines + [""]
+      rows.append([name, rule, g]
+                  + [_pct(s[k]) for k in ("harmed_before", "harmed_after", "rolled_back",
+                                          "precision", "recall")]
+                  + [_pct(s["auroc"][n]) for n in names]
+                  + [rf.fmt(sel, s[k]) for k in ("metric_edited", "metric_after",
+                                                 "metric_unedited")])
+  return lines + tables.table(head, rows) + [""]
 
 
 def kept_share_header(gain, groups, names, ms):
-  """(the always-ask gain over never as text, the kept-share table's header with † on the
+  """(the always-ask gain over never as text, the kept-share table's header cells with † on the
   columns whose gain interval is not above 0). gain: {group: {metric: [mean, low, high]}}."""
   cols = [(g, k) for g in groups for k in names]
   text = "; ".join(f"{k} {g} {rf.fmt(ms[k], gain[g][k][0])} [{rf.fmt(ms[k], gain[g][k][1])}, "
                    f"{rf.fmt(ms[k], gain[g][k][2])}]" for g, k in cols if g in gain)
   weak = {(g, k) for g, k in cols if g in gain and not gain[g][k][1] > 0}
-  header = ["| budget | policy | " + " | ".join(
-      f"{k} {g}" + (" †" if (g, k) in weak else "") for g, k in cols) + " |",
-            "|---|---|" + "---|" * len(cols)]
-  return text, header
+  head = ["budget", "policy"] + [f"{k} {g}" + (" †" if (g, k) in weak else "") for g, k in cols]
+  return text, head
 
 
 def policy_lines(dep, task) -> list:
@@ -184,33 +183,32 @@ def policy_lines(dep, task) -> list:
            "otherwise it keeps the last one. Thresholds (and every_k's k) are set on validation "
            "streams for each request budget; the learned policy's gain predictor is fitted on "
            f"validation streams too. Bytes per device-hour at {rp['windows_per_hour']:g} "
-           "window(s) an hour. request_policies.png plots the curves.", "",
-           "| policy | budget | parameter | " + " | ".join(
-               f"requests {g} | " + " | ".join(f"{k} {g}" for k in names) for g in groups)
-           + " | up B/device-hour test | down B/device-hour test |",
-           "|---|---|---|" + "---|" * (len(groups) * (1 + len(names))) + "---|---|"]
+           "window(s) an hour. request_policies.png plots the curves.", ""]
+  head = (["policy", "budget", "parameter"]
+          + [c for g in groups for c in [f"requests {g}"] + [f"{k} {g}" for k in names]]
+          + ["up B/device-hour test", "down B/device-hour test"])
+  rows = []
   for p in rp["points"]:
     b = "–" if p["budget"] is None else f"{100 * p['budget']:.0f}%"
     par = "–" if p["param"] is None else f"{p['param']:.4g}"
-    cells = " | ".join(f"{_pct(p['rate'][g])} | " + " | ".join(
-        rf.fmt(ms[k], p["metric"][g][k]) for k in names) for g in groups)
     bh = p["bytes_per_device_hour"]["test"]
-    lines.append(f"| {p['policy']} | {b} | {par} | {cells} | {bh['uplink']:.0f} | "
-                 f"{bh['downlink']:.0f} |")
-  gain = rp.get("always_gain", {})
-  gain_text, header = kept_share_header(gain, groups, names, ms)
+    rows.append([p["policy"], b, par]
+                + [c for g in groups for c in [_pct(p["rate"][g])]
+                   + [rf.fmt(ms[k], p["metric"][g][k]) for k in names]]
+                + [f"{bh['uplink']:.0f}", f"{bh['downlink']:.0f}"])
+  lines += tables.table(head, rows)
+  gain_text, head = kept_share_header(rp.get("always_gain", {}), groups, names, ms)
   lines += ["", f"Always-ask minus never (paired over devices, bootstrap 95% interval): "
             f"{gain_text}.", "",
             "Share of the always-ask gain over `never` kept at each budget ((policy − "
             "never) / (always − never), bootstrap 95% interval over devices). † marks a column "
             "whose always-ask gain is not above 0: there the share is a ratio of noise and "
-            "means nothing.", ""] + header
-  for budget, per in rp["kept_share"].items():
-    for policy, by_group in per.items():
-      lines.append(f"| {100 * float(budget):.0f}% | {policy} | " + " | ".join(
-          "{} [{}, {}]".format(*(_pct(x) for x in by_group[g][k]))
-          for g in groups for k in names) + " |")
-  return lines + [""]
+            "means nothing.", ""]
+  rows = [[f"{100 * float(budget):.0f}%", policy]
+          + ["{} [{}, {}]".format(*(_pct(x) for x in by_group[g][k]))
+             for g in groups for k in names]
+          for budget, per in rp["kept_share"].items() for policy, by_group in per.items()]
+  return lines + tables.table(head, rows) + [""]
 
 
 def lines(results, task) -> list:
@@ -220,17 +218,27 @@ def lines(results, task) -> list:
 
 
 def write_plots(workdir: str, results: dict, task) -> list:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """frontier.png and request_policies.png where the run has them; the names written."""
   sel = task.selection_metric.name
   out = []
   fro = results.get("frontier") or {}
   if fro:
-    groups = [g for g, _ in GROUPS if g in fro["device_flops"]]
-    ref = fro.get("reference", {})
-    fig, axes = plt.subplots(len(groups), len(AXES), figsize=(5 * len(AXES), 3.8 * len(groups)),
-                             squeeze=False)
+    _frontier_plot(os.path.join(workdir, "frontier.png"), fro, sel)
+    out.append("frontier.png")
+  rp = (results.get("deployment") or {}).get("request_policies")
+  if rp:
+    _policy_plot(os.path.join(workdir, "request_policies.png"), rp)
+    out.append("request_policies.png")
+  return out
+
+
+def _frontier_plot(path: str, fro: dict, sel: str) -> None:
+  """One panel per group (rows) and cost axis (columns): every method's cost and score, the
+  Pareto frontier as a step line, the oracle as a reference line."""
+  groups = [g for g, _ in GROUPS if g in fro["device_flops"]]
+  ref = fro.get("reference", {})
+  with plots.figure(path, len(groups), len(AXES),
+                    figsize=(5 * len(AXES), 3.8 * len(groups))) as (_, axes):
     for i, g in enumerate(groups):
       for j, axis in enumerate(AXES):
         ax, pts = axes[i][j], fro[axis][g]
@@ -240,7 +248,7 @@ def write_plots(workdir: str, results: dict, task) -> list:
                      marker=marker, color="tab:blue",
                      label="reads labels" if labelled and sub else None)
         if ref.get(g) is not None:
-          ax.axhline(ref[g], color="k", ls="--", lw=0.8, label="oracle")
+          ax.axhline(ref[g], color="k", ls="--", lw=0.8, label=ORACLE)
         on = sorted((max(p["cost"], 1.0), p["value"], p["method"]) for p in pts if p["pareto"])
         ax.step([x for x, _, _ in on], [v for _, v, _ in on], where="post", color="tab:red",
                 lw=1.2, label="Pareto frontier")
@@ -251,16 +259,15 @@ def write_plots(workdir: str, results: dict, task) -> list:
         ax.set_ylabel(f"{sel} {g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "frontier.png"), dpi=100)
-    plt.close(fig)
-    out.append("frontier.png")
-  rp = (results.get("deployment") or {}).get("request_policies")
-  if rp:
-    groups = [g for g in rp["points"][0]["rate"] if g != "validation"]
-    names = rp["metrics"]
-    fig, axes = plt.subplots(len(names), len(groups),
-                             figsize=(5.5 * len(groups), 4 * len(names)), squeeze=False)
+
+
+def _policy_plot(path: str, rp: dict) -> None:
+  """One panel per metric (rows) and group (columns): each policy's score against its request
+  rate, always and never as reference lines."""
+  groups = [g for g in rp["points"][0]["rate"] if g != "validation"]
+  names = rp["metrics"]
+  with plots.figure(path, len(names), len(groups),
+                    figsize=(5.5 * len(groups), 4 * len(names))) as (_, axes):
     for i, k in enumerate(names):
       for ax, g in zip(axes[i], groups):
         for policy in ("every_k", "drift", "learned"):
@@ -275,8 +282,3 @@ def write_plots(workdir: str, results: dict, task) -> list:
         ax.set_title(f"{rp['method']}: {g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "request_policies.png"), dpi=100)
-    plt.close(fig)
-    out.append("request_policies.png")
-  return out

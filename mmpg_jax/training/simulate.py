@@ -17,7 +17,7 @@ the streaming generator builds each chunk's devices on the accelerator, from the
 import jax
 import jax.numpy as jnp
 
-from mmpg_jax import meta_train
+from mmpg_jax.training import meta_train
 
 RESAMPLE_STREAM = 0x5EED
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmpg_jax import params as P
+from mmpg_jax.core import params as P
 
 
 def cached_features_valid(params, dynamic_leaves, encoder_prefixes):

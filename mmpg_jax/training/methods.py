@@ -19,19 +19,8 @@ a family's own facts (an ADR selector and K, a prototype bank's size) for its ow
 import dataclasses
 from typing import Any, Callable
 
-from mmpg_jax import costs
-
-
-# baseline: a reference point every run has (global, on-device fine-tuning, TENT, the EM
-#   label-prior correction, querybank normalisation, the oracle);
-# rival: a published forward-only test-time method this project's generators must beat (the
-#   report's `best_rival` is the one validation ranks first);
-# control: a row built to rule an explanation out (the data-matched global_meta, the mean,
-#   noisy-mean and nearest edits);
-# ablation: one of "ours" with one part changed (`ablation_of` names the row, `varies` says how);
-# ours: a generator's row (cdc_mmpg, its robustness variants, DUET, Persona).
-ROLES = ("baseline", "rival", "control", "ablation", "ours")
-SELECT_ON = ("validation", "val_ood")
+from mmpg_jax.core.protocol import BASE, ORACLE, ROLES, SELECT_ON  # noqa: F401
+from mmpg_jax.ondevice import costs
 
 
 @dataclasses.dataclass(frozen=True)

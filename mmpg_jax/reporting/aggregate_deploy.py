@@ -1,10 +1,12 @@
 """The deployment studies over several runs (seeds): request policies (the curves, and the kept
 share of the always-ask gain pooled over runs with a stratified bootstrap interval), label-free
-rollback and compressed traffic, as mean ± sample std over runs. `python -m mmpg_jax.aggregate`
-appends these tables when its runs have a `deployment`."""
+rollback and compressed traffic, as mean ± sample std over runs.
+`python -m mmpg_jax.reporting.aggregate` appends these tables when its runs have a `deployment`."""
 import numpy as np
 
-from mmpg_jax import deploy, report_deploy, stats, tasks
+from mmpg_jax import deploy, tasks
+from mmpg_jax.reporting import deploy_sections, stats
+from mmpg_jax.reporting.tables import table   # by name: `tables` is this module's own function
 
 
 def _ms(run):
@@ -31,26 +33,28 @@ def policy_tables(runs) -> list:
   ms, names = _ms(runs[0]), rps[0]["metrics"]
   groups = [g for g in rps[0]["points"][0]["rate"] if g != "validation"]
   lines = ["", f"Request policies for `{rps[0]['method']}`'s edits over {len(rps)} runs (mean ± "
-           "sample std over runs; requests = share of windows that ask):", "",
-           "| policy | budget | " + " | ".join(f"requests {g} | " + " | ".join(
-               f"{k} {g}" for k in names) for g in groups) + " |",
-           "|---|---|" + "---|" * (len(groups) * (1 + len(names)))]
+           "sample std over runs; requests = share of windows that ask):", ""]
+  head = ["policy", "budget"] + [c for g in groups
+                                 for c in [f"requests {g}"] + [f"{k} {g}" for k in names]]
+  rows = []
   for i, p in enumerate(rps[0]["points"]):
     pts = [rp["points"][i] for rp in rps]
     b = "–" if p["budget"] is None else f"{100 * p['budget']:.0f}%"
-    cells = " | ".join(_pm([q["rate"][g] for q in pts], 100.0, 1) + "% | " + " | ".join(
-        _metric_pm(ms[k], [q["metric"][g][k] for q in pts]) for k in names) for g in groups)
-    lines.append(f"| {p['policy']} | {b} | {cells} |")
+    rows.append([p["policy"], b] + [
+        c for g in groups for c in [_pm([q["rate"][g] for q in pts], 100.0, 1) + "%"]
+        + [_metric_pm(ms[k], [q["metric"][g][k] for q in pts]) for k in names]])
+  lines += table(head, rows)
   budgets = [float(b) for b in rps[0]["kept_share"]]
   pooled = deploy.kept_shares(rps, groups, budgets)
-  gain_text, header = report_deploy.kept_share_header(deploy.always_gain(rps, groups), groups,
-                                                      names, ms)
+  gain_text, head = deploy_sections.kept_share_header(deploy.always_gain(rps, groups), groups,
+                                                    names, ms)
   lines += ["", "Always-ask minus never, pooled over the runs (paired per device, 95% bootstrap "
             f"interval stratified by run): {gain_text}.", "",
             "Share of the always-ask gain over `never` kept, pooled over the runs (each run "
             "weighs the same; 95% bootstrap interval resampling devices within runs), and the "
             "per-run shares' mean ± std. † marks a column whose always-ask gain is not above 0 "
-            "(the share is then a ratio of noise):", ""] + header
+            "(the share is then a ratio of noise):", ""]
+  rows = []
   for budget in budgets:
     for policy in ("every_k", "drift", "learned"):
       cells = []
@@ -60,8 +64,8 @@ def policy_tables(runs) -> list:
           per_run = [rp["kept_share"][str(budget)][policy][g][k][0] for rp in rps]
           cells.append(f"{100 * s:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}] "
                        f"({_pm(per_run, 100.0, 0)})" if np.isfinite(s) else "–")
-      lines.append(f"| {100 * budget:.0f}% | {policy} | " + " | ".join(cells) + " |")
-  return lines
+      rows.append([f"{100 * budget:.0f}%", policy] + cells)
+  return lines + table(head, rows)
 
 
 def rollback_table(runs) -> list:
@@ -73,24 +77,22 @@ def rollback_table(runs) -> list:
   names = list(first["groups"]["test"]["auroc"])
   lines = ["", f"Label-free rollback over {len(rbs)} runs (mean ± sample std over runs; % of "
            "devices, or of the rolled-back devices for precision; the check each run chose on "
-           "validation):", "",
-           "| method | checks chosen | group | harmed before | harmed after | rolled back | "
-           "precision | recall | " + " | ".join(f"AUROC {n}" for n in names)
-           + f" | {sel.name} edited | after check | unedited |",
-           "|---|---|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+           "validation):", ""]
+  head = (["method", "checks chosen", "group", "harmed before", "harmed after", "rolled back",
+           "precision", "recall"] + [f"AUROC {n}" for n in names]
+          + [f"{sel.name} edited", "after check", "unedited"])
+  rows = []
   for name in rbs[0]:
     chosen = ", ".join(rb[name]["check"] for rb in rbs if name in rb)
     for g in rbs[0][name]["groups"]:
       s = [rb[name]["groups"][g] for rb in rbs if name in rb]
-      col = lambda k: _pm([x[k] for x in s], 100.0, 1)
-      lines.append(f"| {name} | {chosen} | {g} | {col('harmed_before')} | "
-                   f"{col('harmed_after')} | {col('rolled_back')} | {col('precision')} | "
-                   f"{col('recall')} | "
-                   + " | ".join(_pm([x["auroc"][n] for x in s], 100.0, 1) for n in names)
-                   + " | " + " | ".join(_metric_pm(sel, [x[k] for x in s]) for k in
-                                        ("metric_edited", "metric_after", "metric_unedited"))
-                   + " |")
-  return lines
+      rows.append([name, chosen, g]
+                  + [_pm([x[k] for x in s], 100.0, 1) for k in
+                     ("harmed_before", "harmed_after", "rolled_back", "precision", "recall")]
+                  + [_pm([x["auroc"][n] for x in s], 100.0, 1) for n in names]
+                  + [_metric_pm(sel, [x[k] for x in s]) for k in
+                     ("metric_edited", "metric_after", "metric_unedited")])
+  return lines + table(head, rows)
 
 
 def traffic_table(runs) -> list:
@@ -102,10 +104,10 @@ def traffic_table(runs) -> list:
   groups = list(trs[0][methods[0]]["rows"][0]["groups"]) if methods else []
   lines = ["", f"Compressed traffic over {len(trs)} runs: bytes per request and the change "
            f"against float32 on the float model (mean ± sample std over runs); 'default' counts "
-           "the runs whose validation chose the encoding:", "",
-           "| method | encoding | device model | bytes (up + down) | Δ validation | "
-           + " | ".join(f"Δ {g}" for g in groups) + " | default |",
-           "|---|---|---|---|---|" + "---|" * len(groups) + "---|"]
+           "the runs whose validation chose the encoding:", ""]
+  head = (["method", "encoding", "device model", "bytes (up + down)", "Δ validation"]
+          + [f"Δ {g}" for g in groups] + ["default"])
+  rows = []
   for name in methods:
     for i, r in enumerate(trs[0][name]["rows"]):
       per = [(t[name]["rows"][i], next(x for x in t[name]["rows"]
@@ -115,11 +117,10 @@ def traffic_table(runs) -> list:
                                                (a[key] - b[key]) for a, b in per])
       chosen = ("–" if r["int8_model"] else
                 f"{sum(t[name]['selected'] == r['encoding'] for t in trs)}/{len(trs)}")
-      lines.append(f"| {name} | {r['encoding']} | {'int8' if r['int8_model'] else 'float32'} | "
-                   f"{r['bytes']:,.0f} ({r['uplink_bytes']:,.0f} + {r['downlink_bytes']:,.0f}) | "
-                   f"{d('validation')} | " + " | ".join(d(None, g) for g in groups)
-                   + f" | {chosen} |")
-  return lines
+      rows.append([name, r["encoding"], "int8" if r["int8_model"] else "float32",
+                   f"{r['bytes']:,.0f} ({r['uplink_bytes']:,.0f} + {r['downlink_bytes']:,.0f})",
+                   d("validation")] + [d(None, g) for g in groups] + [chosen])
+  return lines + table(head, rows)
 
 
 def tables(runs) -> list:

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mmpg_jax import preemption, train
+from mmpg_jax.core import preemption
+from mmpg_jax.training import train
 
 
 def encode_devices(task, model, params, ids, query_size: int, extra=None, *,

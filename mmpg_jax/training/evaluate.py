@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mmpg_jax import costs
-from mmpg_jax.methods import Method
+from mmpg_jax.ondevice import costs
+from mmpg_jax.training.methods import Method
 from mmpg_jax.tasks.base import pad_to
 
 # The device model as it is: what a device runs before (or instead of) any edit.

@@ -5,6 +5,8 @@ importing the run-level report.
 """
 import numpy as np
 
+from mmpg_jax.core.protocol import BASE
+
 # Metric key suffix of each evaluated group: test, test OOD, and validation OOD (the held-out
 # shift family robustness choices are made on; reported, never a test group).
 SUFFIX = {"test": "", "test_ood": "_ood", "val_ood": "_val_ood"}
@@ -29,7 +31,7 @@ def share(x):
 
 def gains(results, method, sel, sfx):
   """Per-device gain of `method` over global in metric `sel` (group suffix `sfx`), or None."""
-  m, g = results["methods"], results["methods"]["global"]
+  m, g = results["methods"], results["methods"][BASE]
   if method not in m or sel + sfx not in m[method]["per_device"]:
     return None
   return np.asarray(m[method]["per_device"][sel + sfx]) - np.asarray(g["per_device"][sel + sfx])

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmpg_jax import params as P
-from mmpg_jax import adr, device
+from mmpg_jax.core import params as P
+from mmpg_jax.ondevice import adr, device
 
 
 class Flops(float):

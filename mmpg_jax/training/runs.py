@@ -10,7 +10,8 @@ here, never through the stages' own internals.
 import json
 import os
 
-from mmpg_jax import checkpointing, config_checks, train
+from mmpg_jax.core import checkpointing
+from mmpg_jax.training import config_checks, train
 
 
 class RunMismatchError(ValueError):

@@ -5,11 +5,12 @@ path, as --config loads them, not imported as a package."""
 import importlib.util
 import os
 
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def module(name: str, folder: str | None = None):
   """The module of configs/<name> (or of <folder>/<name>)."""
-  folder = folder or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "configs")
+  folder = folder or os.path.join(_REPO, "configs")
   spec = importlib.util.spec_from_file_location(f"mmpg_config_{name[:-3]}",
                                                 os.path.join(folder, name))
   mod = importlib.util.module_from_spec(spec)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mmpg_jax import checkpointing, preemption
+from mmpg_jax.core import checkpointing, preemption
 from mmpg_jax.tasks import capabilities
 
 STAGE = "global"
