@@ -120,6 +120,41 @@ def real_video(c, smoke=False):
   return c
 
 
+def run_blocks(c, smoke=False):
+  """The blocks every experiment ends with: evaluation, what crosses the network, the
+  deployment studies and the report (a config may change them after)."""
+  c.eval = evaluation()
+  c.comm_dtype = "float32"              # dtype of what crosses the network
+  c.deploy = deploy(smoke)
+  c.report = report()
+  return c
+
+
+def real_video_qa(c, data_blocks, smoke=False):
+  """The whole of a real video QA config (MSRVTT-QA, MSVD-QA) on `c`, whose benchmark, task,
+  seed and data the caller has set: every row of the embedded QA study on frame features.
+  `data_blocks`: the caller's configs/common_data.py module (the model blocks)."""
+  c.model = data_blocks.video_qa_model(smoke, frame_features=True)
+  c.dynamic_leaves = data_blocks.VIDEO_QA_DYNAMIC
+  c.train = train(smoke)
+  c.baselines = baselines(c.dynamic_leaves, data_blocks.VIDEO_QA_NORMS, smoke)
+  # One label group (the answer vocabulary) and no question types: asked questions only.
+  c.baselines.prior_em.variants = ("asked",)
+  # FOA's offsets: CMA-ES over the 1,000 answer biases would be too many
+  c.tta = tta(smoke, foa_leaves=("fusion/norm/bias",))
+  c.adr = adr(smoke)
+  c.fda = fda(c.dynamic_leaves, smoke)
+  c.cdc_robust = cdc_robust(data_blocks.VIDEO_QA_NORMS, smoke)
+  # No shift parameters to widen on real data: no `wide` (nor what builds on it).
+  c.cdc_robust.variants = ("em2", "gate", "cloud_tent", "mean_edit", "noisy_mean_edit",
+                           "nearest_edit")
+  c.global_meta = global_meta(smoke)
+  # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order.
+  c.method_families = ("baselines", "global_meta", "tta", "cdc_mmpg", "cdc_robust")
+  run_blocks(c, smoke)
+  return real_video(c, smoke)
+
+
 # ---------- CDC-MMPG and its controls ------------------------------------------------------------
 
 def adr(smoke=False):

@@ -57,10 +57,7 @@ def get_config(arg: str = ""):
   c.global_meta = common.global_meta(smoke)
   # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order.
   c.method_families = ("baselines", "global_meta", "tta", "cdc_mmpg", "cdc_robust")
-  c.eval = common.evaluation()
-  c.comm_dtype = "float32"              # dtype of what crosses the network
-  c.deploy = common.deploy(smoke)
-  c.report = common.report()
+  common.run_blocks(c, smoke)
   if arg == "":
     # The headline rows: global, fta_k5, prior_em, tent and the oracle; every forward-only
     # rival (T3A, LAME, FOA); global_meta and the FDA that edits it (fda.bases); cdc_mmpg with

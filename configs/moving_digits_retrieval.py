@@ -60,10 +60,7 @@ def get_config(arg: str = ""):
   c.global_meta = common.global_meta(smoke)
   # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order.
   c.method_families = ("baselines", "global_meta", "tta", "cdc_mmpg", "cdc_robust")
-  c.eval = common.evaluation()
-  c.comm_dtype = "float32"              # dtype of what crosses the network
-  c.deploy = common.deploy(smoke)
-  c.report = common.report()
+  common.run_blocks(c, smoke)
   if arg == "":
     # The headline rows (as the QA config's) with retrieval's validation-selected robustness
     # variant: cloud_tent, the highest label-free row on the validation devices (3 seeds);

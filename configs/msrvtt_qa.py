@@ -43,26 +43,5 @@ def get_config(arg: str = ""):
   c.task = "video_qa"
   c.seed = 0
   c.data = common_data.real_video_data("msrvtt_qa", smoke)
-  c.model = common_data.video_qa_model(smoke, frame_features=True)
-  c.dynamic_leaves = common_data.VIDEO_QA_DYNAMIC
-  c.train = common.train(smoke)
-  c.baselines = common.baselines(c.dynamic_leaves, common_data.VIDEO_QA_NORMS, smoke)
-  # One label group (the answer vocabulary) and no question types: asked questions only.
-  c.baselines.prior_em.variants = ("asked",)
-  # FOA's offsets: CMA-ES over the 1,000 answer biases would be too many
-  c.tta = common.tta(smoke, foa_leaves=("fusion/norm/bias",))
-  c.adr = common.adr(smoke)
-  c.fda = common.fda(c.dynamic_leaves, smoke)
-  c.cdc_robust = common.cdc_robust(common_data.VIDEO_QA_NORMS, smoke)
-  # No shift parameters to widen on real data: no `wide` (nor what builds on it).
-  c.cdc_robust.variants = ("em2", "gate", "cloud_tent", "mean_edit", "noisy_mean_edit",
-                           "nearest_edit")
-  c.global_meta = common.global_meta(smoke)
-  # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order.
-  c.method_families = ("baselines", "global_meta", "tta", "cdc_mmpg", "cdc_robust")
-  c.eval = common.evaluation()
-  c.comm_dtype = "float32"              # dtype of what crosses the network
-  c.deploy = common.deploy(smoke)
-  c.report = common.report()
-  common.real_video(c, smoke)
-  return c
+  return common.real_video_qa(c, common_data, smoke)
+

@@ -63,9 +63,6 @@ def get_config(arg: str = ""):
   # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order
   # (T3A, LAME, FOA need classes: none here).
   c.method_families = ("baselines", "global_meta", "cdc_mmpg", "cdc_robust")
-  c.eval = common.evaluation()
-  c.comm_dtype = "float32"              # dtype of what crosses the network
-  c.deploy = common.deploy(smoke)
-  c.report = common.report()
+  common.run_blocks(c, smoke)
   common.real_video(c, smoke)
   return c

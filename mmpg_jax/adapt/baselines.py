@@ -154,7 +154,8 @@ def qb_norm(ctx):
     return costs.DeviceCost(downlink_bytes=float(bank_text.size * dbytes), device_flops=flops)
 
   return Method("qb_norm", grid(beta=qc.inverse_temperatures), lambda params, dev, hp: params,
-                cost, uses=(), rescore=rescore, role="rival", info={"bank_size": int(qc.bank_size)},
+                cost, uses=(), rescore=rescore, role="rival",
+                info={"bank_size": int(qc.bank_size)},
                 seen=Seen(note="dynamic inverted softmax over a bank of the cloud's training "
                                "queries (downloaded once as text codes)"))
 
