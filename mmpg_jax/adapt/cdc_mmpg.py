@@ -4,7 +4,7 @@
 method (ADR selector and K of config.adr; the device round trip is fda/round_trip.py) and its
 ablations: other anchor selectors and a K sweep. Its report section (`report_lines`) diagnoses
 where the gain comes from. The robustness variants built on the same FDA are a family of their
-own (cdc_robust.py).
+own (cdc_robust/).
 """
 import dataclasses
 import functools

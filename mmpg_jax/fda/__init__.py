@@ -8,6 +8,6 @@
   stage.py       its episodic meta-training stage over simulated meta devices
   reference.py   its reference set: meta-training devices' codes and edits
 
-The method families built on it (adapt/cdc_mmpg.py, adapt/cdc_robust.py) import from here,
+The method families built on it (adapt/cdc_mmpg.py, adapt/cdc_robust/) import from here,
 never from each other.
 """
