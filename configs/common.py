@@ -130,6 +130,24 @@ def run_blocks(c, smoke=False):
   return c
 
 
+def video_retrieval(c, data_blocks, smoke=False, frame_features=False):
+  """The model and method blocks of a text-to-video retrieval config (moving digits, or a
+  real dataset's frame features) on `c`; the caller sets its families and run blocks.
+  `data_blocks`: the caller's configs/common_data.py module (the model blocks)."""
+  c.model = data_blocks.video_retrieval_model(smoke, frame_features=frame_features)
+  c.dynamic_leaves = data_blocks.VIDEO_RETRIEVAL_DYNAMIC
+  c.train = train(smoke)
+  c.baselines = baselines(c.dynamic_leaves, data_blocks.VIDEO_RETRIEVAL_NORMS, smoke,
+                          retrieval=True)
+  c.tta = tta(smoke)              # not built for retrieval (no classes)
+  c.adr = adr(smoke)
+  # InfoNCE over a meta device's 32 query pairs
+  c.fda = fda(c.dynamic_leaves, smoke, meta_query_size=32)
+  c.cdc_robust = cdc_robust(data_blocks.VIDEO_RETRIEVAL_NORMS, smoke)
+  c.global_meta = global_meta(smoke)
+  return c
+
+
 def real_video_qa(c, data_blocks, smoke=False):
   """The whole of a real video QA config (MSRVTT-QA, MSVD-QA) on `c`, whose benchmark, task,
   seed and data the caller has set: every row of the embedded QA study on frame features.

@@ -47,17 +47,7 @@ def get_config(arg: str = ""):
   c.task = "video_retrieval"
   c.seed = 0
   c.data = common_data.moving_digits_data(smoke)
-  c.model = common_data.video_retrieval_model(smoke)
-  c.dynamic_leaves = common_data.VIDEO_RETRIEVAL_DYNAMIC
-  c.train = common.train(smoke)
-  c.baselines = common.baselines(c.dynamic_leaves, common_data.VIDEO_RETRIEVAL_NORMS, smoke,
-                          retrieval=True)
-  c.tta = common.tta(smoke)              # not built for retrieval (no classes)
-  c.adr = common.adr(smoke)
-  # InfoNCE over a meta device's 32 query pairs
-  c.fda = common.fda(c.dynamic_leaves, smoke, meta_query_size=32)
-  c.cdc_robust = common.cdc_robust(common_data.VIDEO_RETRIEVAL_NORMS, smoke)
-  c.global_meta = common.global_meta(smoke)
+  common.video_retrieval(c, common_data, smoke)
   # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order.
   c.method_families = ("baselines", "global_meta", "tta", "cdc_mmpg", "cdc_robust")
   common.run_blocks(c, smoke)

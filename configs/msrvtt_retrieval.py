@@ -47,19 +47,9 @@ def get_config(arg: str = ""):
   # per device; a category too small is refused before any work, naming it
   c.data.update(dict(query_size=3 if smoke else 12, support_size=5 if smoke else 10,
                      context_size=4 if smoke else 16, oracle_size=3 if smoke else 32))
-  c.model = common_data.video_retrieval_model(smoke, frame_features=True)
-  c.dynamic_leaves = common_data.VIDEO_RETRIEVAL_DYNAMIC
-  c.train = common.train(smoke)
-  c.baselines = common.baselines(c.dynamic_leaves, common_data.VIDEO_RETRIEVAL_NORMS, smoke,
-                                 retrieval=True)
-  c.tta = common.tta(smoke)              # not built for retrieval (no classes)
-  c.adr = common.adr(smoke)
-  # InfoNCE over a meta device's 32 query pairs
-  c.fda = common.fda(c.dynamic_leaves, smoke, meta_query_size=32)
-  c.cdc_robust = common.cdc_robust(common_data.VIDEO_RETRIEVAL_NORMS, smoke)
+  common.video_retrieval(c, common_data, smoke, frame_features=True)
   # No shift parameters to widen on real data (no `wide`), no label groups for em2.
   c.cdc_robust.variants = ("gate", "cloud_tent", "mean_edit", "noisy_mean_edit", "nearest_edit")
-  c.global_meta = common.global_meta(smoke)
   # Modules under mmpg_jax/adapt/ whose build(ctx) give the methods, in the report's order
   # (T3A, LAME, FOA need classes: none here).
   c.method_families = ("baselines", "global_meta", "cdc_mmpg", "cdc_robust")

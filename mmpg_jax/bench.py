@@ -44,16 +44,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmpg_jax.ondevice import adr, costs
 from mmpg_jax import generate, tasks
-from mmpg_jax.core import workdir
-from mmpg_jax.core import params as P
 from mmpg_jax.adapt import baselines, cdc_mmpg
+from mmpg_jax.core import params as P
+from mmpg_jax.core import workdir
+from mmpg_jax.core.upload import Upload
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
+from mmpg_jax.ondevice import adr, costs
 from mmpg_jax.training.methods import MethodContext
-from mmpg_jax.core.upload import Upload
 
 BENCHMARKS = ("generate", "stream", "device_adaptation", "meta_pool", "main_job", "adr")
 DEFAULT_CONFIG = "configs/moving_digits_qa.py"

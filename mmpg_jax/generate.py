@@ -39,14 +39,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
-from mmpg_jax.core import checkpointing, edit_shards, preemption
-from mmpg_jax.training import runs, simulate
+from mmpg_jax.core import checkpointing, edit_shards
 from mmpg_jax.core import params as P
+from mmpg_jax.core import preemption
 from mmpg_jax.core import workdir as workdir_lib
+from mmpg_jax.core.upload import UploadError, validate_upload
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
-from mmpg_jax.core.upload import UploadError, validate_upload
+from mmpg_jax.training import runs, simulate
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -17,14 +17,13 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmpg_jax.training import config_checks, evaluate, train
-from mmpg_jax.ondevice import costs
 from mmpg_jax import deploy
-from mmpg_jax.core import preemption
-from mmpg_jax.reporting import report
-from mmpg_jax.reporting import deploy_sections
 from mmpg_jax.core import params as P
+from mmpg_jax.core import preemption
 from mmpg_jax.core import workdir as wd
+from mmpg_jax.ondevice import costs
+from mmpg_jax.reporting import deploy_sections, report
+from mmpg_jax.training import config_checks, evaluate, train
 from mmpg_jax.training.methods import MethodContext
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",

@@ -151,8 +151,8 @@ def with_value(cfg, key: str, value):
 def assert_refused_before_any_work(cfg, key: str, value, match: str, tmp_path):
   """The real main job with config.<key> = value stops with a ConfigError matching `match`
   before it creates its workdir."""
-  from mmpg_jax.core import config_errors
   from mmpg_jax import main
+  from mmpg_jax.core import config_errors
   with pytest.raises(config_errors.ConfigError, match=match):
     main.run(with_value(cfg, key, value), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()

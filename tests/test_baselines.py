@@ -2,15 +2,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from mmpg_jax.ondevice import costs
-from mmpg_jax.training import evaluate
-from mmpg_jax.core import params as P
-from mmpg_jax.ondevice import device
-from mmpg_jax.adapt import baselines
-from mmpg_jax.training.methods import MethodContext
-
 from conftest import random_features
+
+from mmpg_jax.adapt import baselines
+from mmpg_jax.core import params as P
+from mmpg_jax.ondevice import costs, device
+from mmpg_jax.training import evaluate
+from mmpg_jax.training.methods import MethodContext
 
 
 def test_em_recovers_a_shifted_label_prior():
@@ -91,6 +89,7 @@ def test_costs_are_measured_and_scale_with_the_work(smoke_config, task, model_an
 
 def test_aggregate_over_seeds(tmp_path):
   import json
+
   from mmpg_jax.reporting import aggregate
   for seed, acc in enumerate((0.8, 0.9)):
     d = tmp_path / f"s{seed}"
@@ -117,6 +116,7 @@ def test_aggregate_adds_rows_of_other_runs_and_more_metrics(tmp_path):
   """--rows: run i's global row from another run on the same data, paired device by device;
   --metrics: every listed metric with its intervals. Runs on other data are refused."""
   import json
+
   from mmpg_jax.reporting import aggregate
 
   def run(d, uauc, ndcg, data_seed=0):

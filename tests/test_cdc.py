@@ -3,20 +3,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import BackwardPassRan
 
-from mmpg_jax.ondevice import adr, costs
 from mmpg_jax import generate
+from mmpg_jax.adapt import baselines, cdc_mmpg, cdc_mmpg_report
 from mmpg_jax.core import params as P
 from mmpg_jax.core import upload as upload_lib
-from mmpg_jax.adapt import baselines, cdc_mmpg, cdc_mmpg_report
+from mmpg_jax.data import moving_digits as md
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
-from mmpg_jax.training.methods import MethodContext
-from mmpg_jax.data import moving_digits as md
+from mmpg_jax.ondevice import adr, costs
 from mmpg_jax.tasks import _video
-
-from conftest import BackwardPassRan
+from mmpg_jax.training.methods import MethodContext
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +210,7 @@ def test_cdc_costs_report_no_backward_no_labels_and_real_bytes(smoke_config, tas
 
 def test_default_config_edit_is_under_5_percent_of_the_model():
   import moving_digits_qa
+
   from mmpg_jax import tasks
   cfg = moving_digits_qa.get_config()
   task = tasks.build(cfg)

@@ -62,9 +62,9 @@ def test_each_split_renders_only_its_own_digits(monkeypatch, smoke_config, split
 
 @pytest.mark.parametrize("split", ["validation", "test", "test_ood", "meta"])
 def test_drifting_digits_splits_render_only_their_own_digits(monkeypatch, split):
+  from mmpg_jax.core import config_loader
   from mmpg_jax.data import drifting_digits as dd
   from mmpg_jax.tasks.image_classification import pipeline_cfg
-  from mmpg_jax.core import config_loader
   cfg = pipeline_cfg(config_loader.load("digits_persona.py", "smoke").data)
   cfg = dict(cfg, shift=_clean(cfg["shift"]), ood_shift=_clean(cfg["ood_shift"]))
   _poisoned_except(monkeypatch, md.SPLIT_POOL[split])

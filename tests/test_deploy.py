@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmpg_jax.core import codec
-from mmpg_jax.ondevice import costs
 from mmpg_jax import deploy
-from mmpg_jax.training import evaluate
-from mmpg_jax.reporting import frontier as fr
+from mmpg_jax.core import codec
 from mmpg_jax.deploy import policies as pol
 from mmpg_jax.deploy import rollback as rb
 from mmpg_jax.deploy import traffic
-from mmpg_jax.training.methods import Method
+from mmpg_jax.ondevice import costs
+from mmpg_jax.reporting import frontier as fr
 from mmpg_jax.tasks import capabilities
 from mmpg_jax.tasks.base import Metric, Task
+from mmpg_jax.training import evaluate
+from mmpg_jax.training.methods import Method
 
 
 # ---- encodings ------------------------------------------------------------------------------

@@ -5,15 +5,14 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import assert_refused_before_any_work
 
-from mmpg_jax.reporting import aggregate
 from mmpg_jax import main, tasks
 from mmpg_jax.data import drifting_digits as dd
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
+from mmpg_jax.reporting import aggregate
 from mmpg_jax.tasks import image_classification as ic
-
-from conftest import assert_refused_before_any_work
 
 
 @pytest.fixture(scope="module")

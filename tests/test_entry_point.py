@@ -8,13 +8,13 @@ import time
 
 import jax
 import numpy as np
-
-from mmpg_jax.core import checkpointing
-from mmpg_jax import tasks
-from mmpg_jax.training import train
-
-from conftest import LONG, ROOT, main_cmd, subprocess_env
+from conftest import LONG, ROOT
 from conftest import checkpoint_steps as _steps
+from conftest import main_cmd, subprocess_env
+
+from mmpg_jax import tasks
+from mmpg_jax.core import checkpointing
+from mmpg_jax.training import train
 
 # The smoke config runs one FTA budget and two ADR ablations (the default config runs them all).
 METHODS = {"global", "fta_k5", "tent", "prior_em", "prior_em_asked", "oracle", "global_meta",

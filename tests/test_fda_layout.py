@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from mmpg_jax.core import checkpointing
-from mmpg_jax.training import meta_train
 from mmpg_jax.core import params as P
+from mmpg_jax.core.upload import Upload
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import per_leaf
 from mmpg_jax.fda import stage as fda_stage
-from mmpg_jax.core.upload import Upload
+from mmpg_jax.training import meta_train
 
 SPEC = (("l1", (("l1/bias", (8,)), ("l1/kernel", (16, 8)))),
         ("l2", (("l2/scale", ()),)),

@@ -8,15 +8,15 @@ import subprocess
 import jax
 import numpy as np
 import pytest
+from conftest import LONG, ROOT, main_cmd, subprocess_env
 
-from mmpg_jax.core import edit_shards, preemption
 from mmpg_jax import generate
-from mmpg_jax.training import runs, simulate
+from mmpg_jax.core import edit_shards
 from mmpg_jax.core import params as P
+from mmpg_jax.core import preemption
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
-
-from conftest import LONG, ROOT, main_cmd, subprocess_env
+from mmpg_jax.training import runs, simulate
 
 N = 21            # devices: chunk sizes 8 and 16 do not divide it
 POOL = 3

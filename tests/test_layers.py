@@ -8,7 +8,6 @@ import ast
 import pathlib
 
 import pytest
-
 from conftest import ROOT
 
 PACKAGE = pathlib.Path(ROOT) / "mmpg_jax"

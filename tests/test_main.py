@@ -3,14 +3,14 @@ import os
 import subprocess
 
 import pytest
+from conftest import ROOT, main_cmd, subprocess_env
 
-from mmpg_jax.core import checkpointing
 from mmpg_jax import main, tasks
-from mmpg_jax.training import train
+from mmpg_jax.core import checkpointing
 from mmpg_jax.core import workdir as wd
 from mmpg_jax.core.workdir import MetricsWriter
+from mmpg_jax.training import train
 
-from conftest import ROOT, main_cmd, subprocess_env
 
 def test_unknown_config_key_is_refused(tmp_path):
   r = subprocess.run(main_cmd(tmp_path / "w", "--config.train.nmu_steps=3"), cwd=ROOT,

@@ -6,13 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from mmpg_jax.training import meta_train
 from mmpg_jax.adapt import cdc_robust
 from mmpg_jax.adapt.cdc_robust import router
+from mmpg_jax.core.workdir import MetricsWriter
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
-from mmpg_jax.core.workdir import MetricsWriter
+from mmpg_jax.training import meta_train
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_refused_before_any_work, random_features
 
-from mmpg_jax.ondevice import costs
-from mmpg_jax.training import evaluate
 from mmpg_jax import tasks
-from mmpg_jax.core import params as P
-from mmpg_jax.core import kmeans as kmeans_lib
 from mmpg_jax.adapt import baselines
 from mmpg_jax.adapt.persona import networks, prototypes, rows, stages
+from mmpg_jax.core import kmeans as kmeans_lib
+from mmpg_jax.core import params as P
+from mmpg_jax.ondevice import costs
+from mmpg_jax.training import evaluate
 from mmpg_jax.training.methods import MethodContext
-
-from conftest import random_features
-from conftest import assert_refused_before_any_work
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,15 @@ choices made on it, and the OOD claim read from the row it chooses."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import with_value
 
-from mmpg_jax.reporting import comparisons
-from mmpg_jax.training import config_checks, evaluate
 from mmpg_jax.core import config_errors
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline
-from mmpg_jax.training.methods import Method
+from mmpg_jax.reporting import comparisons
 from mmpg_jax.tasks.base import Metric
-
-from conftest import with_value
+from mmpg_jax.training import config_checks, evaluate
+from mmpg_jax.training.methods import Method
 
 
 def test_the_held_out_groups_are_disjoint_shift_families(smoke_config):

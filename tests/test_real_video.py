@@ -8,17 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_refused_before_any_work
 
-from mmpg_jax.core import config_loader
 from mmpg_jax import main, tasks
+from mmpg_jax.core import config_loader
 from mmpg_jax.data import real_video as rv
 from mmpg_jax.data import tfds_real_video as trv
 from mmpg_jax.data import video_files as vf
 from mmpg_jax.data import video_fixtures, video_text
 from mmpg_jax.models import video_lmm
 from mmpg_jax.tasks import _video
-
-from conftest import assert_refused_before_any_work
 
 CONFIGS = {"msrvtt_qa": "msrvtt_qa.py", "msvd_qa": "msvd_qa.py",
            "msrvtt_retrieval": "msrvtt_retrieval.py"}

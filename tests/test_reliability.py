@@ -9,16 +9,14 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import assert_refused_before_any_work
+from conftest import checkpoint_steps as _steps
 
-from mmpg_jax.core import checkpointing
 from mmpg_jax import tasks
-from mmpg_jax.training import train
+from mmpg_jax.core import checkpointing
 from mmpg_jax.core import workdir as wd
 from mmpg_jax.data import pipeline
-
-from conftest import checkpoint_steps as _steps
-from conftest import assert_refused_before_any_work
-
+from mmpg_jax.training import train
 
 # ---------- damaged checkpoints ---------------------------------------------------------------
 

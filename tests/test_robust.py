@@ -6,21 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import BackwardPassRan, with_value
+from test_cdc import _ctx, _device, fda_setup  # noqa: F401  (fda_setup is a fixture)
 
-from mmpg_jax.training import config_checks
-from mmpg_jax.core import config_errors
-from mmpg_jax.ondevice import costs
-from mmpg_jax.core import params as P
 from mmpg_jax.adapt import cdc_mmpg, cdc_robust, tta
 from mmpg_jax.adapt.cdc_robust import router
+from mmpg_jax.core import config_errors
+from mmpg_jax.core import params as P
+from mmpg_jax.data import moving_digits as md
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
-from mmpg_jax.data import moving_digits as md
-
-from conftest import BackwardPassRan
-from conftest import with_value
-from test_cdc import _ctx, _device, fda_setup  # noqa: F401  (fda_setup is a fixture)
+from mmpg_jax.ondevice import costs
+from mmpg_jax.training import config_checks
 
 VARIANT_HP = {"cdc_mmpg_em2": {"scale": 1.0, "smoothing": 2.0},
               "cdc_mmpg_gate": {"temperature": 0.5},

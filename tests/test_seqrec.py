@@ -7,13 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, assert_refused_before_any_work
 
-from mmpg_jax.core import config_errors, rec_metrics
 from mmpg_jax import main, tasks
+from mmpg_jax.core import config_errors, rec_metrics
 from mmpg_jax.tasks import seqrec
-
-from conftest import ROOT
-from conftest import assert_refused_before_any_work
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +227,8 @@ def _write_official_files(d, rng, users=8, items=80, neg_train=4, neg_test=9):
 
 
 def test_official_text_files_are_a_data_source_with_validation_held_out(cfg, tmp_path):
-  from mmpg_jax.data import pipeline, seqrec_text, tfds_movielens as tml
+  from mmpg_jax.data import pipeline, seqrec_text
+  from mmpg_jax.data import tfds_movielens as tml
   _write_official_files(tmp_path, np.random.default_rng(0))
   c = cfg.copy_and_resolve_references()
   c.data.update(dict(name="seqrec_text", manual_dir=str(tmp_path), num_cold_users=2,
@@ -324,8 +323,9 @@ def test_the_written_duet_files_read_back_as_the_packaged_source(tmp_path):
   data.name='seqrec_text' (each user's last training target held out for validation), the
   cloud trains on the same targets with the same negatives as the packaged source under the
   official protocol, and the test targets are the same."""
-  from mmpg_jax.data import duet_files, seqrec_text
+  from mmpg_jax.data import duet_files
   from mmpg_jax.data import movielens as ml
+  from mmpg_jax.data import seqrec_text
   cfg = dict(duet_files.data_config(seed=3, max_users=12), support_positions=10)
   prep = ml.preprocess(cfg)
   f = duet_files.write(str(tmp_path), cfg, prep)

@@ -9,19 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from mmpg_jax.core import config_errors
-from mmpg_jax import generate, main, tasks
-from mmpg_jax.core import params as P
-from mmpg_jax.core import upload as upload_lib
-from mmpg_jax.fda import model as fda_lib
-from mmpg_jax.fda import round_trip
-from mmpg_jax.data import pipeline
-from mmpg_jax.tasks import capabilities, video_retrieval
-from mmpg_jax.tasks.base import Metric, Task, stack
-
 from conftest import random_features
 
+from mmpg_jax import generate, main, tasks
+from mmpg_jax.core import config_errors
+from mmpg_jax.core import params as P
+from mmpg_jax.core import upload as upload_lib
+from mmpg_jax.data import pipeline
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import round_trip
+from mmpg_jax.tasks import capabilities, video_retrieval
+from mmpg_jax.tasks.base import Metric, Task, stack
 
 # ---------- a toy task: 3-class Gaussian blobs, devices with label and mean shift -------------
 

@@ -4,8 +4,8 @@
 
 It rescales the device model's scores by a temperature (validation picks it): no label, no
 upload, no backward pass."""
-from mmpg_jax.ondevice import costs
 from mmpg_jax.core.config_errors import need
+from mmpg_jax.ondevice import costs
 from mmpg_jax.training.methods import Method, Seen, grid
 
 

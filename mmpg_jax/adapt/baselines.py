@@ -7,11 +7,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mmpg_jax.ondevice import costs, device
 from mmpg_jax.core import params as P
 from mmpg_jax.core.config_errors import need
-from mmpg_jax.training.methods import Method, Seen, grid
+from mmpg_jax.ondevice import costs, device
 from mmpg_jax.tasks.capabilities import GalleryRanking, LabelGroups, ScoredContext
+from mmpg_jax.training.methods import Method, Seen, grid
 
 
 def global_method():

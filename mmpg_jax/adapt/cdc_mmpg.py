@@ -14,15 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mmpg_jax.ondevice import adr, costs
-from mmpg_jax.core import params as P
 from mmpg_jax.adapt import cdc_mmpg_report as cdc_report
+from mmpg_jax.core import params as P
 from mmpg_jax.core.config_errors import need, positive
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
-from mmpg_jax.training.methods import Method, Seen
+from mmpg_jax.ondevice import adr, costs
 from mmpg_jax.tasks.capabilities import KnownLabelPrior
+from mmpg_jax.training.methods import Method, Seen
 
 # The per-device diagnoses of the cdc_mmpg row kept device by device in results.json.
 DIAGNOSIS = ("edit_norm", "code_distance", "edit_nn_distance", "edit_nn_spread", "fda_prior_tv",

@@ -19,10 +19,10 @@ import jax
 import ml_collections as mlc
 from absl import logging
 
-from mmpg_jax.ondevice import costs
-from mmpg_jax.training import meta_train
 from mmpg_jax.core import params as P
 from mmpg_jax.core.config_errors import need
+from mmpg_jax.ondevice import costs
+from mmpg_jax.training import meta_train
 from mmpg_jax.training.methods import Method, Seen
 
 STAGE = "global_meta"

@@ -39,11 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 from evosax.algorithms import CMA_ES
 
-from mmpg_jax.ondevice import costs, device
 from mmpg_jax.core import params as P
 from mmpg_jax.core.config_errors import need, positive
-from mmpg_jax.training.methods import Method, grid
+from mmpg_jax.ondevice import costs, device
 from mmpg_jax.tasks.capabilities import LinearHead, ScoredContext
+from mmpg_jax.training.methods import Method, grid
 
 
 def _unit(x, axis=-1):

@@ -19,10 +19,10 @@ from absl import logging
 
 from mmpg_jax.core import codec
 from mmpg_jax.core.config_errors import ConfigError
-from mmpg_jax.reporting import stats
 from mmpg_jax.deploy import policies as pol
 from mmpg_jax.deploy import rollback as rb
 from mmpg_jax.deploy import streams, traffic
+from mmpg_jax.reporting import stats
 
 
 def check_names(methods, cfg) -> None:

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 
 from mmpg_jax.core import codec
-from mmpg_jax.ondevice import costs
 from mmpg_jax.core import params as P
+from mmpg_jax.ondevice import costs
 
 
 def sends(cost) -> bool:

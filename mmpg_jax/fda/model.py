@@ -36,14 +36,14 @@ Anchors with weight 0 are ignored exactly (masked out of the pooling and the EM)
 set [N, E] with zero weights gives the same edit as the K live anchors alone.
 """
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from mmpg_jax.core import params as P
-from mmpg_jax.fda import per_leaf
 from mmpg_jax.core.upload import Upload
+from mmpg_jax.fda import per_leaf
 
 
 def layer_spec(dynamic_params, edit_leaves):

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmpg_jax.ondevice import adr
-from mmpg_jax.training import meta_train
 from mmpg_jax.core import params as P
 from mmpg_jax.fda import round_trip
+from mmpg_jax.ondevice import adr
+from mmpg_jax.training import meta_train
 
 
 def applied_vector(edit, params, clip):

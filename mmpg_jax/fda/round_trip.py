@@ -13,10 +13,10 @@ by the benchmarks.
 import jax
 import jax.numpy as jnp
 
-from mmpg_jax.ondevice import adr, costs, device
 from mmpg_jax.core import params as P
-from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.core.upload import Upload
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.ondevice import adr, costs, device
 
 
 def fda_and_summary(task, model, params, cfg, source_prior):

@@ -25,14 +25,13 @@ import numpy as np
 import optax
 from absl import logging
 
-from mmpg_jax.ondevice import adr
 from mmpg_jax.core import checkpointing
-from mmpg_jax.training import meta_train, runs
 from mmpg_jax.core import params as P
-from mmpg_jax.fda import model as fda_lib
-from mmpg_jax.fda import per_leaf
-from mmpg_jax.fda import round_trip
 from mmpg_jax.core.upload import Upload
+from mmpg_jax.fda import model as fda_lib
+from mmpg_jax.fda import per_leaf, round_trip
+from mmpg_jax.ondevice import adr
+from mmpg_jax.training import meta_train, runs
 
 STAGE = "fda"
 

@@ -23,10 +23,9 @@ import sys
 
 import numpy as np
 
-from mmpg_jax.reporting import aggregate_deploy, comparisons
-from mmpg_jax.reporting import stats, tables
 from mmpg_jax import tasks
 from mmpg_jax.core.protocol import BASE
+from mmpg_jax.reporting import aggregate_deploy, comparisons, stats, tables
 
 
 def load(paths):

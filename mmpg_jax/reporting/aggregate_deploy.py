@@ -6,7 +6,7 @@ import numpy as np
 
 from mmpg_jax import deploy, tasks
 from mmpg_jax.reporting import deploy_sections, stats
-from mmpg_jax.reporting.tables import table   # by name: `tables` is this module's own function
+from mmpg_jax.reporting.tables import table  # by name: `tables` is this module's own function
 
 
 def _ms(run):

@@ -4,10 +4,10 @@ import os
 
 import numpy as np
 
-from mmpg_jax.reporting import frontier as fr
-from mmpg_jax.reporting import formats as rf
-from mmpg_jax.reporting import plots, tables
 from mmpg_jax.core.protocol import ORACLE
+from mmpg_jax.reporting import formats as rf
+from mmpg_jax.reporting import frontier as fr
+from mmpg_jax.reporting import plots, tables
 
 # cost axis -> (label, what it measures)
 AXES = {

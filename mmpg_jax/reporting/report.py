@@ -5,8 +5,9 @@ import os
 import numpy as np
 
 from mmpg_jax.core import workdir as wd
-from mmpg_jax.reporting import deploy_sections, plots, sections
+from mmpg_jax.reporting import deploy_sections
 from mmpg_jax.reporting import formats as rf
+from mmpg_jax.reporting import plots, sections
 from mmpg_jax.reporting.results import build_results  # noqa: F401  (the run's one entry)
 from mmpg_jax.reporting.sections import headline_table  # noqa: F401  (printed by main)
 

@@ -7,10 +7,10 @@ time- or host-dependent goes in: the same seed gives the same bytes.
 """
 import numpy as np
 
+from mmpg_jax.core.protocol import BASE, ORACLE
 from mmpg_jax.reporting import comparisons, deploy_sections, stats
 from mmpg_jax.reporting.formats import SUFFIX
 from mmpg_jax.tasks import capabilities
-from mmpg_jax.core.protocol import BASE, ORACLE
 
 
 def build_results(cfg, task, evals: dict, method_costs: dict, extra: dict,

@@ -4,10 +4,11 @@ paired differences, the OOD claim, ablations, per-window figures and validation 
 They read rows' typed fields (role, ablation_of, seen, selected_on), never a method's name."""
 import numpy as np
 
-from mmpg_jax.reporting import comparisons, tables
-from mmpg_jax.reporting import formats as rf
-from mmpg_jax.reporting.formats import SUFFIX
 from mmpg_jax.core.protocol import BASE
+from mmpg_jax.reporting import comparisons
+from mmpg_jax.reporting import formats as rf
+from mmpg_jax.reporting import tables
+from mmpg_jax.reporting.formats import SUFFIX
 
 NAN = float("nan")
 

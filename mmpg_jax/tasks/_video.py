@@ -2,10 +2,9 @@
 embedded moving-digits pixels or a real dataset's frame features, chosen by data.name."""
 import jax.numpy as jnp
 
-from mmpg_jax.data import pipeline
-from mmpg_jax.data import real_video
-from mmpg_jax.data import tfds_real_video as trv
 from mmpg_jax.core.config_errors import ConfigError
+from mmpg_jax.data import pipeline, real_video
+from mmpg_jax.data import tfds_real_video as trv
 from mmpg_jax.tasks.base import Task, stack
 from mmpg_jax.tasks.capabilities import ShiftedMetaData
 

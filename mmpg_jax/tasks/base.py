@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Metric:
   name: str

@@ -26,8 +26,7 @@ from mmpg_jax.data import tfds_moving_digits as tmd
 from mmpg_jax.tasks.base import Metric
 from mmpg_jax.tasks.base import Task as _Base
 from mmpg_jax.tasks.base import encode_roles, stack
-from mmpg_jax.tasks.capabilities import (KnownLabelPrior, LinearHead, ScoredContext,
-                                         ShiftedMetaData)
+from mmpg_jax.tasks.capabilities import KnownLabelPrior, LinearHead, ScoredContext, ShiftedMetaData
 
 
 def flatten_windows(devices: dict) -> dict:

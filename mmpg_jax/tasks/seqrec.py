@@ -29,12 +29,11 @@ import optax
 
 from mmpg_jax import models
 from mmpg_jax.core import rec_metrics
-from mmpg_jax.models import seqrec as seqrec_model
 from mmpg_jax.core.config_errors import ConfigError, need
 from mmpg_jax.data import movielens as ml
-from mmpg_jax.data import seqrec_text
-from mmpg_jax.data import pipeline
+from mmpg_jax.data import pipeline, seqrec_text
 from mmpg_jax.data import tfds_movielens as tml
+from mmpg_jax.models import seqrec as seqrec_model
 from mmpg_jax.tasks.base import Metric
 from mmpg_jax.tasks.base import Task as _Base
 from mmpg_jax.tasks.base import pad_to

@@ -24,8 +24,7 @@ from mmpg_jax import models
 from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import real_video
 from mmpg_jax.tasks import _video
-from mmpg_jax.tasks.base import Metric
-from mmpg_jax.tasks.base import encode_roles
+from mmpg_jax.tasks.base import Metric, encode_roles
 from mmpg_jax.tasks.capabilities import KnownLabelPrior, LinearHead, ScoredContext
 
 

@@ -6,12 +6,12 @@ import importlib
 
 import jax
 
+from mmpg_jax import tasks
 from mmpg_jax.core import codec
 from mmpg_jax.core import params as P
-from mmpg_jax import tasks
+from mmpg_jax.core.config_errors import ConfigError, need, positive
 from mmpg_jax.ondevice import device
 from mmpg_jax.training import train
-from mmpg_jax.core.config_errors import ConfigError, need, positive
 
 
 def validate(cfg, task=None) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 from absl import logging
 
 from mmpg_jax.ondevice import costs
-from mmpg_jax.training.methods import Method
 from mmpg_jax.tasks.base import pad_to
+from mmpg_jax.training.methods import Method
 
 # The device model as it is: what a device runs before (or instead of) any edit.
 UNCHANGED = Method("unchanged", ({},), lambda params, dev, hp: params,

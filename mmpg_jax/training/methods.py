@@ -19,7 +19,7 @@ a family's own facts (an ADR selector and K, a prototype bank's size) for its ow
 import dataclasses
 from typing import Any, Callable
 
-from mmpg_jax.core.protocol import BASE, ORACLE, ROLES, SELECT_ON  # noqa: F401
+from mmpg_jax.core.protocol import ROLES, SELECT_ON
 from mmpg_jax.ondevice import costs
 
 

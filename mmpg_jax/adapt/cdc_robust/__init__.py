@@ -56,20 +56,21 @@ Controls (does the FDA condition on the device?)
 """
 from absl import logging
 
-from mmpg_jax.core import params as P
-from mmpg_jax.adapt.cdc_robust import controls, variants  # noqa: F401  (they register)
+from mmpg_jax.adapt.cdc_robust import controls  # noqa: F401  (they register)
 from mmpg_jax.adapt.cdc_robust import report as robust_report
 from mmpg_jax.adapt.cdc_robust import router as router_lib
+from mmpg_jax.adapt.cdc_robust import variants  # noqa: F401  (they register)
 from mmpg_jax.adapt.cdc_robust.controls import mean_applied_edit  # noqa: F401
 from mmpg_jax.adapt.cdc_robust.env import Env
 from mmpg_jax.adapt.cdc_robust.registry import REGISTRY
 from mmpg_jax.adapt.cdc_robust.variants import scale_edit  # noqa: F401
 from mmpg_jax.adapt.cdc_robust.wide import mix_overrides, wide_data, wide_overrides  # noqa: F401
+from mmpg_jax.core import params as P
 from mmpg_jax.core.config_errors import need, positive
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
-from mmpg_jax.training.methods import Method
 from mmpg_jax.tasks.capabilities import LabelGroups, ShiftedMetaData
+from mmpg_jax.training.methods import Method
 
 CONTROLS = tuple(n for n, v in REGISTRY.items() if v.role == "control")
 VARIANTS = tuple(n for n in REGISTRY if n not in CONTROLS) + CONTROLS

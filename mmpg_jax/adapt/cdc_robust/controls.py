@@ -3,11 +3,11 @@ devices like cdc_mmpg, from the reference set of meta-training devices' edits.""
 import jax
 import jax.numpy as jnp
 
-from mmpg_jax.ondevice import costs
-from mmpg_jax.core import params as P
 from mmpg_jax.adapt.cdc_robust.registry import Built, register
+from mmpg_jax.core import params as P
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
+from mmpg_jax.ondevice import costs
 from mmpg_jax.training.methods import grid
 
 CONTROL = dict(role="control", select_on="validation")

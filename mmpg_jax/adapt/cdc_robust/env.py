@@ -6,12 +6,12 @@ from typing import Callable
 
 import jax
 
-from mmpg_jax.ondevice import costs
-from mmpg_jax.core import params as P
 import mmpg_jax.adapt.cdc_robust.router as router_lib
+from mmpg_jax.core import params as P
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import reference as reference_lib
 from mmpg_jax.fda import round_trip
+from mmpg_jax.ondevice import costs
 from mmpg_jax.training.methods import grid
 
 

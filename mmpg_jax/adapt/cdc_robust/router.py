@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
-from mmpg_jax.training import meta_train
 from mmpg_jax.core import params as P
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
+from mmpg_jax.training import meta_train
 
 STAGE = "router"
 

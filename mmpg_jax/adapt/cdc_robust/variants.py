@@ -5,11 +5,11 @@ selection can fall back to it."""
 import jax
 import jax.numpy as jnp
 
-from mmpg_jax.ondevice import device
-from mmpg_jax.core import params as P
 from mmpg_jax.adapt.cdc_robust.cloud import cloud_refine, cloud_samples_upload, sample_bytes
 from mmpg_jax.adapt.cdc_robust.registry import Built, register
+from mmpg_jax.core import params as P
 from mmpg_jax.fda import reference as reference_lib
+from mmpg_jax.ondevice import device
 from mmpg_jax.training.methods import Seen, grid
 
 

@@ -41,12 +41,11 @@ Assignment, chosen on validation devices: `nearest` (the k-means assignment of t
 Every method here: no device backward pass, no label; the device encodes its window and
 uploads its elements, and receives its adaptive layers.
 """
-from mmpg_jax.core import params as P
 from mmpg_jax.adapt.persona.networks import Editor, Generator, adaptive_layers
 from mmpg_jax.adapt.persona.rows import (ablation, duet_method, make_methods, persona_method,
                                          single_method)
-from mmpg_jax.adapt.persona.stages import (Family, _pool, train_duet, train_editor,
-                                           train_prototypes)
+from mmpg_jax.adapt.persona.stages import Family, _pool, train_duet, train_editor, train_prototypes
+from mmpg_jax.core import params as P
 from mmpg_jax.core.config_errors import need, positive
 
 

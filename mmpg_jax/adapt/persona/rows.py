@@ -5,9 +5,9 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from mmpg_jax.adapt.persona.prototypes import Stream, median_spacing, refine, refine_personal
 from mmpg_jax.ondevice import costs
 from mmpg_jax.training.methods import Method, Seen, grid
-from mmpg_jax.adapt.persona.prototypes import Stream, median_spacing, refine, refine_personal
 
 
 def ablation(method, of: str, what: str):

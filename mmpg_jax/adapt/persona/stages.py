@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mmpg_jax.training import meta_train
+from mmpg_jax.adapt.persona.networks import (Editor, Generator, Layers, add_layers, clip_layers,
+                                             edit_norm)
+from mmpg_jax.adapt.persona.prototypes import history_centres
 from mmpg_jax.core import params as P
 from mmpg_jax.core.config_errors import ConfigError
 from mmpg_jax.core.kmeans import kmeans
-from mmpg_jax.adapt.persona.networks import (Editor, Generator, Layers, add_layers,
-                                             clip_layers, edit_norm)
-from mmpg_jax.adapt.persona.prototypes import history_centres
+from mmpg_jax.training import meta_train
 
 
 def _elements(task, dev):
