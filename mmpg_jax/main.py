@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from mmpg_jax import deploy
 from mmpg_jax.core import params as P
-from mmpg_jax.core import preemption
+from mmpg_jax.core import preemption, timing
 from mmpg_jax.core import workdir as wd
 from mmpg_jax.ondevice import costs
 from mmpg_jax.reporting import deploy_sections, report
@@ -35,7 +35,7 @@ _DEPLOY_ONLY = flags.DEFINE_bool(
     "run selected: no method is evaluated again")
 
 
-def build(config, workdir: str, seconds: dict):
+def build(config, workdir: str):
   """Every stage up to the methods (data, global model, encoded evaluation devices, method
   families): (task, model, params, families, methods, ctx, groups). Finished stages resume."""
   # Everything a config can get wrong fails here, before the workdir is touched.
@@ -46,25 +46,25 @@ def build(config, workdir: str, seconds: dict):
   metrics = wd.MetricsWriter(workdir)
 
   t = time.time()
-  data = task.prepare_data()
-  seconds["data"] = time.time() - t
-  logging.info("data ready in %.1fs", seconds["data"])
+  with timing.span("data"):
+    data = task.prepare_data()
+  logging.info("data ready in %.1fs", time.time() - t)
 
   t = time.time()
-  params, global_summary = train.train_global(task, model, config, data, workdir, metrics)
-  seconds["global_training"] = time.time() - t
-  logging.info("global model ready in %.1fs", seconds["global_training"])
+  with timing.span("global_training"):
+    params, global_summary = train.train_global(task, model, config, data, workdir, metrics)
+  logging.info("global model ready in %.1fs", time.time() - t)
 
   t = time.time()
-  val = task.encode_split(model, params, data.devices("validation"))
-  groups = {"test": task.encode_split(model, params, data.devices("test"))}
-  if config.data.num_ood_devices > 0:
-    groups["test_ood"] = task.encode_split(model, params, data.devices("test_ood"))
-  if config.data.get("num_val_ood_devices", 0) > 0:
-    # the held-out shift family robustness choices are made on (a validation group)
-    groups["val_ood"] = task.encode_split(model, params, data.devices("val_ood"))
-  seconds["encode_eval_devices"] = time.time() - t
-  logging.info("encoded evaluation devices in %.1fs", seconds["encode_eval_devices"])
+  with timing.span("encode_eval_devices"):
+    val = task.encode_split(model, params, data.devices("validation"))
+    groups = {"test": task.encode_split(model, params, data.devices("test"))}
+    if config.data.num_ood_devices > 0:
+      groups["test_ood"] = task.encode_split(model, params, data.devices("test_ood"))
+    if config.data.get("num_val_ood_devices", 0) > 0:
+      # the held-out shift family robustness choices are made on (a validation group)
+      groups["val_ood"] = task.encode_split(model, params, data.devices("val_ood"))
+  logging.info("encoded evaluation devices in %.1fs", time.time() - t)
 
   cm = costs.CostModel(task, model, params)
   ctx = MethodContext(task=task, model=model, params=params, cost_model=cm,
@@ -77,9 +77,9 @@ def build(config, workdir: str, seconds: dict):
     t = time.time()
     short = name.rsplit(".", 1)[-1]
     # each row knows the family that built it (a family may set it itself)
-    methods += [m if m.family else dataclasses.replace(m, family=short)
-                for m in family.build(ctx)]
-    seconds[f"family_{short}"] = time.time() - t
+    with timing.span(f"family_{short}"):
+      methods += [m if m.family else dataclasses.replace(m, family=short)
+                  for m in family.build(ctx)]
     logging.info("method family %s ready in %.1fs", family.__name__, time.time() - t)
   deploy.check_names(methods, config)       # before the evaluation's minutes
   return task, model, params, families, methods, ctx, groups
@@ -98,29 +98,36 @@ def device_costs(methods, evals, ctx, config) -> dict:
 
 def run(config, workdir: str) -> dict:
   """Runs every stage; returns the results dict (also written to WORKDIR/results.json)."""
-  t_start = time.time()
-  seconds = {}                       # stage wall times -> metrics.jsonl (never results.json)
-  task, model, params, families, methods, ctx, groups = build(config, workdir, seconds)
-  workdir, metrics, val, cm = ctx.workdir, ctx.metrics, ctx.val, ctx.cost_model
-  t = time.time()
-  evaluator = evaluate.Evaluator(task, model, config.eval.device_chunk)
-  evals = evaluator.run(methods, params, val, groups)
-  seconds["evaluation"] = time.time() - t
-  logging.info("evaluated %d methods in %.1fs", len(methods), seconds["evaluation"])
-  method_costs = device_costs(methods, evals, ctx, config)
-  t = time.time()
-  deployment = deploy.run(evaluator, task, model, params, config, methods, method_costs, evals,
-                          val, groups)
-  seconds["deployment"] = time.time() - t
+  # Stage wall times go to report.md and metrics.jsonl, never results.json.
+  with timing.recording() as clock:
+    task, model, params, families, methods, ctx, groups = build(config, workdir)
+    workdir, metrics, val, cm = ctx.workdir, ctx.metrics, ctx.val, ctx.cost_model
+    t = time.time()
+    evaluator = evaluate.Evaluator(task, model, config.eval.device_chunk)
+    with timing.span("evaluation"):
+      evals = evaluator.run(methods, params, val, groups)
+    logging.info("evaluated %d methods in %.1fs", len(methods), time.time() - t)
+    with timing.span("device_costs"):
+      method_costs = device_costs(methods, evals, ctx, config)
+    with timing.span("deployment"):
+      deployment = deploy.run(evaluator, task, model, params, config, methods, method_costs,
+                              evals, val, groups)
 
-  # Nothing time- or host-dependent goes into results.json: the same seed gives the same bytes.
-  extra = {"device_model_bytes": P.tree_bytes(params), **ctx.extra,
-           "device_inference_flops_per_sample": costs.inference_flops_per_sample(cm),
-           **({"deployment": deployment} if deployment else {})}
-  results = report.build_results(config, task, evals, method_costs, extra, methods)
-  report.write_report(workdir, results, config, task, families)
-  wall = time.time() - t_start
-  metrics.write("done", 0, wall_seconds=wall, **{f"{k}_seconds": v for k, v in seconds.items()})
+    # Nothing time- or host-dependent goes into results.json: the same seed gives the same
+    # bytes.
+    extra = {"device_model_bytes": P.tree_bytes(params), **ctx.extra,
+             "device_inference_flops_per_sample": costs.inference_flops_per_sample(cm),
+             **({"deployment": deployment} if deployment else {})}
+    results = report.build_results(config, task, evals, method_costs, extra, methods)
+    with timing.span("report"):
+      report.write_report(workdir, results, config, task, families)
+  wall = clock.wall()
+  # The time table: report.md's last section (written again with it; the table itself never
+  # enters results.json) and metrics.jsonl's `done` row.
+  report.write_time_table(workdir, clock.rows(wall), wall, "this run")
+  metrics.write("done", 0, wall_seconds=wall,
+                **{f"{r['stage']}_seconds": r["seconds"] for r in clock.rows(wall)
+                   if not r["depth"]})
   logging.info("wrote %s/results.json and report.md in %.0fs", workdir, wall)
   # The answer, where the user is looking: the headline table (report.md has the rest).
   print("\n".join([f"\n{results['benchmark']} ({results['task']}): {workdir}/report.md, "
@@ -138,26 +145,29 @@ def redeploy(config, workdir: str) -> dict:
                             f"studies of a finished run; run the main job on {workdir} first")
   with open(path) as f:
     results = json.load(f)
-  seconds = {}
-  task, model, params, families, methods, ctx, groups = build(config, workdir, seconds)
-  evals = {}
-  for m in methods:
-    row = results["methods"].get(m.name)
-    if row is None or row["selected_hparams"] not in list(m.grid):
-      raise ValueError(f"{path} does not hold method {m.name!r} at a setting of its grid: the "
-                       f"run was made with another config; rerun the main job instead")
-    evals[m.name] = {"hp": row["selected_hparams"]}
-  method_costs = device_costs(methods, evals, ctx, config)
-  for name, c in method_costs.items():
-    results["methods"][name].update(c.as_dict())
-  t = time.time()
-  deployment = deploy.run(evaluate.Evaluator(task, model, config.eval.device_chunk), task,
-                          model, params, config, methods, method_costs, evals, ctx.val, groups)
-  results.pop("deployment", None)
-  if deployment:
-    results["deployment"] = deployment
-  results["frontier"] = deploy_sections.frontier(results, task, int(config.data.query_size))
-  report.write_report(ctx.workdir, results, config, task, families)
+  with timing.recording() as clock:
+    task, model, params, families, methods, ctx, groups = build(config, workdir)
+    evals = {}
+    for m in methods:
+      row = results["methods"].get(m.name)
+      if row is None or row["selected_hparams"] not in list(m.grid):
+        raise ValueError(f"{path} does not hold method {m.name!r} at a setting of its grid: "
+                         f"the run was made with another config; rerun the main job instead")
+      evals[m.name] = {"hp": row["selected_hparams"]}
+    method_costs = device_costs(methods, evals, ctx, config)
+    for name, c in method_costs.items():
+      results["methods"][name].update(c.as_dict())
+    t = time.time()
+    with timing.span("deployment"):
+      deployment = deploy.run(evaluate.Evaluator(task, model, config.eval.device_chunk), task,
+                              model, params, config, methods, method_costs, evals, ctx.val,
+                              groups)
+    results.pop("deployment", None)
+    if deployment:
+      results["deployment"] = deployment
+    results["frontier"] = deploy_sections.frontier(results, task, int(config.data.query_size))
+    report.write_report(ctx.workdir, results, config, task, families)
+  report.write_time_table(ctx.workdir, clock.rows(), clock.wall(), "this --deploy_only run")
   ctx.metrics.write("deploy_only", 0, deployment_seconds=time.time() - t)
   logging.info("rewrote %s/results.json and report.md with new deployment studies", workdir)
   return results

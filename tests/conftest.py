@@ -111,6 +111,7 @@ def clean_run(tmp_path_factory, data_dir):
                            capture_output=True, text=True, timeout=900)   # a hang guard:
         assert r.returncode == 0, r.stderr[-3000:]   # ~2 min alone, 5+ beside other workers
         (workdir / "stdout.txt").write_text(r.stdout)
+        (workdir / "stderr.txt").write_text(r.stderr)
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
   return workdir

@@ -131,6 +131,17 @@ def test_smoke_run_of_the_real_entry_point(clean_run):
   for section in ("## Accuracy–cost frontier", "## Compressed traffic", "## Label-free rollback"):
     assert section in report, section
   assert (workdir / "frontier.png").exists()
+  # where the time went: every top-level stage, a family's meta-training stages nested
+  table = report[report.index("## Where the time went"):].splitlines()
+  names = {l.split("|")[1].replace("&nbsp;", "").strip() for l in table if l.startswith("| ")}
+  assert {"data", "global_training", "family_cdc_mmpg", "fda", "evaluation"} <= names
+  done = [r for r in rows if r["stage"] == "done"][-1]
+  assert done["wall_seconds"] >= done["family_cdc_mmpg_seconds"] > 0
+  # the FDA's meta devices: encoded once (global_meta's queries), read by both FDAs and the
+  # reference set, stored in the workdir
+  assert len(list((workdir / "meta_pools").glob("*.npz"))) >= 1
+  log = (workdir / "stderr.txt").read_text()
+  assert log.count("read from the stored pool") >= 3
 
 
 def test_sigterm_and_repeated_sigkill_end_exactly_like_an_uninterrupted_run(

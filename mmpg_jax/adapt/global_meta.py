@@ -62,12 +62,12 @@ def _stage_config(gc, lr):
 def encode_queries(ctx):
   """The labelled queries of meta devices 0..n-1, encoded by the static encoders."""
   task, cfg = ctx.task, ctx.config
-  # Only the labelled query of each meta device is read: the context is rendered at its
-  # smallest (one sample; on the embedded benchmarks each role has its own RNG stream, so
-  # the queries are those the FDA's loss read).
+  # Only the labelled query of each meta device is read, but the whole device is encoded: the
+  # run's stored pool of them is the FDA's (the same devices, role sizes and encoder), so the
+  # FDAs read it rather than render the devices again.
   pool = meta_train.encode_devices(task, ctx.model, ctx.params, range(meta_devices(cfg)),
                                    cfg.fda.meta_query_size, what="global_meta meta devices",
-                                   context_size=1)
+                                   workdir=ctx.workdir)
   return pool[task.query_role]
 
 

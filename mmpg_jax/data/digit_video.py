@@ -1,11 +1,13 @@
 """The pixel side of a moving-digit video (`moving_digits`): a device's static clutter
 background, each video's digit glyph, its straight-line motion, the painted frames and the
-device's degradations. Pure numpy; each function makes its RNG draws in the generator's order,
-so the rendered bytes stay those of GENERATOR_VERSION."""
+device's degradations. Pure numpy, batched over a device's videos; each function makes its RNG
+draws in the generator's order, so the rendered bytes stay those of GENERATOR_VERSION (the
+per-image code they replaced is tests/reference_render.py, held equal by tests/test_render.py)."""
 from typing import Mapping
 
 import numpy as np
-from scipy import ndimage
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy import ndimage, special
 
 from mmpg_jax.data import digits
 
@@ -36,15 +38,63 @@ def stroke(imgs: np.ndarray, thickness: int) -> np.ndarray:
   return imgs
 
 
+def instances(rng: np.random.Generator, pool_by_class, digit: np.ndarray) -> np.ndarray:
+  """Each digit's pool instance [n] int64: one bounded draw per digit over its class's pool,
+  the very draws (and stream position) of rng.choice(pool_by_class[d]) made one at a time."""
+  sizes = np.array([len(p) for p in pool_by_class])
+  first = np.cumsum(sizes) - sizes
+  pick = rng.integers(0, sizes[digit])
+  return np.concatenate(pool_by_class).astype(np.int64)[first[digit] + pick]
+
+
+def _taps(cc: np.ndarray, size: int) -> tuple:
+  """ndimage's linear-spline taps along one axis in mode 'constant': whether each coordinate
+  lies inside [0, size - 1], its two indices (the second mirrored back in, with weight 0, at
+  the last index) and their weights, 1 - frac and 1 - (1 - frac) as ndimage forms them."""
+  inside = (cc >= 0) & (cc <= size - 1)
+  lo = np.floor(cc)
+  w0 = 1.0 - (cc - lo)
+  i0 = np.where(inside, lo, 0).astype(np.intp)
+  i1 = i0 + 1
+  i1[i1 >= size] = size - 2
+  return inside, i0, i1, w0, 1.0 - w0
+
+
+def rotate(imgs: np.ndarray, angles: np.ndarray) -> np.ndarray:
+  """ndimage.rotate(im, a, reshape=False, order=1) of each image [n, H, W] float32, all at
+  once and bit for bit: rotate's matrix and offset, each output pixel's input coordinate as
+  its C loop sums it (offset + i m0 + j m1), the four taps multiplied and summed in its order
+  in float64, zero outside the image, then cast to float32."""
+  n, h, w = imgs.shape
+  angles = np.asarray(angles, np.float64)
+  c, s = special.cosdg(angles), special.sindg(angles)
+  rot = np.stack([np.stack([c, s], -1), np.stack([-s, c], -1)], -2)        # [n, 2, 2]
+  centre = (np.asarray((h, w)) - 1) / 2
+  offset = centre - rot @ centre                                             # [n, 2]
+  i = np.arange(h, dtype=np.float64)[:, None]
+  j = np.arange(w, dtype=np.float64)[None, :]
+  c, s, offset = c[:, None, None], s[:, None, None], offset[:, :, None, None]
+  in_y, y0, y1, wy0, wy1 = _taps(offset[:, 0] + i * c + j * s, h)
+  in_x, x0, x1, wx0, wx1 = _taps(offset[:, 1] + i * -s + j * c, w)
+  flat = imgs.reshape(-1).astype(np.float64)
+  r0 = np.arange(n)[:, None, None] * (h * w) + y0 * w
+  r1 = r0 + (y1 - y0) * w
+  t = 0.0 + flat[r0 + x0] * wy0 * wx0
+  t += flat[r0 + x1] * wy0 * wx1
+  t += flat[r1 + x0] * wy1 * wx0
+  t += flat[r1 + x1] * wy1 * wx1
+  t[~(in_y & in_x)] = 0.0
+  return t.astype(np.float32)
+
+
 def glyphs(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.ndarray,
            digit: np.ndarray, jitter: float) -> np.ndarray:
   """Each video's digit [n, CROP, CROP] in [0, 1]: a pool instance of its class, stroked to
   the device's thickness and rotated by the device's angle plus a per-video jitter."""
-  inst = np.array([rng.choice(pool_by_class[d]) for d in digit], np.int64)
+  inst = instances(rng, pool_by_class, digit)
   imgs = stroke(images[inst].astype(np.float32) / 255.0, int(shift["thickness"]))
   angles = shift["rotation"] + rng.uniform(-jitter, jitter, len(digit))
-  imgs = np.stack([ndimage.rotate(im, a, reshape=False, order=1) for im, a in zip(imgs, angles)])
-  return np.clip(imgs, 0.0, 1.0)
+  return np.clip(rotate(imgs, angles), 0.0, 1.0)
 
 
 def motion(rng: np.random.Generator, direction: np.ndarray, frames: int, size: int,
@@ -61,29 +111,45 @@ def motion(rng: np.random.Generator, direction: np.ndarray, frames: int, size: i
   return rng.integers(lo, hi + 1), step                                  # [n, 2] each
 
 
+def paste(canvas: np.ndarray, imgs: np.ndarray, corner: np.ndarray) -> np.ndarray:
+  """Each glyph pasted (max) into its canvas at its corner, in place: canvas [..., S, S],
+  corner [..., 2] (y, x), imgs [..., C, C] broadcast to corner's leading shape. One gather
+  and one scatter of CxC windows (a strided view), not of single pixels."""
+  crop = imgs.shape[-1]
+  win = sliding_window_view(canvas, (crop, crop), axis=(-2, -1), writeable=True)
+  at = (*np.indices(corner.shape[:-1], sparse=True), corner[..., 0], corner[..., 1])
+  win[at] = np.maximum(win[at], imgs)
+  return canvas
+
+
 def paint(background: np.ndarray, imgs: np.ndarray, start: np.ndarray, step: np.ndarray,
           frames: int, size: int) -> np.ndarray:
   """The clean videos [n, frames, size, size]: each glyph pasted (max) over the background at
-  its position in every frame."""
-  n, ar = len(imgs), np.arange(digits.CROP)
-  video = np.broadcast_to(background, (n, frames, size, size)).copy()
-  idx = np.arange(n)[:, None, None]
-  for t in range(frames):
-    y, x = (start + step * t).T
-    rows, cols = (y[:, None] + ar)[:, :, None], (x[:, None] + ar)[:, None, :]
-    video[idx, t, rows, cols] = np.maximum(video[idx, t, rows, cols], imgs)
-  return video
+  its position in every frame (all frames at once: a video's frames never overlap)."""
+  video = np.broadcast_to(background, (len(imgs), frames, size, size)).copy()
+  corner = start[:, None] + step[:, None] * np.arange(frames)[:, None]   # [n, frames, 2]
+  return paste(video, imgs[:, None], corner)
 
 
-def degrade(rng: np.random.Generator, video: np.ndarray, shift: Mapping) -> np.ndarray:
-  """The device's appearance on clean videos: contrast inversion, blur, then sensor noise;
-  quantised to uint8."""
+def quantise(clean: np.ndarray, noise: np.ndarray) -> np.ndarray:
+  """uint8 of clip(rint(255 (clean + noise))), worked in `noise`'s float64 buffer: the same
+  float64 arithmetic as the expression, without its temporaries."""
+  np.add(clean, noise, out=noise)
+  np.multiply(noise, 255.0, out=noise)
+  np.rint(noise, out=noise)
+  np.clip(noise, 0, 255, out=noise)
+  return noise.astype(np.uint8)
+
+
+def degrade(rng: np.random.Generator, clean: np.ndarray, shift: Mapping) -> np.ndarray:
+  """The device's appearance on clean images [..., S, S] float32 (overwritten): contrast
+  inversion, blur over the last two axes, then sensor noise; quantised to uint8."""
   if shift["invert"]:
-    video = 1.0 - video
+    clean = np.subtract(1.0, clean, out=clean)
   if shift["blur"] > 0:
-    video = ndimage.gaussian_filter(video, sigma=(0, 0, float(shift["blur"]), float(shift["blur"])))
-  video = video + rng.normal(0.0, float(shift["noise"]), video.shape)
-  return np.clip(np.rint(video * 255.0), 0, 255).astype(np.uint8)
+    blur = float(shift["blur"])
+    clean = ndimage.gaussian_filter(clean, sigma=(0,) * (clean.ndim - 2) + (blur, blur))
+  return quantise(clean, rng.normal(0.0, float(shift["noise"]), clean.shape))
 
 
 def render_videos(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.ndarray,

@@ -19,10 +19,10 @@ the device holds: its real-time data), `support` (a few labelled images, for FTA
 (labelled, evaluation) and `oracle` (plenty of labelled images, for the oracle upper bound).
 All of a window's roles are drawn from that window's shift.
 """
+import pickle
 from typing import Mapping
 
 import numpy as np
-from scipy import ndimage
 
 from mmpg_jax.data import digit_video, digits
 from mmpg_jax.data import moving_digits as md
@@ -101,10 +101,9 @@ SHIFT_KEYS = ("rotation", "thickness", "invert", "noise", "blur", "clutter_stren
               "label_prior", "jumped")
 
 
-def trajectory(cfg: Mapping, split: str, index: int) -> list:
-  """The shifts of a device's windows 0..W-1 (the first drawn from the split's ranges, each
-  next one a drift step from the last). `jumped` marks a window whose shift was redrawn."""
-  images, by_class = _pool(cfg, split)
+def _draw_trajectory(cfg: Mapping, split: str, index: int, images: np.ndarray,
+                     by_class) -> list:
+  """A stream's shifts drawn afresh (trajectory's work), frozen for sharing."""
   ranges = md.split_ranges(cfg, split)
   pool_images = images[np.concatenate(by_class)]
   size = int(cfg["size"])
@@ -113,7 +112,33 @@ def trajectory(cfg: Mapping, split: str, index: int) -> list:
   for _ in range(int(cfg["drift"]["windows"]) - 1):
     nxt, jumped = drift_step(rng, out[-1], ranges, cfg["drift"], size, pool_images)
     out.append(dict(nxt, jumped=np.bool_(jumped)))
+  for shift in out:
+    for v in shift.values():
+      if isinstance(v, np.ndarray):
+        v.flags.writeable = False
   return out
+
+
+# The stream last drawn: (config pickle, split, index), the digit images, its shifts.
+_last_trajectory = (None, None, None)
+
+
+def trajectory(cfg: Mapping, split: str, index: int) -> list:
+  """The shifts of a device's windows 0..W-1 (the first drawn from the split's ranges, each
+  next one a drift step from the last). `jumped` marks a window whose shift was redrawn.
+  The stream last asked for is remembered (meta_window asks for each of its W windows in
+  turn); its arrays are read-only."""
+  global _last_trajectory
+  images, by_class = _pool(cfg, split)
+  try:
+    key = (pickle.dumps(cfg), split, int(index))
+  except (pickle.PicklingError, TypeError, AttributeError):   # not picklable: never remembered
+    key = None
+  last_key, last_images, shifts = _last_trajectory
+  if key is None or last_key != key or last_images is not images:
+    shifts = _draw_trajectory(cfg, split, index, images, by_class)
+    _last_trajectory = (key, images, shifts)
+  return [dict(s) for s in shifts]
 
 
 def render_images(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.ndarray,
@@ -122,30 +147,14 @@ def render_images(rng: np.random.Generator, shift: Mapping, pool_by_class, image
   box sits in an SxS canvas at a random offset (±cfg.jitter px around the centre)."""
   size, crop = int(cfg["size"]), digits.CROP
   label = rng.choice(NUM_CLASSES, size=n, p=shift["label_prior"] / shift["label_prior"].sum())
-  inst = np.array([rng.choice(pool_by_class[d]) for d in label], np.int64)
-  imgs = digit_video.stroke(images[inst].astype(np.float32) / 255.0, int(shift["thickness"]))
-  angles = shift["rotation"] + rng.uniform(-cfg["rotation_jitter"], cfg["rotation_jitter"], n)
-  imgs = np.stack([ndimage.rotate(im, a, reshape=False, order=1) for im, a in zip(imgs, angles)]
-                  ) if n else np.zeros((0, crop, crop), np.float32)
-  imgs = np.clip(imgs, 0.0, 1.0)
+  imgs = digit_video.glyphs(rng, shift, pool_by_class, images, label, cfg["rotation_jitter"])
   centre = (size - crop) // 2
   j = int(cfg["jitter"])
   off = centre + rng.integers(-j, j + 1, size=(n, 2))
   background = shift["clutter_strength"] * shift["clutter"]
   canvas = np.broadcast_to(background, (n, size, size)).astype(np.float32)
-  ar = np.arange(crop)
-  rows = (off[:, 0:1] + ar)[:, :, None]
-  cols = (off[:, 1:2] + ar)[:, None, :]
-  idx = np.arange(n)[:, None, None]
-  canvas[idx, rows, cols] = np.maximum(canvas[idx, rows, cols], imgs)
-  if shift["invert"]:
-    canvas = 1.0 - canvas
-  if shift["blur"] > 0:
-    canvas = ndimage.gaussian_filter(canvas, sigma=(0, float(shift["blur"]),
-                                                    float(shift["blur"])))
-  canvas = canvas + rng.normal(0.0, float(shift["noise"]), canvas.shape)
-  return {"image": np.clip(np.rint(canvas * 255.0), 0, 255).astype(np.uint8),
-          "label": label.astype(np.int32)}
+  canvas = digit_video.paste(canvas, imgs, off)
+  return {"image": digit_video.degrade(rng, canvas, shift), "label": label.astype(np.int32)}
 
 
 _pool = md._pool        # (images, the split's instance pool by class)

@@ -11,6 +11,7 @@ question mix. Each device has roles: `context` (unlabelled videos with the quest
 asked, no answers), `support` (a few labelled samples, for FTA only), `query` (labelled,
 evaluation) and `oracle` (plenty of labelled samples, for the oracle upper bound only).
 """
+import functools
 from typing import Mapping
 
 import numpy as np
@@ -221,15 +222,52 @@ def _draw_labels(rng: np.random.Generator, shift: Mapping, n: int) -> tuple:
   return digit, direction, qtype
 
 
+@functools.lru_cache(maxsize=None)
+def _question_table(name: str, qlen: int) -> np.ndarray:
+  """The tokens of each of a question type's templates [templates, qlen] (fixed: built once)."""
+  table = np.stack([tokenize(t, qlen) for t in QUESTION_TEMPLATES[name]])
+  table.flags.writeable = False
+  return table
+
+
 def _draw_questions(rng: np.random.Generator, n: int, qlen: int) -> np.ndarray:
   """Each video's wording of every question type, tokenised: [n, len(QUESTION_TYPES), qlen]."""
   questions = np.zeros((n, len(QUESTION_TYPES), qlen), np.int32)
   for q, name in enumerate(QUESTION_TYPES):
-    templates = QUESTION_TEMPLATES[name]
-    which = rng.integers(len(templates), size=n)
-    for i in range(n):
-      questions[i, q] = tokenize(templates[which[i]], qlen)
+    which = rng.integers(len(QUESTION_TEMPLATES[name]), size=n)
+    questions[:, q] = _question_table(name, qlen)[which]
   return questions
+
+
+# A caption template's slots, as codes in its token program (token ids are >= 0).
+_SLOTS = {"{t}": -1, "{d}": -2, "{m}": -3}
+_DIGIT_FORM_IDS = np.array([[_CAPTION_ID.get(w, 1) for w in f] for f in DIGIT_FORMS], np.int32)
+_DIRECTION_FORM_IDS = np.array([[_CAPTION_ID.get(w, 1) for w in f] for f in DIRECTION_FORMS],
+                               np.int32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _caption_program(template: str, clen: int) -> np.ndarray:
+  """A caption template's tokens [clen] with its slots {t} {d} {m} left as codes (_SLOTS), so
+  that filling them is a lookup: tokenize(template.format(...)) without the string work. Its
+  slots are whole words (perturb_phrasing keeps them so), each filled by one word."""
+  words = template.split()
+  bad = [w for w in words if ("{" in w or "}" in w) and w not in _SLOTS]
+  if bad:
+    raise ValueError(f"caption template {template!r}: slots must be whole words {list(_SLOTS)}")
+  ids = [_SLOTS.get(w, _CAPTION_ID.get(w, 1)) for w in words][:clen]
+  program = np.array(ids + [0] * (clen - len(ids)), np.int32)
+  program.flags.writeable = False
+  return program
+
+
+def _fill_captions(programs: np.ndarray, thick_id: int, digit_ids: np.ndarray,
+                   direction_ids: np.ndarray) -> np.ndarray:
+  """Captions [n, clen] from their programs [n, clen] and each caption's slot words' ids."""
+  return np.where(programs == _SLOTS["{t}"], thick_id,
+                  np.where(programs == _SLOTS["{d}"], digit_ids[:, None],
+                           np.where(programs == _SLOTS["{m}"], direction_ids[:, None],
+                                    programs))).astype(np.int32)
 
 
 def _draw_captions(caption_rng: np.random.Generator, shift: Mapping, digit: np.ndarray,
@@ -245,15 +283,16 @@ def _draw_captions(caption_rng: np.random.Generator, shift: Mapping, digit: np.n
   which = draw("caption_mix", len(phrasings))
   dform, mform = draw("digit_forms", len(DIGIT_FORMS)), draw("direction_forms",
                                                               len(DIRECTION_FORMS))
-  templates = [phrasings[w] for w in which]
+  if not n:
+    return np.zeros((0, clen), np.int32)
   if "caption_unk" in shift:            # meta devices of `wide_text` only (see device_shift)
-    templates = [perturb_phrasing(caption_rng, t, float(shift["caption_unk"]),
-                                  float(shift["caption_shuffle"])) for t in templates]
-  return np.stack([
-      tokenize(t.format(t=thick_word, d=DIGIT_FORMS[fd][d], m=DIRECTION_FORMS[fm][m]), clen,
-               _CAPTION_ID)
-      for t, d, m, fd, fm in zip(templates, digit, direction, dform, mform)
-  ]) if n else np.zeros((0, clen), np.int32)
+    programs = np.stack([_caption_program(
+        perturb_phrasing(caption_rng, phrasings[w], float(shift["caption_unk"]),
+                         float(shift["caption_shuffle"])), clen) for w in which])
+  else:
+    programs = np.stack([_caption_program(t, clen) for t in phrasings])[which]
+  return _fill_captions(programs, _CAPTION_ID.get(thick_word, 1),
+                        _DIGIT_FORM_IDS[dform, digit], _DIRECTION_FORM_IDS[mform, direction])
 
 
 def render(rng: np.random.Generator, shift: Mapping, pool_by_class, images: np.ndarray, n: int,

@@ -44,16 +44,17 @@ def nearest_spacing(x):
   return jnp.median(d.min(1))
 
 
-def reference_set(task, model, params, fda, fda_params, cfg, summary):
+def reference_set(task, model, params, fda, fda_params, cfg, summary, workdir=None):
   """The FDA's domain codes and edits of `fda.reference_devices` meta devices of the
   distribution it was trained on (ids from 0, as meta-training drew them), with their typical
   spacing (median distance of a code to its nearest other code): the yardstick of how far an
   evaluated device's upload lies from anything meta-training saw, and what the controls (mean
-  edit, nearest device's edit) are made of. {'codes' [R, C], 'edits' (stacked), 'spacing'}."""
+  edit, nearest device's edit) are made of. {'codes' [R, C], 'edits' (stacked), 'spacing'}.
+  With a `workdir` the devices are read from the run's stored pool (the FDA's: its first R)."""
   fc = cfg.fda
   ids = np.arange(min(fc.reference_devices, fc.meta_devices))
   pool = meta_train.encode_devices(task, model, params, ids, fc.meta_query_size,
-                                   what="reference meta devices")
+                                   what="reference meta devices", workdir=workdir)
   consts = task.device_constants(model, params)
 
   @jax.jit
@@ -98,6 +99,6 @@ def shared(ctx, fda, fda_params, summary):
   cached = ctx.shared.get("fda_reference")
   if cached is None or cached[0] is not fda_params:
     cached = (fda_params, reference_set(ctx.task, ctx.model, ctx.params, fda, fda_params,
-                                        ctx.config, summary))
+                                        ctx.config, summary, ctx.workdir))
     ctx.shared["fda_reference"] = cached
   return cached[1]

@@ -38,7 +38,7 @@ STAGE = "fda"
 
 def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int = 64,
                      what: str = "fda meta devices", first_id: int = 0,
-                     selector: str = "herding") -> dict:
+                     selector: str = "herding", workdir: str | None = None) -> dict:
   """Encodes `fc.meta_devices` fresh meta devices (ids first_id..first_id+meta_devices-1; a
   stage that must not see another's devices starts past them).
 
@@ -46,7 +46,9 @@ def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int =
   every step: the herding order of each modality's context elements (greedy herding is
   prefix-consistent, so the first k of a K_max selection are the k-anchor selection) and the
   device's summary. The herding is the device's selector's (`adr.herding_kind`), so episodes
-  see the anchors devices send; each K of `fc.train_ks` has its prefix's weights."""
+  see the anchors devices send; each K of `fc.train_ks` has its prefix's weights. With a
+  `workdir` the encoded devices come from (or go to) the run's stored pools (meta_pool), shared
+  with every stage that reads them; the herding tables and summaries are computed here."""
   k_max = max(max(fc.train_ks), 1)
   herd = adr.herding_kind(selector)
   ks = np.asarray(sorted(set(fc.train_ks)), np.int32)
@@ -69,7 +71,7 @@ def encode_meta_pool(task, model, params, fc, summary=None, chunk_devices: int =
   return meta_train.encode_devices(task, model, params,
                                    range(first_id, first_id + fc.meta_devices),
                                    fc.meta_query_size, extra, what=what,
-                                   chunk_devices=chunk_devices)
+                                   chunk_devices=chunk_devices, workdir=workdir)
 
 
 def episode_upload(task, dev, k):
@@ -151,9 +153,9 @@ def train_fda(task, model, fda, base_params, cfg, val_feats, workdir, metrics, s
   def make_batches():
     t = time.time()
     pool = encode_meta_pool(task, model, base_params, fc, summary=summary,
-                            selector=cfg.adr.selector)
-    logging.info("%s: encoded %d fresh meta devices in %.1fs", stage, fc.meta_devices,
-                 time.time() - t)
+                            selector=cfg.adr.selector, workdir=workdir)
+    logging.info("%s: %d meta devices and their anchor tables ready in %.1fs", stage,
+                 fc.meta_devices, time.time() - t)
     return lambda step: episode_batch(pool, fc, cfg.seed, step)
 
   return meta_train.train_selected(

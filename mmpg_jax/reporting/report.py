@@ -2,8 +2,10 @@
 sections of sections.py, the deployment sections, then each family's own) and PNG plots."""
 import os
 
+import jax
 import numpy as np
 
+from mmpg_jax.core import timing
 from mmpg_jax.core import workdir as wd
 from mmpg_jax.reporting import deploy_sections
 from mmpg_jax.reporting import formats as rf
@@ -39,6 +41,18 @@ def write_report(workdir: str, results: dict, cfg, task, families=()) -> None:
   lines += [f"![{p}]({p})" for p in pngs]
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def write_time_table(workdir: str, rows, wall: float, what: str) -> None:
+  """Appends where `what` spent its wall time to report.md (results.json never holds times: a
+  run's bytes are a function of its seed, not of the machine)."""
+  lines = ["", "## Where the time went", "",
+           f"Wall time of {what}: {wall:.0f} s on {jax.default_backend()} "
+           f"({jax.device_count()} device(s), {os.cpu_count()} host cores). A stage's time "
+           "includes the stages nested under it; nested stages under 0.5% of the wall are not "
+           "shown. Times are this machine's: compare them only with runs on the same one.", ""]
+  with open(os.path.join(workdir, "report.md"), "a") as f:
+    f.write("\n".join(lines + timing.table_lines(rows)) + "\n")
 
 
 def intro_lines(results, cfg, task) -> list:

@@ -3,6 +3,7 @@ embedded moving-digits pixels or a real dataset's frame features, chosen by data
 import jax.numpy as jnp
 
 from mmpg_jax.core.config_errors import ConfigError
+from mmpg_jax.data import moving_digits as md
 from mmpg_jax.data import pipeline, real_video
 from mmpg_jax.data import tfds_real_video as trv
 from mmpg_jax.tasks.base import Task, stack
@@ -71,6 +72,11 @@ class VideoTask(Task, ShiftedMetaData):
       return stack([bench.meta_device(int(i), roles) for i in indices])
     sampler = pipeline.MetaDeviceSampler(self.config.data, roles=roles, labelled=True)
     return stack([sampler.device(int(i)) for i in indices])
+
+  def meta_data_version(self):
+    if self.features:
+      return real_video.input_files(self.config.data.to_dict())
+    return md.GENERATOR_VERSION
 
   def validate_config(self, cfg):
     if self.features:

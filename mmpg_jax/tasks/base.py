@@ -22,6 +22,7 @@ gallery ranking, an entropy, pooled metrics, shifted meta data) is a declared ca
 capabilities.py, tested with isinstance.
 """
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,21 @@ class Task:
   def encode_meta(self, model, params, raw) -> dict:
     """Jittable: raw meta devices -> {'context': feats, 'query': feats (labelled)}."""
     raise NotImplementedError
+
+  def meta_data_key(self) -> str:
+    """What this task's meta devices are a function of (its data config, and the version of
+    what makes them: `meta_data_version`): part of the key of a stored pool of encoded meta
+    devices (training/meta_pool). `encode_meta` must read only the leaves under
+    `encoder_prefixes` (the pool's other key part)."""
+    data = self.config.data.to_dict()
+    data.pop("data_dir", None)                     # where the data lie does not change them
+    return json.dumps({"task": self.name, "data": data, "version": self.meta_data_version()},
+                      sort_keys=True, default=list)
+
+  def meta_data_version(self):
+    """The version of the generator (or the state of the data files) behind the meta devices:
+    bump-tracking a config alone would miss. JSON-serialisable."""
+    return None
 
   def meta_loss(self, model, params, query):
     """(loss, selection metric) on a meta device's labelled query (all it is labelled with)."""

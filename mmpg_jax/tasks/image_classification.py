@@ -141,6 +141,9 @@ class Task(_Base, KnownLabelPrior, LinearHead, ScoredContext, ShiftedMetaData):
     roles = {"context": context_size or cfg["context_size"], "query": query_size}
     return stack([dd.meta_window(cfg, int(i), roles) for i in indices])
 
+  def meta_data_version(self):
+    return dd.GENERATOR_VERSION
+
   def meta_windows_per_stream(self) -> int:
     return int(self.config.data.drift.windows)          # dd.meta_window's layout
 

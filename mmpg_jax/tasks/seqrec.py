@@ -238,6 +238,9 @@ class Task(_Base, Entropy, PooledMetrics):
         f"its state between slices."]
 
   # ---- meta-training (cloud only): the warm users' training positions ------------------------
+  def meta_data_version(self):
+    return [ml.GENERATOR_VERSION, ml.WHEEL_VERSION]
+
   def meta_devices(self, indices, query_size, context_size=None):
     """Meta device i: training position order[i] (a seeded permutation of the cloud's
     positions, so the first N are spread over users): its click window as the context, its

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from mmpg_jax.core import timing
 from mmpg_jax.ondevice import costs
 from mmpg_jax.tasks.base import pad_to
 from mmpg_jax.training.methods import Method
@@ -149,24 +150,29 @@ class Evaluator:
     carry a `window` (a stream task: one entry per device and window) gets each entry's
     position."""
     out = {}
-    sel = self.task.selection_metric.name
     for m in methods:
-      t0 = time.time()
-      on = "val_ood" if m.select_on == "val_ood" and "val_ood" in eval_feats else "validation"
-      hp, scores = self.select(m, params, eval_feats[on] if on == "val_ood" else val_feats)
-      per_group = {g: self.per_device_metrics(m, params, f, hp) for g, f in eval_feats.items()}
-      per_group_diag = {g: self.diagnostics(m, f) for g, f in eval_feats.items()}
-      names = next(iter(per_group_diag.values()), {})
-      diags = {name: {g: d[name] for g, d in per_group_diag.items()} for name in names}
-      out[m.name] = {"hp": hp, "validation": max(scores), "grid_scores": scores,
-                     "grid": list(m.grid), "selected_on": on,
-                     "per_device": per_group, "diagnostics": diags}
-      # A stream task's entries are (device, window) pairs: the report averages by position.
-      windows = {g: np.asarray(f["window"]) for g, f in eval_feats.items() if "window" in f}
-      if windows:
-        out[m.name]["window"] = windows
-        out[m.name]["device_id"] = {g: np.asarray(f["device_id"]) for g, f in eval_feats.items()}
-      logging.info("%-10s hp=%s val %.4f | %s | %.1fs", m.name, hp, max(scores),
-                   " ".join(f"{g} {sel} {v[sel].mean():.4f}" for g, v in per_group.items()),
-                   time.time() - t0)
+      with timing.span(m.name):
+        out[m.name] = self._evaluate(m, params, val_feats, eval_feats)
+    return out
+
+  def _evaluate(self, m, params, val_feats, eval_feats: dict) -> dict:
+    """One method's entry of `run`."""
+    sel = self.task.selection_metric.name
+    t0 = time.time()
+    on = "val_ood" if m.select_on == "val_ood" and "val_ood" in eval_feats else "validation"
+    hp, scores = self.select(m, params, eval_feats[on] if on == "val_ood" else val_feats)
+    per_group = {g: self.per_device_metrics(m, params, f, hp) for g, f in eval_feats.items()}
+    per_group_diag = {g: self.diagnostics(m, f) for g, f in eval_feats.items()}
+    names = next(iter(per_group_diag.values()), {})
+    diags = {name: {g: d[name] for g, d in per_group_diag.items()} for name in names}
+    out = {"hp": hp, "validation": max(scores), "grid_scores": scores, "grid": list(m.grid),
+           "selected_on": on, "per_device": per_group, "diagnostics": diags}
+    # A stream task's entries are (device, window) pairs: the report averages by position.
+    windows = {g: np.asarray(f["window"]) for g, f in eval_feats.items() if "window" in f}
+    if windows:
+      out["window"] = windows
+      out["device_id"] = {g: np.asarray(f["device_id"]) for g, f in eval_feats.items()}
+    logging.info("%-10s hp=%s val %.4f | %s | %.1fs", m.name, hp, max(scores),
+                 " ".join(f"{g} {sel} {v[sel].mean():.4f}" for g, v in per_group.items()),
+                 time.time() - t0)
     return out

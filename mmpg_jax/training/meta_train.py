@@ -6,7 +6,7 @@ disjoint from its cloud training data), and keeps the parameters that score best
 validation devices. This module gives such a stage its parts:
   encode_devices   render and encode meta devices once, in fixed-size chunks (one compile;
                    the next chunk rendered while one is encoded), with progress, rate and
-                   ETA, honouring SIGTERM;
+                   ETA, honouring SIGTERM; with a workdir, once per run (meta_pool.py);
   pool_batch       a step's devices of an encoded pool: a per-epoch permutation, so every
                    device is used once before any repeats (a function of seed and step only);
   validator        the mean selection metric on validation devices of any `params_of(net,
@@ -24,26 +24,49 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mmpg_jax.core import preemption
-from mmpg_jax.training import train
+from mmpg_jax.core import preemption, timing
+from mmpg_jax.training import meta_pool, train
 
 
 def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
                    what: str = "meta devices", chunk_devices: int = 64,
-                   context_size: int | None = None) -> dict:
+                   context_size: int | None = None, workdir: str | None = None) -> dict:
   """Renders and encodes the meta-distribution devices `ids` (`task.meta_devices`,
   `task.encode_meta`) in fixed-size chunks (one compile), honouring SIGTERM after each chunk and
-  logging progress with its rate and ETA. `extra(params, encoded) -> dict` adds per-device
-  arrays computed once here (vmapped over the chunk by the caller's function); `context_size`
-  renders fewer context samples than the devices have (a stage that reads only the query)."""
+  logging progress with its rate and ETA; with a `workdir`, a pool of them is built once per
+  run and stored there (meta_pool.cached: every later stage that reads the same devices with
+  the same encoder reads it). `extra(params, encoded) -> dict` adds per-device arrays computed
+  from the encoded pool (vmapped over a chunk by the caller's function; never stored: they
+  depend on more than the encoder); `context_size` renders fewer context samples than the
+  devices have (a stage that reads only the query)."""
+  encode = lambda part: _encode_chunks(task, model, params, part, query_size, what=what,
+                                       chunk_devices=chunk_devices, context_size=context_size)
+  with timing.span(f"encode {what}"):
+    pool = meta_pool.cached(encode, task, params, ids, query_size, workdir=workdir,
+                            context_size=context_size, what=what)
+    if extra is None:
+      return pool
+    return {**pool, **map_chunks(lambda enc: extra(params, enc), pool, chunk_devices)}
 
-  @jax.jit
-  def enc(p, raw):
-    out = task.encode_meta(model, p, raw)
-    if extra is not None:
-      out.update(extra(p, out))
-    return out
 
+def map_chunks(fn, pool, chunk_devices: int = 64) -> dict:
+  """jit(fn) over a pool's devices in fixed-size chunks (the last padded: one compile),
+  fetched to the host and concatenated."""
+  n = len(jax.tree.leaves(pool)[0])
+  size = max(1, min(chunk_devices, n))
+  jitted = jax.jit(fn)
+  parts = []
+  for s in range(0, n, size):
+    idx = np.minimum(np.arange(s, s + size), n - 1)
+    out = jax.tree.map(np.asarray, jitted(jax.tree.map(lambda v: v[idx], pool)))
+    parts.append(jax.tree.map(lambda v: v[:min(size, n - s)], out))
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+
+
+def _encode_chunks(task, model, params, ids, query_size, *, what, chunk_devices,
+                   context_size):
+  """encode_devices' rendering and encoding (no store, no extras)."""
+  enc = jax.jit(lambda p, raw: task.encode_meta(model, p, raw))
   ids = [int(i) for i in ids]
   n = len(ids)
   chunk_devices = max(1, min(chunk_devices, n))   # a small set is not padded to a full chunk
@@ -53,8 +76,8 @@ def encode_devices(task, model, params, ids, query_size: int, extra=None, *,
     chunks.append(part + [part[-1]] * (chunk_devices - len(part)))   # fixed shapes: one compile
   parts = []
   t0, last_log = time.time(), time.time()
-  # A host thread renders chunk i+1 (numpy, one device at a time) while chunk i is encoded:
-  # the main thread only dispatches and waits, so the two overlap on the host's cores.
+  # A host thread renders chunk i+1 (numpy) while chunk i is encoded: the main thread only
+  # dispatches and waits, so the two overlap on the host's cores.
   with concurrent.futures.ThreadPoolExecutor(1) as renderer:
     # a task written before `context_size` existed renders its full context
     takes = "context_size" in inspect.signature(task.meta_devices).parameters

@@ -22,12 +22,14 @@ from mmpg_jax.training import meta_train
 RESAMPLE_STREAM = 0x5EED
 
 
-def build_pool(task, model, params, fc, num_devices: int, chunk_devices: int = 64) -> dict:
-  """The P rendered and encoded pool devices (context and query roles), fresh for the FDA."""
+def build_pool(task, model, params, fc, num_devices: int, chunk_devices: int = 64,
+               workdir: str | None = None) -> dict:
+  """The P rendered and encoded pool devices (context and query roles), fresh for the FDA;
+  with a `workdir` (the run's), stored there once and read by every later generation."""
   ids = range(fc.meta_devices, fc.meta_devices + num_devices)
   return meta_train.encode_devices(task, model, params, ids, fc.meta_query_size,
                                    what="pool devices for generation",
-                                   chunk_devices=chunk_devices)
+                                   chunk_devices=chunk_devices, workdir=workdir)
 
 
 def device(task, pool, n, seed, constants) -> dict:

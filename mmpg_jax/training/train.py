@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mmpg_jax.core import checkpointing, preemption
+from mmpg_jax.core import checkpointing, preemption, timing
 from mmpg_jax.tasks import capabilities
 
 STAGE = "global"
@@ -73,12 +73,18 @@ def make_train_step(loss_fn, tx, key: str = "params"):
   return jax.jit(step)
 
 
-def run_stage(stage: str, state, sc, *, workdir, metrics, key, prepare, after_step=None,
-              hint: str = "", keep: int = 2):
+def run_stage(stage: str, state, sc, **kwargs):
   """Trains `state` (a dict with 'step') for `sc.num_steps` steps, resuming if the stage has
-  checkpoints. `prepare(state, start) -> (state, step_fn, batch_fn)` runs only when there is
-  work left (compile, encode data); `after_step(state, done) -> (state, row)` may evaluate and
-  return extra metrics to log. Returns the final state."""
+  checkpoints (`_run_stage`'s keywords). `prepare(state, start) -> (state, step_fn, batch_fn)`
+  runs only when there is work left (compile, encode data); `after_step(state, done) ->
+  (state, row)` may evaluate and return extra metrics to log. Returns the final state. Its
+  wall time is the run's time table's row `stage`."""
+  with timing.span(stage):
+    return _run_stage(stage, state, sc, **kwargs)
+
+
+def _run_stage(stage: str, state, sc, *, workdir, metrics, key, prepare, after_step=None,
+               hint: str = "", keep: int = 2):
   with checkpointing.StageCheckpointer(workdir, stage, keep) as ckpt:
     state, start = ckpt.resume(state, sc.num_steps)
     if start >= sc.num_steps:
@@ -204,7 +210,9 @@ def train_global(task, model, config, data, workdir, metrics):
     batches = data.global_batches(tc.batch_size, seed=config.seed)
     step_fn = make_train_step(lambda p, b: task.global_loss(model, p, b), tx)
     if select:
-      cache["val"] = data.devices("validation")
+      # the oracle role (the largest) is never scored here: not encoded at every validation
+      cache["val"] = {k: v for k, v in data.devices("validation").items()
+                      if k != task.oracle_role}
       cache["score"] = device_metrics(task, model, lambda net, dev: net)
     return state, step_fn, lambda step: batches[step]
 

@@ -112,7 +112,7 @@ def train(task, model, fda, experts, base_params, cfg, val_feats, workdir, metri
     pool = fda_stage.encode_meta_pool(task, model, base_params, sc, summary=summary,
                                       what=f"{stage} meta devices",
                                       first_id=cfg.fda.meta_devices,
-                                      selector=cfg.adr.selector)
+                                      selector=cfg.adr.selector, workdir=workdir)
     return lambda step: fda_stage.episode_batch(pool, sc, cfg.seed, step)
 
   validate = meta_train.validator(task, model, val_feats, lambda rp, dev: P.apply_edit(

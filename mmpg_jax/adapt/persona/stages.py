@@ -94,7 +94,8 @@ def _pool(ctx):
   pc = ctx.config.persona
   t = time.time()
   pool = meta_train.encode_devices(ctx.task, ctx.model, ctx.params, range(pc.meta_devices),
-                                   pc.meta_query_size, what="persona meta windows")
+                                   pc.meta_query_size, what="persona meta windows",
+                                   workdir=ctx.workdir)
   logging.info("persona: encoded %d meta windows in %.1fs", pc.meta_devices, time.time() - t)
   return pool
 
