@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmpg_jax.data import drifting_digits as dd
+from mmpg_jax.data import threads
 from mmpg_jax.data import tfds_moving_digits as tmd
 
 DEVICE_SPLITS = tmd.DEVICE_SPLITS
@@ -39,8 +40,9 @@ class DriftingDigitsCloud(tmd._Base):
   def _generate_examples(self):
     cfg = self.builder_config.data
     n = cfg["global_images_per_device"]
-    for d in range(cfg["num_global_devices"]):
-      imgs = dd.make_global_train_device(cfg, d, n)
+    devices = threads.ordered_map(lambda d: dd.make_global_train_device(cfg, d, n),
+                                  range(cfg["num_global_devices"]))
+    for d, imgs in enumerate(devices):
       for i in range(n):
         yield d * n + i, {"image": imgs["image"][i], "label": imgs["label"][i],
                           "device_id": np.int32(d)}
@@ -78,5 +80,7 @@ class DriftingDigitsDevices(tmd._Base):
 
   def _generate_examples(self, split):
     cfg = self.builder_config.data
-    for d in range(tmd.device_split_sizes(cfg)[split]):
-      yield d, dd.make_device(cfg, split, d, dd.device_roles(cfg, split))
+    roles = dd.device_roles(cfg, split)
+    devices = threads.ordered_map(lambda d: dd.make_device(cfg, split, d, roles),
+                                  range(tmd.device_split_sizes(cfg)[split]))
+    yield from enumerate(devices)

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmpg_jax.data import moving_digits as md
+from mmpg_jax.data import threads
 
 DEVICE_SPLITS = ("validation", "test", "test_ood", "val_ood")
 
@@ -112,8 +113,9 @@ class MovingDigitsCloud(_Base):
   def _generate_examples(self):
     cfg = self.builder_config.data
     n = cfg["global_videos_per_device"]
-    for d in range(cfg["num_global_devices"]):
-      vids = md.make_global_train_device(cfg, d, n)
+    devices = threads.ordered_map(lambda d: md.make_global_train_device(cfg, d, n),
+                                  range(cfg["num_global_devices"]))
+    for d, vids in enumerate(devices):
       for i in range(n):
         ex = {k: v[i] for k, v in vids.items()}
         ex["device_id"] = np.int32(d)
@@ -153,5 +155,7 @@ class MovingDigitsDevices(_Base):
 
   def _generate_examples(self, split):
     cfg = self.builder_config.data
-    for d in range(device_split_sizes(cfg)[split]):
-      yield d, md.make_device(cfg, split, d, md.device_roles(cfg, split))
+    roles = md.device_roles(cfg, split)
+    devices = threads.ordered_map(lambda d: md.make_device(cfg, split, d, roles),
+                                  range(device_split_sizes(cfg)[split]))
+    yield from enumerate(devices)
