@@ -5,14 +5,18 @@ r"""Benchmarks: figures and ratios measured side by side in one run, one JSON ob
 
   generate           cloud edit generation (the FDA forward) for N = --num_devices (default
                      1,000 / 10,000 / 100,000) devices: a per-device Python loop of a jitted
-                     generate vs jit(vmap(generate)) streamed in chunks of --device_batch, sharded
-                     over every local accelerator, results fetched to the host as the command
-                     does. flops_per_device (XLA cost analysis), devices/s of both and their
+                     generate vs the EditGenerator (jit of the vmapped generate, in sub-batches
+                     on a CPU: device_map.CPU_SUB_BATCH) streamed in chunks of --device_batch,
+                     sharded over every local accelerator, results fetched to the host as the
+                     command does. flops_per_device (XLA cost analysis of one jitted generate;
+                     _batched: of the vmapped one, per device), devices/s of both and their
                      ratio, achieved GFLOP/s beside the float32 matmul peak measured in the same
-                     run, and their ratio. FDA parameters random (timings do not depend on them).
+                     run, and their ratio (share_of_matmul_peak; _batched_flops: counting the
+                     batched FLOPs). FDA parameters random (timings do not depend on them).
                      The last row's `profile`: one chunk through each of the FDA's pieces (set
                      encoder, EM, domain code, layer recurrence, heads, assembling the edit),
-                     jitted apart: time share, FLOP share and achieved GFLOP/s of each.
+                     jitted apart, mapped as generation maps them: time share, FLOP share and
+                     achieved GFLOP/s of each.
   stream             the streaming command itself (`python -m mmpg_jax.generate`, a subprocess
                      per N, writing edit shards to a temporary directory) on --run_dir: devices/s
                      including the device-side uploads it simulates, and peak_rss_mb at each N.
@@ -45,6 +49,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mmpg_jax import generate, tasks
+from mmpg_jax.bench_timing import best_time as _best_time
+from mmpg_jax.bench_timing import matmul_peak, profile_pieces
+from mmpg_jax.bench_timing import xla_flops as _xla_flops
 from mmpg_jax.adapt import baselines, cdc_mmpg
 from mmpg_jax.core import params as P
 from mmpg_jax.core import workdir
@@ -68,31 +75,6 @@ _BATCH = flags.DEFINE_integer("device_batch", 1024, "devices per compiled chunk"
 _K = flags.DEFINE_integer("k", 16, "anchors per device")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats (best is reported)")
 _POOL = flags.DEFINE_integer("pool_devices", 1024, "meta devices the meta_pool benchmark encodes")
-
-
-def _best_time(fn, repeats):
-  jax.block_until_ready(fn())                      # compile / warm up
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - t)
-  return best
-
-
-def _xla_flops(jitted, *args) -> float:
-  return float(jitted.lower(*args).compile().cost_analysis()["flops"])
-
-
-def matmul_peak(repeats: int) -> dict:
-  """Best float32 matmul throughput of this backend (n = 1024 and 2048), GFLOP/s."""
-  out = {}
-  for n in (1024, 2048):
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    mm = jax.jit(lambda x, y: x @ y)
-    out[n] = 2 * n ** 3 / _best_time(lambda: mm(a, a), repeats) / 1e9
-  return {"matmul_gflops": max(out.values()),
-          "matmul_gflops_by_size": {str(k): v for k, v in out.items()}}
 
 
 def _random_fda(cfg):
@@ -140,7 +122,8 @@ def bench_generate(cfg, peak):
   flops = _xla_flops(one, fp, single)
   gen = generate.EditGenerator(fda, fp, b)
   banks = [_uploads(fda, b, k, 10 + i) for i in range(4)]
-  flops_batched = _xla_flops(gen.fn, gen._params, jax.device_put(banks[0], gen.sharding)) / b
+  vmapped = jax.jit(jax.vmap(lambda p, u: fda_lib.generate(fda, p, u), in_axes=(None, 0)))
+  flops_batched = _xla_flops(vmapped, fp, banks[0]) / b     # (a sub-batch loop counts once)
   loop_bank = _uploads(fda, 256, k, 3)
   per_device = [jax.tree.map(lambda x: x[i], loop_bank) for i in range(256)]
   jax.block_until_ready(one(fp, per_device[0]))
@@ -157,55 +140,16 @@ def bench_generate(cfg, peak):
     rows.append({
         "benchmark": "generate", "task": cfg.task, "num_devices": n, "k": k,
         "modalities": [m for m, _ in fda.modalities], "device_batch": b,
+        "sub_batch": gen.sub_batch,
         "accelerators": gen.mesh.devices.size, "backend": jax.default_backend(),
         "flops_per_device": flops, "flops_per_device_batched": flops_batched,
         "devices_per_s": {"loop": n / t_loop, "batched_sharded": rate},
         "speedup_batched_over_loop": t_loop / t_batch,
         "achieved_gflops": rate * flops / 1e9, **peak,
-        "share_of_matmul_peak": rate * flops / 1e9 / peak["matmul_gflops"]})
-  rows[-1]["profile"] = profile_pieces(fda, fp, banks[0], _REPEATS.value)
+        "share_of_matmul_peak": rate * flops / 1e9 / peak["matmul_gflops"],
+        "share_of_matmul_peak_batched_flops": rate * flops_batched / 1e9 / peak["matmul_gflops"]})
+  rows[-1]["profile"] = profile_pieces(fda, fp, banks[0], _REPEATS.value, gen.sub_batch)
   return rows
-
-
-def profile_pieces(fda, fda_params, uploads, repeats: int) -> dict:
-  """The FDA's pieces (model.FDA's methods) each jitted and vmapped over one chunk of uploads,
-  fed the previous pieces' outputs: seconds, XLA FLOPs, time share, FLOP share and achieved
-  GFLOP/s of each, beside the whole chunk's fused generate."""
-  v = {"params": fda_params}
-  call = lambda method, *a: fda.apply(v, *a, method=method)
-  primary = fda.modalities[0][0]
-  summary = jax.vmap(lambda u: call(fda_lib.FDA.summary_of, u))(uploads)
-  pieces = [("set_encoder", lambda u: call(fda_lib.FDA.encode, u), (uploads,))]
-  pooled, h = jax.jit(jax.vmap(pieces[0][1]))(uploads)
-  ratio = None
-  if fda.label_groups:
-    pieces.append(("em", lambda h, w: call(fda_lib.FDA.label_prior, h, w),
-                   (h, uploads.weights[primary])))
-    ratio = jax.jit(jax.vmap(pieces[-1][1]))(*pieces[-1][2])[1]
-  pieces.append(("domain_code", lambda p, r, s: call(fda_lib.FDA.domain_code, p, r, s),
-                 (pooled, ratio, summary)))
-  z = jax.jit(jax.vmap(pieces[-1][1]))(*pieces[-1][2])
-  pieces.append(("layer_recurrence", lambda z: call(fda_lib.FDA.layer_codes, z), (z,)))
-  e = jax.jit(jax.vmap(pieces[-1][1]))(z)
-  pieces.append(("heads", lambda e: call(fda_lib.FDA.heads, e), (e,)))
-  outs = jax.jit(jax.vmap(pieces[-1][1]))(e)
-  pieces.append(("assemble", lambda o, r, s: call(fda_lib.FDA.assemble, o, r, s),
-                 (outs, ratio, summary)))
-  rows = {}
-  for name, fn, args in pieces:
-    jitted = jax.jit(jax.vmap(fn))
-    rows[name] = {"seconds": _best_time(lambda: jitted(*args), repeats),
-                  "flops": _xla_flops(jitted, *args)}
-  whole = jax.jit(jax.vmap(lambda u: fda_lib.generate(fda, fda_params, u)))
-  t_whole = _best_time(lambda: whole(uploads), repeats)
-  t_sum = sum(r["seconds"] for r in rows.values())
-  f_sum = sum(r["flops"] for r in rows.values())
-  for r in rows.values():
-    r.update(time_share=r["seconds"] / t_sum, flop_share=r["flops"] / max(f_sum, 1.0),
-             achieved_gflops=r["flops"] / r["seconds"] / 1e9)
-  return {"devices": len(jax.tree.leaves(uploads)[0]), "pieces": rows,
-          "sum_of_pieces_seconds": t_sum, "whole_chunk_seconds": t_whole,
-          "whole_chunk_gflops": _xla_flops(whole, uploads) / t_whole / 1e9}
 
 
 def _timed(fn):

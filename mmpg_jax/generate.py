@@ -8,14 +8,15 @@ restores the hypernetwork (FDA) and the device model of a finished run (`RUN`, w
 simulated devices (`simulate.py`) through one jitted function per chunk of `device_batch`
 devices: on the accelerator each device makes its upload with the device-side code the
 evaluation runs (`fda.round_trip.device_upload`: ADR anchors + its forward-only summary), and
-the FDA turns it into the edit. The chunk's device axis is sharded with NamedSharding over a Mesh of
-every local accelerator; the next chunk is dispatched before the previous one is fetched, and
-shards are written by a background thread, so host and accelerator work overlap. Edits go to
-numpy shards with a JSON index (`edit_shards.py`), or with `--evaluate` only per-shard sums of
-the devices' query metric with and without their edit. Memory is flat in N. A rerun skips the
-shards already written (a killed run resumes by chunk and ends with the same bytes). With
-`--distributed` (multi-host TPU), `jax.distributed.initialize()` connects the hosts and host p
-of P takes shards p, p+P, ...
+the FDA turns it into the edit. The chunk's device axis is sharded with NamedSharding over a
+Mesh of every local accelerator (`core/device_map.py`: each maps its own share, on a CPU in
+vmapped sub-batches that stay in cache); the next chunk is dispatched before the previous one is
+fetched, and shards are written by a background thread, so host and accelerator work overlap.
+Edits go to numpy shards with a JSON index (`edit_shards.py`), or with `--evaluate` only
+per-shard sums of the devices' query metric with and without their edit. Memory is flat in N.
+A rerun skips the shards already written (a killed run resumes by chunk and ends with the same
+bytes). With `--distributed` (multi-host TPU), `jax.distributed.initialize()` connects the
+hosts and host p of P takes shards p, p+P, ...
 
 Uploads that arrive from real devices are checked at the boundary (`upload.validate_upload`):
 a bad upload is refused with a message, never turned into a silently wrong edit. An upload is
@@ -35,31 +36,20 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
-from mmpg_jax.core import checkpointing, edit_shards
+from mmpg_jax.core import checkpointing, device_map, edit_shards
 from mmpg_jax.core import params as P
 from mmpg_jax.core import preemption
 from mmpg_jax.core import workdir as workdir_lib
+from mmpg_jax.core.device_map import default_sub_batch, make_mesh, sharded_map
 from mmpg_jax.core.upload import UploadError, validate_upload
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
 from mmpg_jax.fda import stage as fda_stage
 from mmpg_jax.training import runs, simulate
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh ('data') over the given accelerators (default: this host's own)."""
-  return Mesh(np.array(devices if devices is not None else jax.local_devices()), ("data",))
-
-
-def _check_batch(device_batch: int, mesh) -> None:
-  n = mesh.devices.size
-  if device_batch <= 0 or device_batch % n:
-    raise ValueError(f"device_batch={device_batch} must be a positive multiple of the {n} "
-                     f"accelerators in the mesh (each takes device_batch / {n} devices)")
 
 
 class EditGenerator:
@@ -68,14 +58,16 @@ class EditGenerator:
   `chunks(uploads)` yields them chunk by chunk (memory flat in N); `gen(uploads)` concatenates."""
 
   def __init__(self, fda, fda_params, device_batch: int = 256, mesh=None,
-               max_anchors: int | None = None):
+               max_anchors: int | None = None, sub_batch="auto"):
     self.fda, self.fda_params = fda, fda_params
     self.mesh = mesh or make_mesh()
-    _check_batch(device_batch, self.mesh)
+    device_map.check_batch(device_batch, self.mesh)
     self.device_batch, self.max_anchors = device_batch, max_anchors
+    self.sub_batch = default_sub_batch("generate") if sub_batch == "auto" else sub_batch
     self.sharding = NamedSharding(self.mesh, PS("data"))
     self._params = jax.device_put(fda_params, NamedSharding(self.mesh, PS()))
-    self.fn = jax.jit(jax.vmap(lambda p, u: fda_lib.generate(fda, p, u), in_axes=(None, 0)),
+    gen = lambda p, u: fda_lib.generate(fda, p, u)
+    self.fn = jax.jit(lambda p, u: sharded_map(gen, self.mesh, self.sub_batch, p)(u),
                       out_shardings=self.sharding)
 
   def validate(self, uploads):
@@ -118,10 +110,11 @@ class Streamer:
   once (`traces` counts it)."""
 
   def __init__(self, task, model, config, params, fda, fda_params, summary, pool, *,
-               device_batch: int, evaluate: bool = False, mesh=None):
+               device_batch: int, evaluate: bool = False, mesh=None, sub_batch="auto"):
     self.mesh = mesh or make_mesh()
-    _check_batch(device_batch, self.mesh)
+    device_map.check_batch(device_batch, self.mesh)
     self.device_batch, self.evaluate, self.traces = device_batch, evaluate, 0
+    self.sub_batch = default_sub_batch("stream") if sub_batch == "auto" else sub_batch
     self.sharding = NamedSharding(self.mesh, PS("data"))
     replicated = NamedSharding(self.mesh, PS())
     self.dtype = jnp.dtype(config.comm_dtype)
@@ -143,7 +136,7 @@ class Streamer:
 
     def chunk_fn(base, fp, pool, ids):
       self.traces += 1                          # runs at trace time only
-      return jax.vmap(one, in_axes=(None, None, None, 0))(base, fp, pool, ids)
+      return sharded_map(one, self.mesh, self.sub_batch, base, fp, pool)(ids)
 
     self._fn = jax.jit(chunk_fn, out_shardings=self.sharding)
     self._args = jax.device_put((params, fda_params, pool), replicated)
@@ -317,7 +310,7 @@ def run(config, workdir, num_devices, out=None, device_batch=1024, pool_devices=
   out = out or os.path.join(os.path.abspath(workdir), "generated",
                             f"{'metrics' if evaluate else 'edits'}_n{num_devices}")
   mesh = make_mesh()
-  _check_batch(device_batch, mesh)
+  device_map.check_batch(device_batch, mesh)
   index = run_index(config, fda, fda_params, num_devices, device_batch, pool_devices, evaluate)
   if jax.process_index() == 0:
     edit_shards.open_output(out, index)            # a different run's OUT fails here, early
@@ -325,7 +318,7 @@ def run(config, workdir, num_devices, out=None, device_batch=1024, pool_devices=
     multihost_utils.sync_global_devices("mmpg_jax.generate: index written")
     edit_shards.open_output(out, index)              # every host checks it is the same run
   t = time.time()
-  pool = simulate.build_pool(task, model, params, config.fda, pool_devices)
+  pool = simulate.build_pool(task, model, params, config.fda, pool_devices, workdir=workdir)
   t_pool = time.time() - t
   streamer = Streamer(task, model, config, params, fda, fda_params, summary, pool,
                       device_batch=device_batch, evaluate=evaluate, mesh=mesh)

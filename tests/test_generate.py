@@ -150,6 +150,7 @@ def test_the_generate_command_end_to_end(clean_run, data_dir, tmp_path):
   results = [p.communicate(timeout=300) for p in procs]
   for p, (o, e) in zip(procs, results):
     assert p.returncode == 0, e[-3000:]
+    assert "read from the stored pool" in e      # the first command stored it in the run's workdir
   rows = [json.loads(o.strip().splitlines()[-1]) for o, _ in results]
   assert sorted(r["shards_written"] for r in rows) == [1, 2]               # shards 0, 2 | 1
   for name, data in before.items():

@@ -36,6 +36,7 @@ FLOORS = (
     ("mmpg_jax.reporting.sections", 6), ("mmpg_jax.reporting.deploy_sections", 6),
     ("mmpg_jax.reporting.aggregate", 6), ("mmpg_jax.reporting.aggregate_deploy", 6),
     ("mmpg_jax.main", 6), ("mmpg_jax.generate", 6), ("mmpg_jax.bench", 6),
+    ("mmpg_jax.bench_timing", 6),
     ("mmpg_jax.reporting", 0),           # the reporting package's own __init__ (imports nothing)
     ("mmpg_jax", 0),                     # the package's own __init__
 )

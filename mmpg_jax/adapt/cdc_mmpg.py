@@ -100,12 +100,6 @@ def validate_config(cfg, task, model, abstract_params) -> None:
          f"each K in 0..{n_el} (0 = all anchor elements; {where})")
   for sel in (a.selector,) + tuple(a.ablations):
     need(adr.is_selector(sel), "adr.selector/ablations", sel, f"known: {adr.SELECTORS}")
-  nystrom = [s for s in (a.selector,) + tuple(a.ablations)
-             if (adr.herding_size(s) or ("",))[0] == "herding_ny"]
-  need(not nystrom or len(num_elements) == 1, "adr.selector/ablations", nystrom,
-       f"a one-modality task: this task's anchors have {len(num_elements)} modalities, and "
-       "Nystrom herding over several in one compiled program hung the XLA CPU runtime; use "
-       "herding or herding_rp<d>")
   need(a.selector not in a.ablations, "adr.ablations", a.ablations,
        f"an ablation other than the default selector {a.selector!r} (cdc_mmpg is its row)")
   flat = P.flatten(abstract_params)

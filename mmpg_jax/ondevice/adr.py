@@ -10,7 +10,8 @@ Selectors (all pure; jit- and vmap-able with K static):
             the anchors and all elements (RBF kernel, median-heuristic bandwidth).
   herding_ny<m>  herding (and Voronoi weights) on the Nystrom approximation of the kernel from
             m landmark elements spread over the context (e.g. herding_ny32): N x m kernel
-            entries instead of N x N, which are most of herding's cost.
+            entries instead of N x N, which are most of herding's cost; the landmark kernel's
+            Cholesky factor unrolled in matmuls (no LAPACK call: it batches under vmap).
   herding_rp<d>  herding on the elements mapped by a fixed random Gaussian projection to d
             dimensions: distances kept in expectation only (Johnson-Lindenstrauss).
   Both send the original elements as anchors.
@@ -67,10 +68,13 @@ def _kth_smallest_bits(bits, k: int):
   """The k-th smallest (0-based) of non-negative float32 values given as their int32 bit
   patterns (which order like the floats): a bisection over the 31 value bits, counting."""
 
+  ones = jnp.ones(bits.shape[0], jnp.float32)
+
   def body(_, lo_hi):
     lo, hi = lo_hi
     mid = lo + (hi - lo) // 2
-    ok = (bits <= mid).sum() >= k + 1
+    # counted by a dot (exact below 2^24): XLA's CPU reduce of a bool mask runs ~2x slower
+    ok = (bits <= mid).astype(jnp.float32) @ ones >= k + 1
     return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
   lo, _ = jax.lax.fori_loop(0, 31, body, (jnp.int32(0), jnp.int32(0x7F800000)))
@@ -150,16 +154,38 @@ def landmarks(n: int, m: int):
   return np.floor((np.arange(m) + 0.5) * n / m).astype(np.int32)
 
 
+def cholesky_unrolled(a):
+  """The lower Cholesky factor of a small SPD matrix, column by column in plain matmuls
+  (left-looking): no LAPACK call, so it batches under vmap (a per-device LAPACK Cholesky runs
+  one small call at a time) and XLA counts its FLOPs. The same arithmetic as LAPACK's to float
+  rounding; a matrix that is not positive definite gives NaN, as LAPACK's does."""
+  n = a.shape[-1]
+  rows = jnp.arange(n)
+  chol = jnp.zeros_like(a)
+  for j in range(n):
+    col = a[:, j] - chol @ chol[j]
+    chol = chol.at[:, j].set(jnp.where(rows >= j, col * jax.lax.rsqrt(col[j]), 0.0))
+  return chol
+
+
+def solve_lower_unrolled(chol, b):
+  """x with chol x = b (chol lower triangular [n, n], b [n, m]), by forward substitution."""
+  x = jnp.zeros_like(b)
+  for i in range(chol.shape[-1]):
+    x = x.at[i].set((b[i] - chol[i] @ x) / chol[i, i])
+  return x
+
+
 def nystrom_features(x, m: int, jitter: float = 1e-4):
   """phi [N, m] with phi phi^T = C W^-1 C^T, the Nystrom approximation of the RBF kernel
   matrix from m landmark elements (C = k(x, landmarks), W = k(landmarks, landmarks)); the
   bandwidth is the median squared distance of elements to landmarks. N m distances instead
-  of N^2: the cost of herding drops by about N / m."""
+  of N^2: the cost of herding drops by about N / m. phi = C L^-T with L L^T = W."""
   lm = landmarks(x.shape[0], min(m, x.shape[0]))
   d = _sq_dists(x, x[lm])                                      # [N, m]
   c = jnp.exp(-d / jnp.maximum(median_nonneg(d.reshape(-1)), 1e-6))
-  chol = jnp.linalg.cholesky(c[lm] + jitter * jnp.eye(len(lm)))
-  phi = jax.scipy.linalg.solve_triangular(chol, c.T, lower=True).T
+  chol = cholesky_unrolled(c[lm] + jitter * jnp.eye(len(lm)))
+  phi = solve_lower_unrolled(chol, c.T).T
   # A landmark kernel too singular for float32 (many identical elements) fails the Cholesky
   # with NaN: fall back to the kernel columns themselves (a cruder, finite feature map).
   return jnp.where(jnp.isfinite(phi).all(), phi, c)
