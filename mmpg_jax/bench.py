@@ -49,9 +49,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mmpg_jax import generate, tasks
-from mmpg_jax.bench_timing import best_time as _best_time
-from mmpg_jax.bench_timing import matmul_peak, profile_pieces
-from mmpg_jax.bench_timing import xla_flops as _xla_flops
+from mmpg_jax.bench_timing import best_time, matmul_peak, profile_pieces, xla_flops
 from mmpg_jax.adapt import baselines, cdc_mmpg
 from mmpg_jax.core import params as P
 from mmpg_jax.core import workdir
@@ -119,11 +117,11 @@ def bench_generate(cfg, peak):
   k, b = _K.value, _BATCH.value
   one = jax.jit(lambda p, u: fda_lib.generate(fda, p, u))
   single = jax.tree.map(lambda x: x[0], _uploads(fda, 1, k, 2))
-  flops = _xla_flops(one, fp, single)
+  flops = xla_flops(one, fp, single)
   gen = generate.EditGenerator(fda, fp, b)
   banks = [_uploads(fda, b, k, 10 + i) for i in range(4)]
   vmapped = jax.jit(jax.vmap(lambda p, u: fda_lib.generate(fda, p, u), in_axes=(None, 0)))
-  flops_batched = _xla_flops(vmapped, fp, banks[0]) / b     # (a sub-batch loop counts once)
+  flops_batched = xla_flops(vmapped, fp, banks[0]) / b     # (a sub-batch loop counts once)
   loop_bank = _uploads(fda, 256, k, 3)
   per_device = [jax.tree.map(lambda x: x[i], loop_bank) for i in range(256)]
   jax.block_until_ready(one(fp, per_device[0]))
@@ -218,7 +216,7 @@ def bench_device_adaptation(cfg):
   fta = next(m for m in baselines.build(ctx) if m.name == "fta_k5")
   hp = hps.get("fta_k5", fta.grid[0])
   ctx_sub = {k: v for k, v in val.items() if k in fta.uses or k not in task.roles}
-  t_fta = _best_time(lambda: jax.jit(jax.vmap(lambda d: fta.adapt(params, d, hp)))(ctx_sub),
+  t_fta = best_time(lambda: jax.jit(jax.vmap(lambda d: fta.adapt(params, d, hp)))(ctx_sub),
                      _REPEATS.value)
   c = fta.cost(hp)
   n_fta = c.labels_used_per_device
@@ -236,8 +234,8 @@ def bench_device_adaptation(cfg):
         summary=summary)))
     edits = jax.jit(jax.vmap(lambda u: fda_lib.generate(fda, fp, u)))(upload(sub))   # cloud
     merge = jax.jit(jax.vmap(lambda e: P.apply_edit(params, e, cfg.fda.clip)))
-    t_up = _best_time(lambda: upload(sub), _REPEATS.value)
-    t_merge = _best_time(lambda: merge(edits), _REPEATS.value)
+    t_up = best_time(lambda: upload(sub), _REPEATS.value)
+    t_merge = best_time(lambda: merge(edits), _REPEATS.value)
     c = m.cost({})
     without = c.device_flops - cm.encode(cfg.data.context_size)
     rows.append({"benchmark": "device_adaptation", "task": cfg.task, "method": m.name,
@@ -311,14 +309,14 @@ def bench_adr(cfg):
   for sel in adr.SELECTORS:
     fn = jax.jit(jax.vmap(lambda c: adr.select(task.anchor_elements(c)[mod], _K.value, sel,
                                                jax.random.key(0))))
-    out["ms_per_device"][sel] = 1e3 * _best_time(lambda: fn(ctx), _REPEATS.value) / 64
+    out["ms_per_device"][sel] = 1e3 * best_time(lambda: fn(ctx), _REPEATS.value) / 64
     a, wt = fn(ctx)
     out["mmd2"][sel] = float(jnp.mean(jax.vmap(adr.mmd2)(a, wt, el)))
   out["herding_vs_random_mmd_ratio"] = out["mmd2"]["herding"] / out["mmd2"]["random"]
   sq = jax.vmap(lambda e: adr._sq_dists(e, e)[np.triu_indices(e.shape[0], k=1)])(el)
   out["median_ms_per_device"] = {
-      "sort (jnp.median)": 1e3 * _best_time(lambda: jax.jit(jax.vmap(jnp.median))(sq), 3) / 64,
-      "counting (adr.median_nonneg)": 1e3 * _best_time(
+      "sort (jnp.median)": 1e3 * best_time(lambda: jax.jit(jax.vmap(jnp.median))(sq), 3) / 64,
+      "counting (adr.median_nonneg)": 1e3 * best_time(
           lambda: jax.jit(jax.vmap(adr.median_nonneg))(sq), 3) / 64}
   return [out]
 

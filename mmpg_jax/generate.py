@@ -40,11 +40,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
-from mmpg_jax.core import checkpointing, device_map, edit_shards
+from mmpg_jax.core import checkpointing, edit_shards
 from mmpg_jax.core import params as P
 from mmpg_jax.core import preemption
 from mmpg_jax.core import workdir as workdir_lib
-from mmpg_jax.core.device_map import default_sub_batch, make_mesh, sharded_map
+from mmpg_jax.core.device_map import check_batch, default_sub_batch, make_mesh, sharded_map
 from mmpg_jax.core.upload import UploadError, validate_upload
 from mmpg_jax.fda import model as fda_lib
 from mmpg_jax.fda import round_trip
@@ -61,7 +61,7 @@ class EditGenerator:
                max_anchors: int | None = None, sub_batch="auto"):
     self.fda, self.fda_params = fda, fda_params
     self.mesh = mesh or make_mesh()
-    device_map.check_batch(device_batch, self.mesh)
+    check_batch(device_batch, self.mesh)
     self.device_batch, self.max_anchors = device_batch, max_anchors
     self.sub_batch = default_sub_batch("generate") if sub_batch == "auto" else sub_batch
     self.sharding = NamedSharding(self.mesh, PS("data"))
@@ -112,7 +112,7 @@ class Streamer:
   def __init__(self, task, model, config, params, fda, fda_params, summary, pool, *,
                device_batch: int, evaluate: bool = False, mesh=None, sub_batch="auto"):
     self.mesh = mesh or make_mesh()
-    device_map.check_batch(device_batch, self.mesh)
+    check_batch(device_batch, self.mesh)
     self.device_batch, self.evaluate, self.traces = device_batch, evaluate, 0
     self.sub_batch = default_sub_batch("stream") if sub_batch == "auto" else sub_batch
     self.sharding = NamedSharding(self.mesh, PS("data"))
@@ -310,7 +310,7 @@ def run(config, workdir, num_devices, out=None, device_batch=1024, pool_devices=
   out = out or os.path.join(os.path.abspath(workdir), "generated",
                             f"{'metrics' if evaluate else 'edits'}_n{num_devices}")
   mesh = make_mesh()
-  device_map.check_batch(device_batch, mesh)
+  check_batch(device_batch, mesh)
   index = run_index(config, fda, fda_params, num_devices, device_batch, pool_devices, evaluate)
   if jax.process_index() == 0:
     edit_shards.open_output(out, index)            # a different run's OUT fails here, early
